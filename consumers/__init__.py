@@ -1,0 +1,1 @@
+"""Long-running consumers of the log: workers and the projector."""

@@ -1,0 +1,69 @@
+"""The projector: folds the event log into group and task views.
+
+Its position (the last event id the views include) is written in the same atomic
+step as the views, compare-and-set on the position it started from. A crash at any
+point leaves views and position consistent: the next run re-reads from the stored
+position, so nothing is lost or counted twice, and a second projector running beside
+it only wastes work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from sumbatch.projection import fold, touched
+from sumbatch.store import Store, decode_entries
+
+log = logging.getLogger("sumbatch.projector")
+
+
+class Projector:
+    def __init__(self, store: Store, batch: int = 1000) -> None:
+        self.store = store
+        self.batch = batch
+        self.should_exit = False
+        self.position: str | None = None
+        self._loaded = False
+
+    async def step(self, block_ms: int | None) -> int:
+        """Apply the next batch of events; returns how many were applied."""
+        if not self._loaded:
+            self.position = await self.store.position()
+            self._loaded = True
+        entries = await self.store.read_events(self.position or "0-0", self.batch, block_ms)
+        if not entries:
+            return 0
+        events = [event for _, event in decode_entries(entries)]
+        group_ids: set[str] = set()
+        task_ids: set[str] = set()
+        for event in events:
+            gid, tid = touched(event)
+            group_ids.add(gid)
+            if tid is not None:
+                task_ids.add(tid)
+        views = fold(events, await self.store.load_views(group_ids, task_ids))
+        new_position = entries[-1][0]
+        if not await self.store.commit_views(self.position, new_position, views):
+            log.warning("position moved under us (another projector?); reloading")
+            self._loaded = False
+            return 0
+        self.position = new_position
+        return len(entries)
+
+    async def run(self) -> None:
+        log.info("projector reading %s", self.store.keys.events)
+        while not self.should_exit:
+            try:
+                await self.step(block_ms=1000)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                log.warning("redis unavailable (%s); retrying", exc)
+                self._loaded = False
+                await asyncio.sleep(1.0)
+
+    async def run_until_idle(self) -> None:
+        while await self.step(block_ms=None) or not self._loaded:
+            pass

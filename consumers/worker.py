@@ -1,0 +1,249 @@
+"""A worker: one consumer of the ``workers`` group, running many tasks at once.
+
+Flow per work entry: the begin script says skip (already ended), cache hit, or run
+(with the attempt number); runs sleep the simulated delay without blocking the
+others; outcomes go through the completion fence in batches. While a task runs its
+entry stays in our pending list and we renew our claim on it, so only a dead or stuck
+worker's entries are taken over (XAUTOCLAIM after ``claim_timeout``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from importlib import import_module
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from sumbatch.config import Settings
+from sumbatch.events import (
+    AnyEvent,
+    TaskCompleted,
+    TaskFailed,
+    TaskRetried,
+    TaskStarted,
+    TaskSubmitted,
+    from_fields,
+)
+from sumbatch.store import Entry, Outcome, Store
+from sumbatch.tasks import compute, retry_backoff, should_retry
+
+log = logging.getLogger("sumbatch.worker")
+
+Handler = Callable[[int, int], "int | Awaitable[int]"]
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+
+def load_handler(spec: str) -> Handler:
+    """``"package.module:function"``; empty means the sum."""
+    if not spec:
+        return compute
+    module, _, name = spec.partition(":")
+    handler: Handler = getattr(import_module(module), name)
+    return handler
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{random.randrange(16**4):04x}"
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        handler: Handler | None = None,
+        name: str | None = None,
+        read_count: int = 500,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.handler = handler or load_handler(settings.handler)
+        self.name = name or consumer_name()
+        self.read_count = read_count
+        self.rng = random.Random()
+        self.should_exit = False
+        self.claim_ms = int(settings.claim_timeout * 1000)
+        self._running: dict[str, asyncio.Task[None]] = {}  # entry id -> its task
+        self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
+        self._unflushed = 0
+        self._last_sweep = 0.0
+        self._last_renew = time.monotonic()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running) or self._unflushed > 0
+
+    async def run(self) -> None:
+        await self.store.ensure_worker_group()
+        log.info("worker %s reading %s", self.name, self.store.keys.work)
+        flusher = asyncio.create_task(self._flush_forever())
+        try:
+            while not self.should_exit:
+                try:
+                    await self._tick(block_ms=1000)
+                except REDIS_DOWN as exc:
+                    log.warning("redis unavailable (%s); retrying", exc)
+                    await asyncio.sleep(1.0)
+            await self._drain()
+        finally:
+            flusher.cancel()
+
+    async def run_until_idle(self) -> None:
+        """Process until nothing is left to read, claim, run or flush (like arq's burst)."""
+        await self.store.ensure_worker_group()
+        flusher = asyncio.create_task(self._flush_forever())
+        try:
+            while True:
+                got = await self._tick(block_ms=50)
+                if not got and not self.busy:
+                    break
+            await self._drain()
+        finally:
+            flusher.cancel()
+
+    async def _tick(self, block_ms: int) -> int:
+        await self._maintain()
+        capacity = self.settings.worker_concurrency - len(self._running)
+        if capacity <= 0:
+            await asyncio.sleep(0.01)
+            return 0
+        # Don't block the loop long while tasks are in flight: claims need renewing.
+        entries = await self.store.read_work(
+            self.name, min(self.read_count, capacity), block_ms
+        )
+        await self._accept(entries)
+        return len(entries)
+
+    async def _maintain(self) -> None:
+        now = time.monotonic()
+        if now - self._last_renew >= self.settings.claim_timeout / 3:
+            self._last_renew = now
+            lost = await self.store.renew(self.name, list(self._running))
+            for entry_id in lost:
+                log.warning("entry %s was taken over; dropping our run", entry_id)
+                self._running.pop(entry_id).cancel()
+        if now - self._last_sweep >= max(0.2, self.settings.claim_timeout / 4):
+            self._last_sweep = now
+            claimed = await self.store.autoclaim(self.name, self.claim_ms)
+            claimed = [(eid, f) for eid, f in claimed if eid not in self._running]
+            if claimed:
+                log.info("claimed %d entries from dead or stuck workers", len(claimed))
+                await self._accept(claimed)
+
+    async def _accept(self, entries: list[Entry]) -> None:
+        if not entries:
+            return
+        items: list[TaskSubmitted] = []
+        for _, fields in entries:
+            event = from_fields(fields)
+            assert isinstance(event, TaskSubmitted), event
+            items.append(event)
+        decisions = await self.store.begin(items, [eid for eid, _ in entries])
+        started: list[AnyEvent] = []
+        for (entry_id, _), item, decision in zip(entries, items, decisions, strict=True):
+            if decision[0] == 1:
+                self._record(entry_id, item, self._completed(item, int(decision[1]), True))
+            elif decision[0] == 2:
+                attempt = int(decision[1])
+                started.append(self._started(item, attempt))
+                self._running[entry_id] = asyncio.create_task(self._run(entry_id, item, attempt))
+        await self.store.append(started)
+
+    async def _run(self, entry_id: str, item: TaskSubmitted, attempt: int) -> None:
+        while True:
+            try:
+                await asyncio.sleep(self.settings.delay.draw(self.rng))
+                result = self.handler(item.param_a, item.param_b)
+                if inspect.isawaitable(result):
+                    result = await result
+                self._record(entry_id, item, self._completed(item, int(result), False))
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                if not should_retry(attempt, self.settings.max_attempts):
+                    failed = TaskFailed(
+                        task_id=item.task_id,
+                        group_task_id=item.group_task_id,
+                        index=item.index,
+                        attempts=attempt,
+                        error=error,
+                        worker=self.name,
+                    )
+                    self._record(entry_id, item, failed)
+                    return
+                wait = retry_backoff(attempt, self.settings.retry_base, self.rng)
+                await self._append_retry(item, attempt, error, wait)
+                await asyncio.sleep(wait)
+                attempt += 1
+                await self.store.append([self._started(item, attempt)])
+
+    async def _append_retry(self, item: TaskSubmitted, attempt: int, error: str, wait: float) -> None:
+        retried = TaskRetried(
+            task_id=item.task_id,
+            group_task_id=item.group_task_id,
+            index=item.index,
+            attempt=attempt,
+            error=error,
+            retry_in=round(wait, 3),
+        )
+        await self.store.append([retried])
+
+    def _record(self, entry_id: str, item: TaskSubmitted, event: TaskCompleted | TaskFailed) -> None:
+        self._unflushed += 1
+        self._outcomes.put_nowait(Outcome(entry_id, event, item.param_a, item.param_b))
+
+    def _started(self, item: TaskSubmitted, attempt: int) -> TaskStarted:
+        return TaskStarted(
+            task_id=item.task_id,
+            group_task_id=item.group_task_id,
+            index=item.index,
+            attempt=attempt,
+            worker=self.name,
+        )
+
+    def _completed(self, item: TaskSubmitted, result: int, from_cache: bool) -> TaskCompleted:
+        return TaskCompleted(
+            task_id=item.task_id,
+            group_task_id=item.group_task_id,
+            index=item.index,
+            result=result,
+            from_cache=from_cache,
+            worker=self.name,
+        )
+
+    async def _flush_forever(self) -> None:
+        while True:
+            batch = [await self._outcomes.get()]
+            while len(batch) < 500 and not self._outcomes.empty():
+                batch.append(self._outcomes.get_nowait())
+            # Shielded: a cancelled worker must not leave a batch half-known.
+            await asyncio.shield(self._flush(batch))
+
+    async def _flush(self, batch: list[Outcome]) -> None:
+        while True:
+            try:
+                await self.store.complete(batch)
+                break
+            except REDIS_DOWN as exc:
+                log.warning("completion failed (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+        for outcome in batch:
+            self._running.pop(outcome.entry_id, None)
+        self._unflushed -= len(batch)
+
+    async def _drain(self) -> None:
+        """Let in-flight tasks finish and their outcomes land."""
+        while self.busy:
+            await self._maintain()
+            await asyncio.sleep(0.01)

@@ -1,0 +1,3 @@
+from sumbatch.cli import main
+
+raise SystemExit(main())

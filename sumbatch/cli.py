@@ -1,0 +1,232 @@
+"""``sumbatch`` command line: run the service or one of its processes, and look into
+the log (audit, tail, replay)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+from urllib.parse import urlparse
+
+from sumbatch.config import ConfigError, Settings
+from sumbatch.events import Keys
+from sumbatch.store import Entry, Store, connect
+
+log = logging.getLogger("sumbatch")
+
+
+def _store(settings: Settings) -> Store:
+    return Store(connect(settings.client_url), Keys(settings.namespace))
+
+
+def _run_until_signal(consumer: Any, main: Callable[[], Awaitable[None]]) -> None:
+    """Run ``main``; the first SIGTERM/SIGINT asks ``consumer`` to stop after its
+    in-flight work, the second stops at once."""
+
+    async def runner() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_signal() -> None:
+            if consumer.should_exit:
+                task.cancel()
+            consumer.should_exit = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await main()
+        finally:
+            await consumer.store.redis.aclose()
+
+    try:
+        asyncio.run(runner())
+    except asyncio.CancelledError:
+        pass
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from consumers.worker import Worker
+
+    worker = Worker(settings, _store(settings), name=args.name)
+    _run_until_signal(worker, worker.run)
+    return 0
+
+
+def cmd_projector(settings: Settings, args: argparse.Namespace) -> int:
+    from consumers.projector import Projector
+
+    projector = Projector(_store(settings))
+    _run_until_signal(projector, projector.run)
+    return 0
+
+
+def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from sumbatch.api import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        log_level="info",
+        access_log=False,
+    )
+    return 0
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from sumbatch.supervisor import Supervisor
+
+    workers = args.workers if args.workers is not None else settings.workers
+    supervisor = Supervisor(settings, host=args.host, port=args.port, workers=workers)
+    return supervisor.run()
+
+
+def _describe(entry: Entry) -> str:
+    entry_id, fields = entry
+    rest = "  ".join(f"{k}={v}" for k, v in fields.items() if k != "type")
+    return f"{entry_id}  {fields.get('type', '?'):<15} {rest}"
+
+
+def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
+    async def audit() -> int:
+        store = _store(settings)
+        try:
+            history = await store.group_history(args.group_task_id)
+        finally:
+            await store.redis.aclose()
+        if not history:
+            print(f"no events for group {args.group_task_id}", file=sys.stderr)
+            return 1
+        for entry in history:
+            print(_describe(entry))
+        return 0
+
+    return asyncio.run(audit())
+
+
+def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
+    async def tail() -> None:
+        store = _store(settings)
+        after = "0-0" if args.from_start else "$"
+        try:
+            while True:
+                entries = await store.read_events(after, 1000, block_ms=0)
+                for entry in entries:
+                    print(_describe(entry), flush=True)
+                if entries:
+                    after = entries[-1][0]
+        finally:
+            await store.redis.aclose()
+
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from sumbatch.replay import differences, rebuild
+
+    async def run() -> int:
+        store = _store(settings)
+        try:
+            if args.check:
+                events, diffs = await differences(store)
+                for line in diffs:
+                    print(line)
+                print(f"replayed {events} events: {len(diffs)} differences")
+                return 1 if diffs else 0
+            events = await rebuild(store)
+            print(f"rebuilt views from {events} events")
+            return 0
+        finally:
+            await store.redis.aclose()
+
+    return asyncio.run(run())
+
+
+def cmd_redis_cli(settings: Settings, args: argparse.Namespace) -> int:
+    from sumbatch.embedded import find_cli
+
+    binary = find_cli()
+    if binary is None:
+        print("no redis-cli or valkey-cli found", file=sys.stderr)
+        return 1
+    url = urlparse(settings.client_url)
+    argv = [binary, "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 6379)]
+    if url.password:
+        argv += ["--user", url.username or "default", "--pass", url.password, "--no-auth-warning"]
+    if url.scheme == "rediss":
+        argv.append("--tls")
+    if url.path.strip("/"):
+        argv += ["-n", url.path.strip("/")]
+    os.execv(binary, argv + args.args)
+    return 0  # not reached
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="sumbatch",
+        description="Event-sourced batch task service on Redis Streams. "
+        "Configured by environment variables (REDIS_URL, SUMBATCH_*); see the README.",
+    )
+    sub = top.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run everything: server (if no REDIS_URL), api, workers, projector")
+    up.add_argument("--host", default=None)
+    up.add_argument("--port", type=int, default=None)
+    up.add_argument("--workers", type=int, default=None, help="worker processes (SUMBATCH_WORKERS)")
+    up.set_defaults(func=cmd_up)
+
+    api = sub.add_parser("api", help="run the REST API")
+    api.add_argument("--host", default=None)
+    api.add_argument("--port", type=int, default=None)
+    api.set_defaults(func=cmd_api)
+
+    worker = sub.add_parser("worker", help="run one worker process")
+    worker.add_argument("--name", default=None, help="consumer name (default host-pid-random)")
+    worker.set_defaults(func=cmd_worker)
+
+    sub.add_parser("projector", help="run the projector").set_defaults(func=cmd_projector)
+
+    audit = sub.add_parser("audit", help="print one group's whole history")
+    audit.add_argument("group_task_id")
+    audit.set_defaults(func=cmd_audit)
+
+    tail = sub.add_parser("tail", help="print events live as they are appended")
+    tail.add_argument("--from-start", action="store_true", help="print the whole log first")
+    tail.set_defaults(func=cmd_tail)
+
+    replay = sub.add_parser("replay", help="rebuild the views from the log")
+    replay.add_argument("--check", action="store_true", help="only compare, change nothing")
+    replay.set_defaults(func=cmd_replay)
+
+    cli = sub.add_parser("redis-cli", help="run redis-cli/valkey-cli against the configured server")
+    cli.add_argument("args", nargs=argparse.REMAINDER)
+    cli.set_defaults(func=cmd_redis_cli)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("SUMBATCH_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"sumbatch: {exc}", file=sys.stderr)
+        return 2
+    result: int = args.func(settings, args)
+    return result

@@ -1,0 +1,178 @@
+"""Every event sumbatch writes, and every Redis key name it uses.
+
+Events are tagged msgspec Structs. In a stream entry they are flat field/value
+pairs with ``type`` first and every value as plain text, so ``redis-cli XRANGE``
+reads like a log line. ``to_fields``/``from_fields`` are the only codec.
+
+All keys of one namespace share the hash tag ``{<namespace>}``: every atomic step
+(submission, completion, projection commit) touches several of them at once, and a
+shared tag keeps them in one cluster slot.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+
+class Event(msgspec.Struct, tag_field="type", rename="camel", frozen=True, kw_only=True):
+    """Base of every event; the class name is the ``type`` field."""
+
+
+class GroupSubmitted(Event, tag=True):
+    group_task_id: str
+    tasks_total: int
+
+
+class TaskSubmitted(Event, tag=True):
+    task_id: str
+    group_task_id: str
+    index: int
+    param_a: int
+    param_b: int
+
+
+class TaskStarted(Event, tag=True):
+    task_id: str
+    group_task_id: str
+    index: int
+    attempt: int
+    worker: str
+
+
+class TaskRetried(Event, tag=True):
+    task_id: str
+    group_task_id: str
+    index: int
+    attempt: int
+    error: str
+    retry_in: float
+
+
+class TaskCompleted(Event, tag=True):
+    task_id: str
+    group_task_id: str
+    index: int
+    result: int
+    from_cache: bool
+    worker: str
+
+
+class TaskFailed(Event, tag=True):
+    task_id: str
+    group_task_id: str
+    index: int
+    attempts: int
+    error: str
+    worker: str
+
+
+class GroupFinished(Event, tag=True):
+    """Appended by the completion script itself when the last task of a group ends."""
+
+    group_task_id: str
+    tasks_total: int
+    tasks_failed: int
+    succeeded: bool
+
+
+AnyEvent = (
+    GroupSubmitted
+    | TaskSubmitted
+    | TaskStarted
+    | TaskRetried
+    | TaskCompleted
+    | TaskFailed
+    | GroupFinished
+)
+
+# Events that end a task; the completion fence admits exactly one of them per task.
+TaskOutcome = TaskCompleted | TaskFailed
+
+_text_encoder = msgspec.json.Encoder()
+
+
+def _text(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return _text_encoder.encode(value).decode()
+
+
+def to_fields(event: AnyEvent) -> dict[str, str]:
+    """Flat stream fields, ``type`` first, every value plain text."""
+    return {name: _text(value) for name, value in msgspec.to_builtins(event).items()}
+
+
+def from_fields(fields: dict[str, str]) -> AnyEvent:
+    """Decode stream fields (all strings) back into their event type."""
+    return msgspec.convert(fields, AnyEvent, strict=False)  # type: ignore[arg-type]
+
+
+# Work entries carry what a worker needs to run one task without another lookup.
+class WorkItem(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
+    task_id: str
+    group_task_id: str
+    index: int
+    param_a: int
+    param_b: int
+
+
+def work_fields(item: WorkItem) -> dict[str, str]:
+    return {name: _text(value) for name, value in msgspec.to_builtins(item).items()}
+
+
+def work_from_fields(fields: dict[str, str]) -> WorkItem:
+    return msgspec.convert(fields, WorkItem, strict=False)
+
+
+WORKER_GROUP: Final = "workers"
+
+
+class Keys:
+    """Every key name, built from one namespace; nothing else writes a key literal."""
+
+    def __init__(self, namespace: str = "sumbatch") -> None:
+        self.namespace = namespace
+        self.tag = "{" + namespace + "}"
+
+    @property
+    def events(self) -> str:
+        """The event log: every event of every group, in order. Tail and replay this."""
+        return f"{self.tag}:events"
+
+    @property
+    def work(self) -> str:
+        """Work entries, read by the ``workers`` consumer group."""
+        return f"{self.tag}:work"
+
+    @property
+    def projector_position(self) -> str:
+        """Id of the last event the views include; written with the views."""
+        return f"{self.tag}:projector:position"
+
+    @property
+    def cache(self) -> str:
+        """Hash of computed sums: field ``<paramA>:<paramB>``, value the result."""
+        return f"{self.tag}:cache"
+
+    def group_log(self, group_task_id: str) -> str:
+        """One group's history (same entry ids as in the event log), for audit."""
+        return f"{self.tag}:group:{group_task_id}:log"
+
+    def ledger(self, group_task_id: str) -> str:
+        """Write-side state of a group: ``total``, ``finished``, ``failed`` and one
+        ``t:<taskId>`` field per ended task. It is the completion fence."""
+        return f"{self.tag}:ledger:{group_task_id}"
+
+    def group_view(self, group_task_id: str) -> str:
+        return f"{self.tag}:view:group:{group_task_id}"
+
+    def task_view(self, task_id: str) -> str:
+        return f"{self.tag}:view:task:{task_id}"
+
+
+def cache_field(param_a: int, param_b: int) -> str:
+    return f"{param_a}:{param_b}"
