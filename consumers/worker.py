@@ -75,8 +75,6 @@ class Worker:
         self._running: dict[str, asyncio.Task[None]] = {}  # entry id -> its task
         self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
         self._unflushed = 0
-        self._last_sweep = 0.0
-        self._last_renew = time.monotonic()
 
     @property
     def busy(self) -> bool:
@@ -85,59 +83,80 @@ class Worker:
     async def run(self) -> None:
         await self.store.ensure_worker_group()
         log.info("worker %s reading %s", self.name, self.store.keys.work)
-        flusher = asyncio.create_task(self._flush_forever())
+        helpers = self._start_helpers()
         try:
             while not self.should_exit:
                 try:
-                    await self._tick(block_ms=1000)
+                    await self._read(block_ms=1000)
                 except REDIS_DOWN as exc:
                     log.warning("redis unavailable (%s); retrying", exc)
                     await asyncio.sleep(1.0)
             await self._drain()
         finally:
-            flusher.cancel()
+            for helper in helpers:
+                helper.cancel()
 
     async def run_until_idle(self) -> None:
         """Process until nothing is left to read, claim, run or flush (like arq's burst)."""
         await self.store.ensure_worker_group()
-        flusher = asyncio.create_task(self._flush_forever())
+        helpers = self._start_helpers()
         try:
             while True:
-                got = await self._tick(block_ms=50)
-                if not got and not self.busy:
+                got = await self._read(block_ms=50)
+                if not got and not self.busy and not await self._sweep():
                     break
             await self._drain()
         finally:
-            flusher.cancel()
+            for helper in helpers:
+                helper.cancel()
 
-    async def _tick(self, block_ms: int) -> int:
-        await self._maintain()
+    def _start_helpers(self) -> list[asyncio.Task[None]]:
+        # Renewal and sweeping run beside the blocking read, so a long XREADGROUP
+        # BLOCK never delays a renewal past the claim timeout.
+        return [
+            asyncio.create_task(self._flush_forever()),
+            asyncio.create_task(self._keep_claims()),
+        ]
+
+    async def _read(self, block_ms: int) -> int:
         capacity = self.settings.worker_concurrency - len(self._running)
         if capacity <= 0:
             await asyncio.sleep(0.01)
             return 0
-        # Don't block the loop long while tasks are in flight: claims need renewing.
-        entries = await self.store.read_work(
-            self.name, min(self.read_count, capacity), block_ms
-        )
+        entries = await self.store.read_work(self.name, min(self.read_count, capacity), block_ms)
         await self._accept(entries)
         return len(entries)
 
-    async def _maintain(self) -> None:
-        now = time.monotonic()
-        if now - self._last_renew >= self.settings.claim_timeout / 3:
-            self._last_renew = now
-            lost = await self.store.renew(self.name, list(self._running))
-            for entry_id in lost:
+    async def _keep_claims(self) -> None:
+        renew_every = self.settings.claim_timeout / 4
+        sweep_every = max(0.2, self.settings.claim_timeout / 4)
+        last_sweep = time.monotonic()
+        while True:
+            await asyncio.sleep(min(renew_every, sweep_every))
+            try:
+                await self._renew()
+                if time.monotonic() - last_sweep >= sweep_every:
+                    last_sweep = time.monotonic()
+                    await self._sweep()
+            except REDIS_DOWN as exc:
+                log.warning("redis unavailable while renewing claims (%s)", exc)
+
+    async def _renew(self) -> None:
+        """Reset the idle time of our running entries; drop runs another worker took."""
+        for entry_id in await self.store.renew(self.name, list(self._running)):
+            running = self._running.pop(entry_id, None)
+            if running is not None:
                 log.warning("entry %s was taken over; dropping our run", entry_id)
-                self._running.pop(entry_id).cancel()
-        if now - self._last_sweep >= max(0.2, self.settings.claim_timeout / 4):
-            self._last_sweep = now
-            claimed = await self.store.autoclaim(self.name, self.claim_ms)
-            claimed = [(eid, f) for eid, f in claimed if eid not in self._running]
-            if claimed:
-                log.info("claimed %d entries from dead or stuck workers", len(claimed))
-                await self._accept(claimed)
+                running.cancel()
+
+    async def _sweep(self) -> int:
+        """Take over entries that a dead or stuck worker left idle past the timeout."""
+        claimed = await self.store.autoclaim(self.name, self.claim_ms)
+        claimed = [(eid, fields) for eid, fields in claimed if eid not in self._running]
+        if claimed:
+            log.info("claimed %d entries from dead or stuck workers", len(claimed))
+            await self._accept(claimed)
+        return len(claimed)
 
     async def _accept(self, entries: list[Entry]) -> None:
         if not entries:
@@ -188,7 +207,9 @@ class Worker:
                 attempt += 1
                 await self.store.append([self._started(item, attempt)])
 
-    async def _append_retry(self, item: TaskSubmitted, attempt: int, error: str, wait: float) -> None:
+    async def _append_retry(
+        self, item: TaskSubmitted, attempt: int, error: str, wait: float
+    ) -> None:
         retried = TaskRetried(
             task_id=item.task_id,
             group_task_id=item.group_task_id,
@@ -199,7 +220,9 @@ class Worker:
         )
         await self.store.append([retried])
 
-    def _record(self, entry_id: str, item: TaskSubmitted, event: TaskCompleted | TaskFailed) -> None:
+    def _record(
+        self, entry_id: str, item: TaskSubmitted, event: TaskCompleted | TaskFailed
+    ) -> None:
         self._unflushed += 1
         self._outcomes.put_nowait(Outcome(entry_id, event, item.param_a, item.param_b))
 
@@ -240,10 +263,11 @@ class Worker:
                 await asyncio.sleep(0.5)
         for outcome in batch:
             self._running.pop(outcome.entry_id, None)
+            self._outcomes.task_done()
         self._unflushed -= len(batch)
 
     async def _drain(self) -> None:
         """Let in-flight tasks finish and their outcomes land."""
-        while self.busy:
-            await self._maintain()
-            await asyncio.sleep(0.01)
+        while pending := [task for task in self._running.values() if not task.done()]:
+            await asyncio.wait(pending)
+        await self._outcomes.join()

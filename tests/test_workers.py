@@ -1,0 +1,172 @@
+"""Workers against a real server: the completion fence, concurrency, load spread."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import msgspec
+
+from consumers.projector import Projector
+from consumers.worker import Worker
+from sumbatch.api import TaskIn, new_submission
+from sumbatch.config import Settings
+from sumbatch.events import WORKER_GROUP, GroupFinished, TaskCompleted, TaskStarted
+from sumbatch.projection import fold
+from sumbatch.store import Outcome, Store
+from sumbatch.tasks import Delay
+from tests.support import Processes, log_events, make_store, wait_until
+
+
+async def submit(store: Store, pairs: list[tuple[int, int]]) -> tuple[str, list[str]]:
+    created, events = new_submission([TaskIn(a, b) for a, b in pairs])
+    await store.submit(events, fold(events))
+    return created.group_task_id, created.task_ids
+
+
+def test_two_consumers_completing_one_entry_count_it_once(settings: Settings) -> None:
+    async def scenario() -> None:
+        store = make_store(settings)
+        try:
+            await store.ensure_worker_group()
+            gid, (tid,) = await submit(store, [(2, 3)])
+            [(entry_id, _)] = await store.read_work("a", 10, block_ms=100)
+            [(claimed_id, _)] = await store.autoclaim("b", min_idle_ms=0)
+            assert claimed_id == entry_id  # both now believe they own it
+
+            def outcome(worker: str) -> Outcome:
+                event = TaskCompleted(
+                    task_id=tid,
+                    group_task_id=gid,
+                    index=0,
+                    result=5,
+                    from_cache=False,
+                    worker=worker,
+                )
+                return Outcome(entry_id, event, 2, 3)
+
+            recorded = await asyncio.gather(
+                store.complete([outcome("a")]), store.complete([outcome("b")])
+            )
+            assert sorted(recorded) == [0, 1]
+            events = await log_events(store)
+            assert sum(isinstance(e, TaskCompleted) for e in events) == 1
+            assert sum(isinstance(e, GroupFinished) for e in events) == 1
+            pending = await store.redis.xpending(store.keys.work, WORKER_GROUP)
+            assert pending["pending"] == 0
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_two_workers_running_the_same_entry_count_it_once(settings: Settings) -> None:
+    """A stuck worker's entry is taken over; when the stuck one wakes up and finishes
+    too, the fence keeps the first outcome only."""
+
+    async def scenario() -> None:
+        store = make_store(settings)
+        gate = asyncio.Event()
+
+        async def stuck_sum(a: int, b: int) -> int:
+            await gate.wait()
+            return a + b
+
+        slow = Worker(msgspec.structs.replace(settings, claim_timeout=60), store, handler=stuck_sum)
+        fast = Worker(msgspec.structs.replace(settings, claim_timeout=0.1), store)
+        try:
+            await store.ensure_worker_group()
+            gid, (tid,) = await submit(store, [(20, 22)])
+            slow_run = asyncio.create_task(slow.run())
+
+            async def started_by(n: int) -> bool:
+                return sum(isinstance(e, TaskStarted) for e in await log_events(store)) >= n
+
+            await wait_until(lambda: started_by(1), what="the slow worker to start")
+            fast_run = asyncio.create_task(fast.run())
+            await wait_until(lambda: started_by(2), what="the fast worker to take over")
+            gate.set()  # the stuck worker finishes too
+            await wait_until(lambda: _no_work_in_flight(slow, fast), what="both to finish")
+            slow.should_exit = fast.should_exit = True
+            await asyncio.gather(slow_run, fast_run)
+            await Projector(store).run_until_idle()
+
+            events = await log_events(store)
+            starts = [e for e in events if isinstance(e, TaskStarted)]
+            assert sorted((e.worker, e.attempt) for e in starts) == sorted(
+                [(slow.name, 1), (fast.name, 2)]
+            )
+            completed = [e for e in events if isinstance(e, TaskCompleted)]
+            assert [(e.task_id, e.result) for e in completed] == [(tid, 42)]
+            view = await store.group_view(gid)
+            assert view is not None and (view.tasks_completed, view.results) == (1, [42])
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(scenario())
+
+
+async def _no_work_in_flight(*workers: Worker) -> bool:
+    return not any(w.busy for w in workers)
+
+
+def test_one_worker_runs_many_delayed_tasks_at_once(settings: Settings) -> None:
+    """200 tasks of 1-2 s: every one starts before the first one ends, so the delay
+    of one never holds up another (the 3-10 s timing is in ops/bench)."""
+
+    async def scenario() -> None:
+        store = make_store(settings)
+        try:
+            gid, _ = await submit(store, [(i, i) for i in range(200)])
+            worker = Worker(msgspec.structs.replace(settings, delay=Delay(1.0, 2.0)), store)
+            await worker.run_until_idle()
+            events = await log_events(store)
+            kinds = [type(e).__name__ for e in events if isinstance(e, TaskStarted | TaskCompleted)]
+            first_done = kinds.index("TaskCompleted")
+            assert kinds[:first_done] == ["TaskStarted"] * 200
+            await Projector(store).run_until_idle()
+            view = await store.group_view(gid)
+            assert view is not None and view.results == [2 * i for i in range(200)]
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_load_spreads_over_worker_processes(settings: Settings, procs: Processes) -> None:
+    settings = msgspec.structs.replace(settings, delay=Delay(0.2, 0.4))
+
+    async def scenario() -> None:
+        store = make_store(settings)
+        try:
+            await store.ensure_worker_group()
+            for _ in range(2):
+                procs.start(settings, "worker")
+
+            async def consumers() -> int:
+                info = await store.redis.xinfo_consumers(store.keys.work, WORKER_GROUP)
+                return len(info)
+
+            await wait_until(lambda: consumers_at_least(consumers, 2), what="2 consumers")
+            groups = []
+            for g in range(10):
+                groups.append(await submit(store, [(g, j) for j in range(20)]))
+                await asyncio.sleep(0.05)  # spacing submissions, not synchronisation
+
+            async def all_done() -> bool:
+                done = [e for e in await log_events(store) if isinstance(e, GroupFinished)]
+                return len(done) == 10
+
+            await wait_until(all_done, what="all groups to finish")
+            events = await log_events(store)
+            by_worker = Counter(e.worker for e in events if isinstance(e, TaskCompleted))
+            assert len(by_worker) == 2, by_worker
+            assert sum(by_worker.values()) == 200
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(scenario())
+
+
+async def consumers_at_least(count: object, n: int) -> bool:
+    return await count() >= n  # type: ignore[operator,no-any-return]
