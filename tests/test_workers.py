@@ -170,3 +170,40 @@ def test_load_spreads_over_worker_processes(settings: Settings, procs: Processes
 
 async def consumers_at_least(count: object, n: int) -> bool:
     return await count() >= n  # type: ignore[operator,no-any-return]
+
+
+def test_a_failing_task_is_retried_then_ends_as_failure_and_the_group_finishes(
+    settings: Settings,
+) -> None:
+    calls: Counter[tuple[int, int]] = Counter()
+
+    def flaky(a: int, b: int) -> int:
+        calls[(a, b)] += 1
+        if a < 0:
+            raise ValueError("negative paramA")
+        if calls[(a, b)] == 1:
+            raise RuntimeError("first try fails")
+        return a + b
+
+    async def scenario() -> None:
+        store = make_store(settings)
+        try:
+            gid, tids = await submit(store, [(1, 2), (-1, 2)])
+            await Worker(settings, store, handler=flaky).run_until_idle()
+            await Projector(store).run_until_idle()
+            group = await store.group_view(gid)
+            assert group is not None
+            assert (group.processed, group.succeeded, group.tasks_failed) == (True, False, 1)
+            assert group.results == [3, None]
+            ok, bad = await store.task_view(tids[0]), await store.task_view(tids[1])
+            assert ok is not None and (ok.state, ok.result, ok.attempts) == ("SUCCESS", 3, 2)
+            assert bad is not None and (bad.state, bad.attempts) == ("FAILURE", 3)
+            assert bad.error == "ValueError: negative paramA"
+            events = await log_events(store)
+            finished = [e for e in events if isinstance(e, GroupFinished)]
+            assert [(f.succeeded, f.tasks_failed) for f in finished] == [(False, 1)]
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(scenario())
+    assert calls == Counter({(1, 2): 2, (-1, 2): 3})
