@@ -71,7 +71,8 @@ def main() -> None:
                     if time.monotonic() > deadline:
                         raise SystemExit("API did not come up")
                     time.sleep(0.05)
-                pairs = [(random.randrange(10**6), random.randrange(10**6)) for _ in range(args.tasks)]
+                rand = random.randrange
+                pairs = [(rand(10**6), rand(10**6)) for _ in range(args.tasks)]
                 body = {"tasks": [{"paramA": a, "paramB": b} for a, b in pairs]}
                 start = time.perf_counter()
                 gid = client.post("/grouptasks", json=body).json()["groupTaskId"]
