@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
+from sumbatch.outage import REDIS_DOWN, Outage
 from sumbatch.projection import fold, touched
 from sumbatch.store import Store, decode_entries
 
@@ -54,15 +53,20 @@ class Projector:
         self.position = new_position
         return len(entries)
 
-    async def run(self) -> None:
+    async def run(self, trim_every: float = 5.0) -> None:
         log.info("projector reading %s", self.store.keys.events)
+        outage = Outage(log, "projector")
+        last_trim = time.monotonic()
         while not self.should_exit:
             try:
                 await self.step(block_ms=1000)
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                log.warning("redis unavailable (%s); retrying", exc)
+                if time.monotonic() - last_trim >= trim_every and self.position is not None:
+                    last_trim = time.monotonic()
+                    await self.store.trim_events(self.position, int(time.time() * 1000))
+                outage.ok()
+            except REDIS_DOWN as exc:
                 self._loaded = False
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(outage.failed(exc))
 
     async def run_until_idle(self) -> None:
         while await self.step(block_ms=None) or not self._loaded:

@@ -19,9 +19,6 @@ import time
 from collections.abc import Awaitable, Callable
 from importlib import import_module
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from sumbatch.config import Settings
 from sumbatch.events import (
     AnyEvent,
@@ -32,13 +29,13 @@ from sumbatch.events import (
     TaskSubmitted,
     from_fields,
 )
+from sumbatch.outage import REDIS_DOWN, Outage
 from sumbatch.store import Entry, Outcome, Store
 from sumbatch.tasks import compute, retry_backoff, should_retry
 
 log = logging.getLogger("sumbatch.worker")
 
 Handler = Callable[[int, int], "int | Awaitable[int]"]
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 
 
 def load_handler(spec: str) -> Handler:
@@ -81,20 +78,41 @@ class Worker:
         return bool(self._running) or self._unflushed > 0
 
     async def run(self) -> None:
-        await self.store.ensure_worker_group()
+        """Work until ``should_exit``; then take nothing new, give in-flight tasks
+        ``shutdown_grace`` seconds, and hand back the entries still running."""
+        outage = Outage(log, f"worker {self.name}")
+        while True:
+            try:
+                await self.store.ensure_worker_group()
+                break
+            except REDIS_DOWN as exc:
+                await asyncio.sleep(outage.failed(exc))
         log.info("worker %s reading %s", self.name, self.store.keys.work)
         helpers = self._start_helpers()
         try:
             while not self.should_exit:
                 try:
                     await self._read(block_ms=1000)
+                    outage.ok()
                 except REDIS_DOWN as exc:
-                    log.warning("redis unavailable (%s); retrying", exc)
-                    await asyncio.sleep(1.0)
-            await self._drain()
+                    await asyncio.sleep(outage.failed(exc))
+            try:
+                await asyncio.wait_for(self._drain(), self.settings.shutdown_grace)
+            except TimeoutError:
+                await self._hand_back()
         finally:
             for helper in helpers:
                 helper.cancel()
+
+    async def _hand_back(self) -> None:
+        """Make our unfinished entries claimable at once by any other worker, rather
+        than after the claim timeout; their runs here are abandoned."""
+        entry_ids = list(self._running)
+        for task in self._running.values():
+            task.cancel()
+        self._running.clear()
+        await self.store.renew(self.name, entry_ids, idle_ms=self.claim_ms * 10)
+        log.warning("handed back %d unfinished entries", len(entry_ids))
 
     async def run_until_idle(self) -> None:
         """Process until nothing is left to read, claim, run or flush (like arq's burst)."""
@@ -130,16 +148,23 @@ class Worker:
     async def _keep_claims(self) -> None:
         renew_every = self.settings.claim_timeout / 4
         sweep_every = max(0.2, self.settings.claim_timeout / 4)
-        last_sweep = time.monotonic()
+        trim_every = 5.0
+        last_sweep = last_trim = time.monotonic()
+        outage = Outage(log, f"worker {self.name} claims")
         while True:
             await asyncio.sleep(min(renew_every, sweep_every))
             try:
                 await self._renew()
-                if time.monotonic() - last_sweep >= sweep_every:
-                    last_sweep = time.monotonic()
+                now = time.monotonic()
+                if now - last_sweep >= sweep_every and not self.should_exit:
+                    last_sweep = now
                     await self._sweep()
+                if now - last_trim >= trim_every:
+                    last_trim = now
+                    await self.store.trim_work()
+                outage.ok()
             except REDIS_DOWN as exc:
-                log.warning("redis unavailable while renewing claims (%s)", exc)
+                await asyncio.sleep(outage.failed(exc))
 
     async def _renew(self) -> None:
         """Reset the idle time of our running entries; drop runs another worker took."""
@@ -171,6 +196,11 @@ class Worker:
         for (entry_id, _), item, decision in zip(entries, items, decisions, strict=True):
             if decision[0] == 1:
                 self._record(entry_id, item, self._completed(item, int(decision[1]), True))
+            elif decision[0] == 2 and int(decision[1]) > self.settings.max_attempts:
+                # Delivered again and again, never ended: its runs keep killing workers.
+                attempts = int(decision[1]) - 1
+                error = f"gave up after {attempts} runs that never finished (worker lost)"
+                self._record(entry_id, item, self._failed(item, attempts, error))
             elif decision[0] == 2:
                 attempt = int(decision[1])
                 started.append(self._started(item, attempt))
@@ -191,15 +221,7 @@ class Worker:
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 if not should_retry(attempt, self.settings.max_attempts):
-                    failed = TaskFailed(
-                        task_id=item.task_id,
-                        group_task_id=item.group_task_id,
-                        index=item.index,
-                        attempts=attempt,
-                        error=error,
-                        worker=self.name,
-                    )
-                    self._record(entry_id, item, failed)
+                    self._record(entry_id, item, self._failed(item, attempt, error))
                     return
                 wait = retry_backoff(attempt, self.settings.retry_base, self.rng)
                 await self._append_retry(item, attempt, error, wait)
@@ -235,6 +257,16 @@ class Worker:
             worker=self.name,
         )
 
+    def _failed(self, item: TaskSubmitted, attempts: int, error: str) -> TaskFailed:
+        return TaskFailed(
+            task_id=item.task_id,
+            group_task_id=item.group_task_id,
+            index=item.index,
+            attempts=attempts,
+            error=error,
+            worker=self.name,
+        )
+
     def _completed(self, item: TaskSubmitted, result: int, from_cache: bool) -> TaskCompleted:
         return TaskCompleted(
             task_id=item.task_id,
@@ -254,13 +286,14 @@ class Worker:
             await asyncio.shield(self._flush(batch))
 
     async def _flush(self, batch: list[Outcome]) -> None:
+        outage = Outage(log, f"worker {self.name} completions")
         while True:
             try:
-                await self.store.complete(batch)
+                await self.store.complete(batch)  # fenced: safe to send again
+                outage.ok()
                 break
             except REDIS_DOWN as exc:
-                log.warning("completion failed (%s); retrying", exc)
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(outage.failed(exc))
         for outcome in batch:
             self._running.pop(outcome.entry_id, None)
             self._outcomes.task_done()

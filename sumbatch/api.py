@@ -3,13 +3,17 @@ It never computes a task."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -18,78 +22,18 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sumbatch.config import Settings
-from sumbatch.events import GroupSubmitted, Keys, TaskSubmitted
-from sumbatch.projection import GroupView, TaskView, fold
-from sumbatch.store import Store, connect
+from sumbatch.events import WORKER_GROUP, GroupSubmitted, TaskSubmitted
+from sumbatch.openapi import openapi_schema
+from sumbatch.projection import fold
+from sumbatch.store import Store, open_store
+from sumbatch.wire import Cancelled, GroupCreated, GroupIn, GroupStatus, TaskIn, TaskStatus
 
-INT64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
-
-
-class TaskIn(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
-    param_a: INT64
-    param_b: INT64
-
-
-class GroupIn(msgspec.Struct, forbid_unknown_fields=True):
-    tasks: Annotated[list[TaskIn], msgspec.Meta(min_length=1)]
-
-
-class GroupCreated(msgspec.Struct, rename="camel"):
-    group_task_id: str
-    task_ids: list[str]
-
-
-class GroupStatus(msgspec.Struct, rename="camel"):
-    group_task_id: str
-    grouptask_processed: bool
-    grouptask_succeeded: bool
-    results: list[int]
-    tasks_completed: int
-    tasks_total: int
-    tasks_failed: int
-
-    @classmethod
-    def of(cls, view: GroupView) -> GroupStatus:
-        return cls(
-            group_task_id=view.group_task_id,
-            grouptask_processed=view.processed,
-            grouptask_succeeded=view.succeeded,
-            results=[r for r in view.results if r is not None],
-            tasks_completed=view.tasks_completed,
-            tasks_total=view.tasks_total,
-            tasks_failed=view.tasks_failed,
-        )
-
-
-class TaskStatus(msgspec.Struct, rename="camel"):
-    result: int | None
-    result_ready: bool
-    task_id: str
-    task_state: str
-    task_succeeded: bool
-    group_task_id: str
-    from_cache: bool
-    attempts: int
-    error: str | None
-
-    @classmethod
-    def of(cls, view: TaskView) -> TaskStatus:
-        ready = view.state in ("SUCCESS", "FAILURE", "REVOKED")
-        return cls(
-            result=view.result,
-            result_ready=ready,
-            task_id=view.task_id,
-            task_state=view.state,
-            task_succeeded=view.state == "SUCCESS",
-            group_task_id=view.group_task_id,
-            from_cache=view.from_cache,
-            attempts=view.attempts,
-            error=view.error,
-        )
-
+log = logging.getLogger("sumbatch.api")
 
 _encoder = msgspec.json.Encoder()
 _group_decoder = msgspec.json.Decoder(GroupIn)
+_created_decoder = msgspec.json.Decoder(GroupCreated)
+MAX_IDEMPOTENCY_KEY = 255
 
 
 class JSONResponse(Response):
@@ -134,11 +78,29 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def _authorised(request: Request, settings: Settings) -> bool:
+    if not settings.api_token:
+        return True
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode(), settings.api_token.encode()
+    )
+
+
+def _unauthorised() -> JSONResponse:
+    return error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+
+
 async def create_group(request: Request) -> Response:
     settings: Settings = request.state.settings
+    if not _authorised(request, settings):
+        return _unauthorised()
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "application/json":
         return error(415, "Content-Type must be application/json")
+    idem_key = request.headers.get("idempotency-key")
+    if idem_key is not None and not 0 < len(idem_key) <= MAX_IDEMPOTENCY_KEY:
+        return error(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
     body = await _read_body(request, settings.max_body_bytes)
     try:
         submitted = _group_decoder.decode(body)
@@ -149,9 +111,45 @@ async def create_group(request: Request) -> Response:
     if len(submitted.tasks) > settings.max_tasks_per_group:
         return error(413, f"at most {settings.max_tasks_per_group} tasks per group - at `$.tasks`")
     created, events = new_submission(submitted.tasks)
+    answer = _encoder.encode(created)
+    idempotency = None
+    if idem_key is not None:
+        # Hashed: a client's header never becomes part of a key name as it is.
+        body_hash = hashlib.sha256(body).hexdigest()
+        idempotency = (
+            hashlib.sha256(idem_key.encode()).hexdigest(),
+            f"{body_hash} {answer.decode()}",
+        )
     store: Store = request.state.store
-    await store.submit(events, fold(events))
-    return JSONResponse(created)
+    earlier = await store.submit(events, fold(events), idempotency)
+    if earlier is not None:
+        assert idempotency is not None
+        earlier_hash, _, earlier_answer = earlier.partition(" ")
+        if earlier_hash != idempotency[1].partition(" ")[0]:
+            return error(422, "Idempotency-Key was used before with a different body")
+        replay = _created_decoder.decode(earlier_answer)
+        return JSONResponse(replay, headers={"Idempotent-Replayed": "true"})
+    confirm: Callable[[], Awaitable[bool]] | None = request.state.confirm_durable
+    if confirm is not None and not await confirm():
+        return error(503, "submission not yet persisted; retry with the same Idempotency-Key",
+                     {"Retry-After": "1"})  # fmt: skip
+    return Response(answer, media_type="application/json")
+
+
+async def cancel_group(request: Request) -> Response:
+    settings: Settings = request.state.settings
+    if not _authorised(request, settings):
+        return _unauthorised()
+    gid = _valid_id(request.path_params["group_task_id"])
+    store: Store = request.state.store
+    outcome = -1 if gid is None else await store.cancel(gid)
+    if outcome < 0:
+        return error(404, "no such groupTaskId")
+    assert gid is not None
+    return JSONResponse(
+        Cancelled(group_task_id=gid, grouptask_cancelled=True, tasks_revoked=max(0, outcome - 1)),
+        status_code=202,
+    )
 
 
 async def get_group(request: Request) -> Response:
@@ -178,8 +176,18 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     store: Store = request.state.store
-    await store.redis.ping()
+    groups = (
+        await store.redis.xinfo_groups(store.keys.work)
+        if await store.redis.exists(store.keys.work)
+        else []
+    )
+    if not any(g["name"] == WORKER_GROUP for g in groups):
+        return error(503, "the workers' consumer group does not exist yet", {"Retry-After": "1"})
     return JSONResponse({"status": "ready"})
+
+
+async def openapi(request: Request) -> Response:
+    return Response(request.state.openapi, media_type="application/json")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -191,21 +199,57 @@ async def _redis_down(request: Request, exc: Exception) -> Response:
     return error(503, "storage unavailable, retry later", {"Retry-After": "1"})
 
 
+async def _durability_check(store: Store, settings: Settings) -> Callable[[], Awaitable[bool]]:
+    """WAITAOF where the server has it (Redis 7.2+, Valkey 8+), else appendfsync always."""
+    try:
+        await store.waitaof(1000)
+    except ResponseError as exc:
+        fsync = (await store.redis.config_get("appendfsync")).get("appendfsync")
+        if fsync != "always":
+            raise RuntimeError(
+                f"SUMBATCH_DURABLE needs WAITAOF or appendfsync always ({exc}; appendfsync={fsync})"
+            ) from exc
+        log.info("durable mode: the server fsyncs every write (appendfsync always)")
+
+        async def fsynced() -> bool:
+            return True
+
+        return fsynced
+    log.info("durable mode: each submission waits for WAITAOF")
+
+    async def waitaof() -> bool:
+        return await store.waitaof(5000) >= 1
+
+    return waitaof
+
+
 def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        redis = connect(settings.client_url, socket_timeout=5)
+        store = open_store(settings, socket_timeout=5)
         try:
-            yield {"settings": settings, "store": Store(redis, Keys(settings.namespace))}
+            try:
+                await store.ensure_worker_group()
+            except REDIS_DOWN as exc:
+                log.warning("redis unavailable at start (%s); /readyz will say so", exc)
+            confirm = await _durability_check(store, settings) if settings.durable else None
+            yield {
+                "settings": settings,
+                "store": store,
+                "confirm_durable": confirm,
+                "openapi": _encoder.encode(openapi_schema(settings)),
+            }
         finally:
-            await redis.aclose()
+            await store.redis.aclose()
 
     routes = [
         Route("/grouptasks", create_group, methods=["POST"]),
         Route("/grouptasks/{group_task_id}", get_group, methods=["GET"]),
+        Route("/grouptasks/{group_task_id}", cancel_group, methods=["DELETE"]),
         Route("/tasks/{task_id}", get_task, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,
@@ -216,3 +260,6 @@ def create_app(settings: Settings) -> Starlette:
             RedisTimeoutError: _redis_down,
         },
     )
+
+
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)

@@ -14,14 +14,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 from sumbatch.config import ConfigError, Settings
-from sumbatch.events import Keys
-from sumbatch.store import Entry, Store, connect
+from sumbatch.store import Entry, Store, open_store
 
 log = logging.getLogger("sumbatch")
 
 
 def _store(settings: Settings) -> Store:
-    return Store(connect(settings.client_url), Keys(settings.namespace))
+    return open_store(settings)
 
 
 def _run_until_signal(consumer: Any, main: Callable[[], Awaitable[None]]) -> None:

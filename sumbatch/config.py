@@ -38,6 +38,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     embedded_port: int = EMBEDDED_PORT_DEFAULT
     # "module:function" of an async (paramA, paramB) -> int task handler; empty = the sum.
     handler: str = ""
+    # Like Celery's result_expires: ended tasks and groups, then their cache and log.
+    result_ttl: int = 86_400
+    cache_ttl: int = 86_400
+    log_retention: int = 86_400
+    # Seconds a stopping worker lets in-flight tasks run before handing them back.
+    shutdown_grace: float = 30.0
+    # When set, POST and DELETE need "Authorization: Bearer <token>".
+    api_token: str = ""
+    # Answer a POST only once its events are fsynced (WAITAOF, or appendfsync always).
+    durable: bool = False
+    fsync: str = "everysec"
 
     @property
     def client_url(self) -> str:
@@ -63,7 +74,36 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             data_dir=read("SUMBATCH_DATA_DIR", str, ".sumbatch-data"),
             embedded_port=read("SUMBATCH_EMBEDDED_PORT", int, EMBEDDED_PORT_DEFAULT),
             handler=read("SUMBATCH_HANDLER", str, ""),
+            result_ttl=read("SUMBATCH_RESULT_TTL", _positive_int, 86_400),
+            cache_ttl=read("SUMBATCH_CACHE_TTL", _positive_int, 86_400),
+            log_retention=read("SUMBATCH_LOG_RETENTION", _positive_int, 86_400),
+            shutdown_grace=read("SUMBATCH_SHUTDOWN_GRACE", float, 30.0),
+            api_token=read("SUMBATCH_API_TOKEN", str, ""),
+            durable=read("SUMBATCH_DURABLE", _bool, False),
+            fsync=read("SUMBATCH_FSYNC", _fsync, "everysec"),
         )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("expected a positive number of seconds")
+    return value
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _fsync(text: str) -> str:
+    if text not in ("always", "everysec", "no"):
+        raise ValueError("expected always, everysec or no")
+    return text
 
 
 class _Reader:

@@ -68,12 +68,36 @@ class TaskFailed(Event, tag=True, frozen=True):
     worker: str
 
 
+class TaskDeadLettered(Event, tag=True, frozen=True):
+    """A failed task was copied to the dead-letter stream, with what it needs to rerun."""
+
+    task_id: str
+    group_task_id: str
+    index: int
+    param_a: int
+    param_b: int
+    error: str
+
+
+class GroupCancelled(Event, tag=True, frozen=True):
+    group_task_id: str
+
+
+class TaskRevoked(Event, tag=True, frozen=True):
+    """Appended by the cancel script for each task of the group not yet started."""
+
+    task_id: str
+    group_task_id: str
+    index: int
+
+
 class GroupFinished(Event, tag=True, frozen=True):
-    """Appended by the completion script itself when the last task of a group ends."""
+    """Appended by the completion or cancel script when the last task of a group ends."""
 
     group_task_id: str
     tasks_total: int
     tasks_failed: int
+    tasks_revoked: int
     succeeded: bool
 
 
@@ -84,6 +108,9 @@ AnyEvent = (
     | TaskRetried
     | TaskCompleted
     | TaskFailed
+    | TaskDeadLettered
+    | GroupCancelled
+    | TaskRevoked
     | GroupFinished
 )
 
@@ -112,23 +139,6 @@ def from_fields(fields: dict[str, str]) -> AnyEvent:
     return event
 
 
-# Work entries carry what a worker needs to run one task without another lookup.
-class WorkItem(msgspec.Struct, rename="camel", frozen=True, kw_only=True):
-    task_id: str
-    group_task_id: str
-    index: int
-    param_a: int
-    param_b: int
-
-
-def work_fields(item: WorkItem) -> dict[str, str]:
-    return {name: _text(value) for name, value in msgspec.to_builtins(item).items()}
-
-
-def work_from_fields(fields: dict[str, str]) -> WorkItem:
-    return msgspec.convert(fields, WorkItem, strict=False)
-
-
 WORKER_GROUP: Final = "workers"
 
 
@@ -155,17 +165,26 @@ class Keys:
         return f"{self.tag}:projector:position"
 
     @property
-    def cache(self) -> str:
-        """Hash of computed sums: field ``<paramA>:<paramB>``, value the result."""
-        return f"{self.tag}:cache"
+    def dead_letters(self) -> str:
+        """TaskFailed events of tasks that ran out of attempts, for inspection or rerun."""
+        return f"{self.tag}:dead"
+
+    def cache(self, param_a: int, param_b: int) -> str:
+        """A computed sum, with its own TTL."""
+        return f"{self.tag}:cache:{param_a}:{param_b}"
+
+    def idempotency(self, key: str) -> str:
+        """The answer given to a POST with this Idempotency-Key (hashed by the API)."""
+        return f"{self.tag}:idem:{key}"
 
     def group_log(self, group_task_id: str) -> str:
         """One group's history (same entry ids as in the event log), for audit."""
         return f"{self.tag}:group:{group_task_id}:log"
 
     def ledger(self, group_task_id: str) -> str:
-        """Write-side state of a group: ``total``, ``finished``, ``failed`` and one
-        ``t:<taskId>`` field per ended task. It is the completion fence."""
+        """Write-side state of a group: ``total``, ``finished``, ``failed``,
+        ``revoked``, ``cancelled``, one ``a:<taskId>`` attempt counter per started task
+        and one ``t:<taskId>`` field per ended task. It is the completion fence."""
         return f"{self.tag}:ledger:{group_task_id}"
 
     def group_view(self, group_task_id: str) -> str:
@@ -173,7 +192,3 @@ class Keys:
 
     def task_view(self, task_id: str) -> str:
         return f"{self.tag}:view:task:{task_id}"
-
-
-def cache_field(param_a: int, param_b: int) -> str:
-    return f"{param_a}:{param_b}"

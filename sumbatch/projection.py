@@ -11,11 +11,14 @@ import msgspec
 
 from sumbatch.events import (
     AnyEvent,
+    GroupCancelled,
     GroupFinished,
     GroupSubmitted,
     TaskCompleted,
+    TaskDeadLettered,
     TaskFailed,
     TaskRetried,
+    TaskRevoked,
     TaskStarted,
     TaskSubmitted,
 )
@@ -29,6 +32,8 @@ class GroupView(msgspec.Struct, rename="camel", kw_only=True):
     tasks_total: int
     tasks_completed: int = 0
     tasks_failed: int = 0
+    tasks_revoked: int = 0
+    cancelled: bool = False
     # By submission index; None until that task succeeded.
     results: list[int | None] = msgspec.field(default_factory=list)
 
@@ -38,7 +43,8 @@ class GroupView(msgspec.Struct, rename="camel", kw_only=True):
 
     @property
     def succeeded(self) -> bool:
-        return self.tasks_failed == 0
+        """No task failed or was revoked: ``results`` has every task's sum in the end."""
+        return self.tasks_failed == 0 and self.tasks_revoked == 0
 
 
 class TaskView(msgspec.Struct, rename="camel", kw_only=True):
@@ -108,8 +114,20 @@ def apply(views: Views, event: AnyEvent) -> None:
                 if group is not None:
                     group.tasks_completed += 1
                     group.tasks_failed += 1
-        case GroupFinished():
-            # Derivable from the counts; kept in the log for consumers and audit.
+        case TaskRevoked(task_id=tid, group_task_id=gid):
+            task = _end(views, tid)
+            if task is not None:
+                task.state = "REVOKED"
+                group = views.groups.get(gid)
+                if group is not None:
+                    group.tasks_completed += 1
+                    group.tasks_revoked += 1
+        case GroupCancelled(group_task_id=gid):
+            group = views.groups.get(gid)
+            if group is not None:
+                group.cancelled = True
+        case GroupFinished() | TaskDeadLettered():
+            # Derivable from the views; kept in the log for consumers and audit.
             pass
 
 

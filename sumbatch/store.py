@@ -1,6 +1,7 @@
 """The only module that talks to Redis about the log. Every step that must be atomic
-(submission, start, completion, projection commit) is one Lua script here, so the
-rules that keep work from being lost or doubled live in one file.
+(submission, start, completion, cancellation, projection commit) is one Lua script
+from ``scripts.py``, run from here, so the rules that keep work from being lost or
+doubled live in two files.
 
 Streams, in brief: the event log is append-only; the work stream is read by the
 ``workers`` consumer group, whose pending-entries list (PEL) holds what was handed out
@@ -17,20 +18,25 @@ from typing import Any, cast
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
+from sumbatch import scripts
+from sumbatch.config import Settings
 from sumbatch.events import (
     WORKER_GROUP,
     AnyEvent,
+    GroupCancelled,
     Keys,
     TaskCompleted,
+    TaskDeadLettered,
     TaskFailed,
     TaskSubmitted,
-    cache_field,
     from_fields,
     to_fields,
 )
-from sumbatch.projection import GroupView, TaskView, Views
+from sumbatch.projection import TERMINAL, GroupView, TaskView, Views
 
 Redis = aioredis.Redis
 Entry = tuple[str, dict[str, str]]
@@ -41,9 +47,13 @@ _json = msgspec.json.Encoder()
 
 
 def connect(url: str, **options: Any) -> Redis:
+    """Bounded timeouts and one quick retry: callers own their backoff, and every
+    script is safe to run twice (fenced or guarded)."""
     options.setdefault("decode_responses", True)
     options.setdefault("health_check_interval", 15)
-    options.setdefault("socket_connect_timeout", 5)
+    options.setdefault("socket_connect_timeout", 2)
+    options.setdefault("socket_timeout", 10)
+    options.setdefault("retry", Retry(NoBackoff(), 1))
     client: Redis = aioredis.Redis.from_url(url, **options)
     return client
 
@@ -53,153 +63,6 @@ def _flatten(fields: dict[str, str]) -> list[str]:
     for name, value in fields.items():
         flat += (name, value)
     return flat
-
-
-# Shared Lua helper: read one "n, f1, v1, ..." run of ARGV starting at i.
-_READ_FIELDS = """
-local function read_fields(i)
-  local n = tonumber(ARGV[i])
-  local t = {}
-  for j = 1, n do t[j] = ARGV[i + j] end
-  return t, i + n + 1
-end
-"""
-
-# KEYS: events, work, ledger, group log, group view, task views...
-# ARGV: tasksTotal, group view json, n events, events..., task view jsons...
-_SUBMIT = (
-    _READ_FIELDS
-    + """
-local i = 4
-for _ = 1, tonumber(ARGV[3]) do
-  local fields
-  fields, i = read_fields(i)
-  local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
-  redis.call('XADD', KEYS[4], id, unpack(fields))
-  if fields[2] == 'TaskSubmitted' then
-    redis.call('XADD', KEYS[2], '*', unpack(fields))
-  end
-end
-redis.call('HSET', KEYS[3], 'total', ARGV[1], 'finished', 0, 'failed', 0)
-redis.call('SET', KEYS[5], ARGV[2])
-for k = 6, #KEYS do
-  redis.call('SET', KEYS[k], ARGV[i])
-  i = i + 1
-end
-return 1
-"""
-)
-
-# Decide, per handed-out work entry, what a worker does with it.
-# KEYS: work, cache, then one ledger per item.  ARGV: group, then per item: entry id,
-# task id, cache field.  Returns per item {0} ended already (acked here), {1, result}
-# cache hit, or {2, attempt} run it (attempt counted across every worker).
-_BEGIN = """
-local out = {}
-local a = 2
-for k = 3, #KEYS do
-  local entry, tid, field = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  a = a + 3
-  if redis.call('HEXISTS', KEYS[k], 't:' .. tid) == 1 then
-    redis.call('XACK', KEYS[1], ARGV[1], entry)
-    out[#out + 1] = {0}
-  else
-    local cached = redis.call('HGET', KEYS[2], field)
-    if cached then
-      out[#out + 1] = {1, cached}
-    else
-      out[#out + 1] = {2, redis.call('HINCRBY', KEYS[k], 'a:' .. tid, 1)}
-    end
-  end
-end
-return out
-"""
-
-# Append events to the log and to their group's audit stream with the same id.
-# KEYS: events, then one group log per event. ARGV: the events' fields.
-_APPEND = (
-    _READ_FIELDS
-    + """
-local i = 1
-for k = 2, #KEYS do
-  local fields
-  fields, i = read_fields(i)
-  local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
-  redis.call('XADD', KEYS[k], id, unpack(fields))
-end
-return #KEYS - 1
-"""
-)
-
-# The completion fence. Per item, atomically: if the task has no outcome yet, record
-# it, append the outcome event, cache a computed sum and, when it was the group's last
-# task, append GroupFinished; in every case acknowledge the work entry.
-# KEYS: events, work, cache, then per item: ledger, group log.
-# ARGV: group, then per item: entry id, task id, group id, state, cache field ('' for
-# none), result, event fields.  Returns the number of outcomes recorded.
-_COMPLETE = (
-    _READ_FIELDS
-    + """
-local recorded = 0
-local i = 2
-for k = 4, #KEYS, 2 do
-  local ledger, log = KEYS[k], KEYS[k + 1]
-  local entry, tid, gid, state, field, result = unpack(ARGV, i, i + 5)
-  local fields
-  fields, i = read_fields(i + 6)
-  if redis.call('HSETNX', ledger, 't:' .. tid, state) == 1 then
-    recorded = recorded + 1
-    local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
-    redis.call('XADD', log, id, unpack(fields))
-    if field ~= '' then redis.call('HSET', KEYS[3], field, result) end
-    local failed = tonumber(redis.call('HGET', ledger, 'failed') or '0')
-    if state == 'FAILURE' then failed = redis.call('HINCRBY', ledger, 'failed', 1) end
-    local finished = redis.call('HINCRBY', ledger, 'finished', 1)
-    local total = tonumber(redis.call('HGET', ledger, 'total') or '-1')
-    if finished == total then
-      -- Mirrors events.GroupFinished; tests decode it with events.from_fields.
-      local done = {'type', 'GroupFinished', 'groupTaskId', gid,
-                    'tasksTotal', tostring(total), 'tasksFailed', tostring(failed),
-                    'succeeded', failed == 0 and 'true' or 'false'}
-      id = redis.call('XADD', KEYS[1], '*', unpack(done))
-      redis.call('XADD', log, id, unpack(done))
-    end
-  end
-  redis.call('XACK', KEYS[2], ARGV[1], entry)
-end
-return recorded
-"""
-)
-
-# Reset the idle time of entries this consumer still owns, so that a live worker keeps
-# its long tasks. KEYS: work. ARGV: group, consumer, ids... Returns the ids another
-# consumer took over (ids no longer pending were acknowledged: nothing to renew).
-_RENEW = """
-local lost = {}
-for a = 3, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[a], ARGV[a], 1)
-  if p[1] then
-    if p[1][2] == ARGV[2] then
-      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[a], 'JUSTID')
-    else
-      lost[#lost + 1] = ARGV[a]
-    end
-  end
-end
-return lost
-"""
-
-# Write views and the position they include, only if nobody moved the position since
-# they were read (compare-and-set), so two projectors can never both apply an event.
-# KEYS: position, view keys... ARGV: expected position ('' = none), new position,
-# view jsons...
-_COMMIT = """
-local current = redis.call('GET', KEYS[1]) or ''
-if current ~= ARGV[1] then return 0 end
-for k = 2, #KEYS do redis.call('SET', KEYS[k], ARGV[k + 1]) end
-redis.call('SET', KEYS[1], ARGV[2])
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -212,26 +75,50 @@ class Outcome:
     param_b: int
 
 
+@dataclass(frozen=True)
+class Retention:
+    """Seconds each kind of key lives after the thing it describes has ended."""
+
+    results: int = 86_400
+    cache: int = 86_400
+    log: int = 86_400
+
+
 class Store:
     """Log, work and view I/O for one namespace."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, retention: Retention | None = None) -> None:
         self.redis = redis
         self.keys = keys
-        self._submit = redis.register_script(_SUBMIT)
-        self._begin = redis.register_script(_BEGIN)
-        self._append = redis.register_script(_APPEND)
-        self._complete = redis.register_script(_COMPLETE)
-        self._renew = redis.register_script(_RENEW)
-        self._commit = redis.register_script(_COMMIT)
+        self.retention = retention or Retention()
+        self._submit = redis.register_script(scripts.SUBMIT)
+        self._begin = redis.register_script(scripts.BEGIN)
+        self._append = redis.register_script(scripts.APPEND)
+        self._complete = redis.register_script(scripts.COMPLETE)
+        self._cancel = redis.register_script(scripts.CANCEL)
+        self._renew = redis.register_script(scripts.RENEW)
+        self._commit = redis.register_script(scripts.COMMIT)
+        self._trim_work = redis.register_script(scripts.TRIM_WORK)
 
     # -- producer -------------------------------------------------------------
 
-    async def submit(self, events: Sequence[AnyEvent], views: Views) -> None:
-        """Append a group's events and work entries, and its initial views, or nothing."""
+    async def submit(
+        self, events: Sequence[AnyEvent], views: Views, idempotency: tuple[str, str] | None = None
+    ) -> str | None:
+        """Append a group's events and work entries, and its initial views, or nothing.
+
+        ``idempotency`` is (key, record): when the key was used before, nothing is
+        appended and the earlier record is returned instead."""
         (group,) = views.groups.values()
         gid = group.group_task_id
-        args: list[str | int] = [group.tasks_total, _json.encode(group).decode(), len(events)]
+        idem_key, record = idempotency or ("", "")
+        args: list[str | int] = [
+            group.tasks_total,
+            record,
+            self.retention.results,
+            _json.encode(group).decode(),
+            len(events),
+        ]
         for event in events:
             args += _flatten(to_fields(event))
         keys = [
@@ -239,12 +126,30 @@ class Store:
             self.keys.work,
             self.keys.ledger(gid),
             self.keys.group_log(gid),
+            self.keys.idempotency(idem_key),
             self.keys.group_view(gid),
         ]
         for task in views.tasks.values():
             keys.append(self.keys.task_view(task.task_id))
             args.append(_json.encode(task).decode())
-        await self._submit(keys=keys, args=args)
+        earlier = await self._submit(keys=keys, args=args)
+        return None if earlier is None else str(earlier)
+
+    async def waitaof(self, timeout_ms: int) -> int:
+        """Wait until our writes are fsynced locally; returns 1 if they are (Redis 7.2+)."""
+        reply = await self.redis.execute_command("WAITAOF", 1, 0, timeout_ms)  # type: ignore[no-untyped-call]
+        return int(reply[0])
+
+    async def cancel(self, group_task_id: str) -> int:
+        """-1 unknown group, 0 cancelled before, else 1 + the number of tasks revoked."""
+        event = GroupCancelled(group_task_id=group_task_id)
+        keys = [
+            self.keys.events,
+            self.keys.ledger(group_task_id),
+            self.keys.group_log(group_task_id),
+        ]
+        args = [group_task_id, str(self.retention.results), *_flatten(to_fields(event))]
+        return int(await self._cancel(keys=keys, args=args))
 
     # -- consumer group (workers) ---------------------------------------------
 
@@ -280,11 +185,14 @@ class Store:
         return claimed
 
     async def begin(self, items: Sequence[TaskSubmitted], entry_ids: Sequence[str]) -> list[Any]:
-        keys = [self.keys.work, self.keys.cache]
+        keys = [self.keys.work]
         args: list[str] = [WORKER_GROUP]
         for entry_id, item in zip(entry_ids, items, strict=True):
-            keys.append(self.keys.ledger(item.group_task_id))
-            args += (entry_id, item.task_id, cache_field(item.param_a, item.param_b))
+            keys += (
+                self.keys.ledger(item.group_task_id),
+                self.keys.cache(item.param_a, item.param_b),
+            )
+            args += (entry_id, item.task_id)
         return cast(list[Any], await self._begin(keys=keys, args=args))
 
     async def append(self, events: Iterable[AnyEvent]) -> None:
@@ -297,28 +205,54 @@ class Store:
             await self._append(keys=keys, args=args)
 
     async def complete(self, outcomes: Sequence[Outcome]) -> int:
-        keys = [self.keys.events, self.keys.work, self.keys.cache]
-        args: list[str] = [WORKER_GROUP]
+        keys = [self.keys.events, self.keys.work, self.keys.dead_letters]
+        args: list[str] = [WORKER_GROUP, str(self.retention.results), str(self.retention.cache)]
         for outcome in outcomes:
             event = outcome.event
             gid = event.group_task_id
-            keys += (self.keys.ledger(gid), self.keys.group_log(gid))
+            keys += (
+                self.keys.ledger(gid),
+                self.keys.group_log(gid),
+                self.keys.cache(outcome.param_a, outcome.param_b),
+            )
+            dead: dict[str, str] = {}
             if isinstance(event, TaskCompleted):
-                state = "SUCCESS"
-                field = "" if event.from_cache else cache_field(outcome.param_a, outcome.param_b)
-                result = str(event.result)
+                state, cache_it, result = "SUCCESS", not event.from_cache, str(event.result)
             else:
-                state, field, result = "FAILURE", "", ""
-            args += (outcome.entry_id, event.task_id, gid, state, field, result)
+                state, cache_it, result = "FAILURE", False, ""
+                dead = to_fields(
+                    TaskDeadLettered(
+                        task_id=event.task_id,
+                        group_task_id=gid,
+                        index=event.index,
+                        param_a=outcome.param_a,
+                        param_b=outcome.param_b,
+                        error=event.error,
+                    )
+                )
+            args += (outcome.entry_id, event.task_id, gid, state, "1" if cache_it else "0", result)
             args += _flatten(to_fields(event))
+            args += _flatten(dead)
         return int(await self._complete(keys=keys, args=args))
 
-    async def renew(self, consumer: str, entry_ids: Sequence[str]) -> list[str]:
-        """Keep our claim on ``entry_ids``; returns those another worker took over."""
-        if not entry_ids:
-            return []
-        lost = await self._renew(keys=[self.keys.work], args=[WORKER_GROUP, consumer, *entry_ids])
-        return cast(list[str], lost)
+    async def renew(self, consumer: str, entry_ids: Sequence[str], idle_ms: int = 0) -> list[str]:
+        """Keep our claim on ``entry_ids`` (or, with ``idle_ms``, hand them back as if
+        idle that long); returns those another worker took over."""
+        lost: list[str] = []
+        for at in range(0, len(entry_ids), 1000):
+            chunk = entry_ids[at : at + 1000]
+            args = [WORKER_GROUP, consumer, str(idle_ms), *chunk]
+            lost += cast(list[str], await self._renew(keys=[self.keys.work], args=args))
+        return lost
+
+    async def trim_work(self) -> int:
+        return int(await self._trim_work(keys=[self.keys.work], args=[WORKER_GROUP]))
+
+    async def trim_events(self, position: str, now_ms: int) -> int:
+        """Drop log entries older than the log retention that the views already include."""
+        cutoff = f"{now_ms - self.retention.log * 1000}-0"
+        minid = min(cutoff, position, key=_id_key)
+        return int(await self.redis.xtrim(self.keys.events, minid=minid, approximate=True))
 
     # -- event log: projector, replay, audit ----------------------------------
 
@@ -351,14 +285,16 @@ class Store:
         return views
 
     async def commit_views(self, expected: str | None, position: str, views: Views) -> bool:
+        """Ended tasks and processed groups start to expire; the rest live on."""
+        ttl = str(self.retention.results)
         keys = [self.keys.projector_position]
         args: list[str] = [expected or "", position]
         for gid, group in views.groups.items():
             keys.append(self.keys.group_view(gid))
-            args.append(_json.encode(group).decode())
+            args += (ttl if group.processed else "0", _json.encode(group).decode())
         for tid, task in views.tasks.items():
             keys.append(self.keys.task_view(tid))
-            args.append(_json.encode(task).decode())
+            args += (ttl if task.state in TERMINAL else "0", _json.encode(task).decode())
         return bool(await self._commit(keys=keys, args=args))
 
     async def group_view(self, group_task_id: str) -> GroupView | None:
@@ -368,6 +304,19 @@ class Store:
     async def task_view(self, task_id: str) -> TaskView | None:
         blob = await self.redis.get(self.keys.task_view(task_id))
         return None if blob is None else _task_view_decoder.decode(blob)
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def open_store(settings: Settings, **options: Any) -> Store:
+    """A store on its own connection pool, configured by ``settings``."""
+    retention = Retention(
+        results=settings.result_ttl, cache=settings.cache_ttl, log=settings.log_retention
+    )
+    return Store(connect(settings.client_url, **options), Keys(settings.namespace), retention)
 
 
 def decode_entries(entries: Iterable[Entry]) -> list[tuple[str, AnyEvent]]:

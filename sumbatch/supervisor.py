@@ -54,7 +54,11 @@ class Supervisor:
         env = dict(os.environ)
         if self.settings.redis_url is None:
             try:
-                self.server = EmbeddedServer(self.settings.data_dir, self.settings.embedded_port)
+                self.server = EmbeddedServer(
+                    self.settings.data_dir,
+                    self.settings.embedded_port,
+                    appendfsync=self.settings.fsync,
+                )
                 self.server.start()
             except (ServerNotFound, RuntimeError, TimeoutError) as exc:
                 log.error("%s", exc)

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import IO, TypeVar
 
 from sumbatch.config import Settings
-from sumbatch.events import AnyEvent, Keys, from_fields
-from sumbatch.store import Store, connect
+from sumbatch.events import AnyEvent, from_fields
+from sumbatch.store import Store, open_store
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +57,7 @@ def wait_until_sync(
 
 
 def make_store(settings: Settings) -> Store:
-    return Store(connect(settings.client_url), Keys(settings.namespace))
+    return open_store(settings)
 
 
 async def log_events(store: Store) -> list[AnyEvent]:

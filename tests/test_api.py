@@ -40,7 +40,7 @@ def raw(settings: Settings) -> Iterator[redis.Redis]:
 
 def appended(raw: redis.Redis, settings: Settings) -> int:
     keys = Keys(settings.namespace)
-    return int(raw.exists(keys.events)) + int(raw.exists(keys.work))
+    return int(raw.xlen(keys.events)) + int(raw.xlen(keys.work))
 
 
 def test_post_returns_a_group_id_and_one_task_id_per_task(client: TestClient) -> None:
@@ -65,6 +65,8 @@ def test_get_right_after_post_returns_the_group(client: TestClient) -> None:
         "tasksCompleted": 0,
         "tasksTotal": 4,
         "tasksFailed": 0,
+        "tasksRevoked": 0,
+        "grouptaskCancelled": False,
     }
 
 

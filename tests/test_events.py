@@ -4,12 +4,15 @@ import pytest
 
 from sumbatch.events import (
     AnyEvent,
+    GroupCancelled,
     GroupFinished,
     GroupSubmitted,
     Keys,
     TaskCompleted,
+    TaskDeadLettered,
     TaskFailed,
     TaskRetried,
+    TaskRevoked,
     TaskStarted,
     TaskSubmitted,
     from_fields,
@@ -23,7 +26,12 @@ SAMPLES: list[AnyEvent] = [
     TaskRetried(task_id="t", group_task_id="g", index=1, attempt=1, error="E: x", retry_in=0.25),
     TaskCompleted(task_id="t", group_task_id="g", index=1, result=-1, from_cache=True, worker="w"),
     TaskFailed(task_id="t", group_task_id="g", index=0, attempts=3, error="boom", worker="w"),
-    GroupFinished(group_task_id="g", tasks_total=2, tasks_failed=1, succeeded=False),
+    GroupFinished(
+        group_task_id="g", tasks_total=2, tasks_failed=1, tasks_revoked=0, succeeded=False
+    ),
+    GroupCancelled(group_task_id="g"),
+    TaskRevoked(task_id="t", group_task_id="g", index=1),
+    TaskDeadLettered(task_id="t", group_task_id="g", index=0, param_a=1, param_b=2, error="x"),
 ]
 
 
@@ -62,7 +70,9 @@ def test_keys_share_one_hash_tag() -> None:
     names = [
         keys.events,
         keys.work,
-        keys.cache,
+        keys.cache(1, 2),
+        keys.dead_letters,
+        keys.idempotency("k"),
         keys.projector_position,
         keys.group_log("g"),
         keys.ledger("g"),

@@ -45,7 +45,11 @@ def test_results_follow_submission_order_not_completion_order() -> None:
 
 def test_group_is_processed_when_every_task_ended() -> None:
     events = [*submitted(2), done(1, 11), done(0, 10, cached=True)]
-    events.append(GroupFinished(group_task_id="g", tasks_total=2, tasks_failed=0, succeeded=True))
+    events.append(
+        GroupFinished(
+            group_task_id="g", tasks_total=2, tasks_failed=0, tasks_revoked=0, succeeded=True
+        )
+    )
     views = fold(events)
     assert views.groups["g"].processed and views.groups["g"].succeeded
     assert views.tasks["t0"].from_cache and not views.tasks["t1"].from_cache

@@ -1,0 +1,238 @@
+"""The Lua scripts behind every atomic step. Only ``store.py`` runs them.
+
+Each script gets every key it touches in KEYS (all under one hash tag), so it runs
+unchanged on Redis Cluster. Events are built in Python (``events.to_fields``) and
+passed in as ``n, field, value, ...`` runs of ARGV; the only events built here are
+GroupFinished and TaskRevoked, whose fields mirror ``events.py`` (tests decode them
+with ``events.from_fields``).
+"""
+
+from __future__ import annotations
+
+# Helpers shared by the scripts that end tasks.
+_LIB = """
+local function read_fields(i)
+  local n = tonumber(ARGV[i])
+  local t = {}
+  for j = 1, n do t[j] = ARGV[i + j] end
+  return t, i + n + 1
+end
+
+-- Append to the log and to the group's audit stream, with the same entry id.
+local function append(events, log, fields)
+  local id = redis.call('XADD', events, '*', unpack(fields))
+  redis.call('XADD', log, id, unpack(fields))
+  return id
+end
+
+-- After a task ended: count it and, if it was the group's last, append GroupFinished
+-- and start the clock on the group's write-side keys.
+local function task_ended(events, ledger, log, gid, state, ttl)
+  if state == 'FAILURE' then redis.call('HINCRBY', ledger, 'failed', 1) end
+  if state == 'REVOKED' then redis.call('HINCRBY', ledger, 'revoked', 1) end
+  local finished = redis.call('HINCRBY', ledger, 'finished', 1)
+  local total = tonumber(redis.call('HGET', ledger, 'total') or '-1')
+  if finished ~= total then return end
+  local failed = tonumber(redis.call('HGET', ledger, 'failed') or '0')
+  local revoked = tonumber(redis.call('HGET', ledger, 'revoked') or '0')
+  append(events, log, {'type', 'GroupFinished', 'groupTaskId', gid,
+    'tasksTotal', tostring(total), 'tasksFailed', tostring(failed),
+    'tasksRevoked', tostring(revoked),
+    'succeeded', (failed == 0 and revoked == 0) and 'true' or 'false'})
+  redis.call('EXPIRE', ledger, ttl)
+  redis.call('EXPIRE', log, ttl)
+end
+"""
+
+# A group's events, work entries and first views, or nothing; with an Idempotency-Key,
+# a repeated POST gets the first answer back instead.
+# KEYS: events, work, ledger, group log, idempotency key, group view, task views...
+# ARGV: tasksTotal, idempotency record ('' = no key), idempotency ttl, group view json,
+#       n events, events..., task view jsons...
+# Returns the earlier idempotency record if there was one, else nothing.
+SUBMIT = (
+    _LIB
+    + """
+if ARGV[2] ~= '' then
+  local earlier = redis.call('GET', KEYS[5])
+  if earlier then return earlier end
+  redis.call('SET', KEYS[5], ARGV[2], 'EX', ARGV[3])
+end
+-- A client library's retry of this very call (same ids) must not append twice.
+if redis.call('EXISTS', KEYS[3]) == 1 then return false end
+local i = 6
+for _ = 1, tonumber(ARGV[5]) do
+  local fields
+  fields, i = read_fields(i)
+  append(KEYS[1], KEYS[4], fields)
+  if fields[2] == 'TaskSubmitted' then
+    redis.call('XADD', KEYS[2], '*', unpack(fields))
+  end
+end
+redis.call('HSET', KEYS[3], 'total', ARGV[1], 'finished', 0, 'failed', 0, 'revoked', 0)
+redis.call('SET', KEYS[6], ARGV[4])
+for k = 7, #KEYS do
+  redis.call('SET', KEYS[k], ARGV[i])
+  i = i + 1
+end
+return false
+"""
+)
+
+# What a worker does with each handed-out entry. KEYS: work, then per item: ledger,
+# cache key. ARGV: group, then per item: entry id, task id.
+# Returns per item: {0} ended already or expired (acknowledged here), {1, result}
+# cache hit, or {2, attempt} run it (attempts counted across every worker).
+BEGIN = """
+local out = {}
+local a = 2
+for k = 2, #KEYS, 2 do
+  local ledger, cache = KEYS[k], KEYS[k + 1]
+  local entry, tid = ARGV[a], ARGV[a + 1]
+  a = a + 2
+  if redis.call('EXISTS', ledger) == 0 or redis.call('HEXISTS', ledger, 't:' .. tid) == 1 then
+    redis.call('XACK', KEYS[1], ARGV[1], entry)
+    out[#out + 1] = {0}
+  else
+    local cached = redis.call('GET', cache)
+    if cached then
+      out[#out + 1] = {1, cached}
+    else
+      out[#out + 1] = {2, redis.call('HINCRBY', ledger, 'a:' .. tid, 1)}
+    end
+  end
+end
+return out
+"""
+
+# Append events to the log and their group's audit stream.
+# KEYS: events, then one group log per event. ARGV: the events' fields.
+APPEND = (
+    _LIB
+    + """
+local i = 1
+for k = 2, #KEYS do
+  local fields
+  fields, i = read_fields(i)
+  append(KEYS[1], KEYS[k], fields)
+end
+return #KEYS - 1
+"""
+)
+
+# The completion fence. Per item, atomically: if the task has no outcome yet, record
+# it, append the outcome event, cache a computed sum, dead-letter a failure, and end
+# the group if it was the last task; in every case acknowledge the work entry.
+# KEYS: events, work, dead letters, then per item: ledger, group log, cache key.
+# ARGV: group, result ttl, cache ttl, then per item: entry id, task id, group id,
+#       state, cache it (1/0), result, outcome fields, dead-letter fields (n may be 0).
+# Returns the number of outcomes recorded.
+COMPLETE = (
+    _LIB
+    + """
+local recorded = 0
+local i = 4
+for k = 4, #KEYS, 3 do
+  local ledger, log, cache = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  local entry, tid, gid, state, cache_it, result = unpack(ARGV, i, i + 5)
+  local outcome, dead
+  outcome, i = read_fields(i + 6)
+  dead, i = read_fields(i)
+  if redis.call('EXISTS', ledger) == 1
+      and redis.call('HSETNX', ledger, 't:' .. tid, state) == 1 then
+    recorded = recorded + 1
+    local id = append(KEYS[1], log, outcome)
+    if cache_it == '1' then redis.call('SET', cache, result, 'EX', ARGV[3]) end
+    if #dead > 0 then
+      redis.call('XADD', KEYS[3], id, unpack(outcome))
+      append(KEYS[1], log, dead)
+    end
+    task_ended(KEYS[1], ledger, log, gid, state, ARGV[2])
+  end
+  redis.call('XACK', KEYS[2], ARGV[1], entry)
+end
+return recorded
+"""
+)
+
+# Cancel a group: append GroupCancelled and revoke every task no worker has started.
+# Started tasks run to their end. KEYS: events, ledger, group log.
+# ARGV: group id, result ttl, GroupCancelled fields.
+# Returns -1 unknown group, 0 cancelled before, else 1 + the number of tasks revoked.
+CANCEL = (
+    _LIB
+    + """
+if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
+if redis.call('HSETNX', KEYS[2], 'cancelled', 1) == 0 then return 0 end
+local cancelled = read_fields(3)
+append(KEYS[1], KEYS[3], cancelled)
+local revoked = 0
+for _, entry in ipairs(redis.call('XRANGE', KEYS[3], '-', '+')) do
+  local f = entry[2]
+  if f[2] == 'TaskSubmitted' then
+    local tid, index = f[4], f[8]
+    if redis.call('HEXISTS', KEYS[2], 'a:' .. tid) == 0
+        and redis.call('HSETNX', KEYS[2], 't:' .. tid, 'REVOKED') == 1 then
+      revoked = revoked + 1
+      append(KEYS[1], KEYS[3], {'type', 'TaskRevoked', 'taskId', tid,
+        'groupTaskId', ARGV[1], 'index', index})
+      task_ended(KEYS[1], KEYS[2], KEYS[3], ARGV[1], 'REVOKED', ARGV[2])
+    end
+  end
+end
+return 1 + revoked
+"""
+)
+
+# Reset the idle time of entries this consumer still owns, so a live worker keeps its
+# long tasks; or, with a non-zero idle, hand them back (make them claimable at once).
+# KEYS: work. ARGV: group, consumer, idle ms, ids... Returns the ids another consumer
+# took over (ids no longer pending were acknowledged: nothing to do).
+RENEW = """
+local lost = {}
+for a = 4, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[a], ARGV[a], 1)
+  if p[1] then
+    if p[1][2] == ARGV[2] then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[a], 'IDLE', ARGV[3], 'JUSTID')
+    else
+      lost[#lost + 1] = ARGV[a]
+    end
+  end
+end
+return lost
+"""
+
+# Write views and the position they include, only if nobody moved the position since
+# they were read (compare-and-set), so two projectors never both apply an event.
+# KEYS: position, view keys... ARGV: expected position ('' = none), new position, then
+# per view: ttl seconds (0 = none), json.
+COMMIT = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+for k = 2, #KEYS do
+  local ttl, value = ARGV[2 * k - 1], ARGV[2 * k]
+  if ttl == '0' then
+    redis.call('SET', KEYS[k], value)
+  else
+    redis.call('SET', KEYS[k], value, 'EX', ttl)
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
+# Drop work entries every consumer is done with: those below the oldest pending entry,
+# or below the last one handed out when none is pending. KEYS: work. ARGV: group.
+TRIM_WORK = """
+local last
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for j = 1, #g, 2 do info[g[j]] = g[j + 1] end
+  if info['name'] == ARGV[1] then last = info['last-delivered-id'] end
+end
+if not last then return 0 end
+local summary = redis.call('XPENDING', KEYS[1], ARGV[1])
+local minid = last
+if tonumber(summary[1]) > 0 then minid = summary[2] end
+return redis.call('XTRIM', KEYS[1], 'MINID', minid)
+"""
