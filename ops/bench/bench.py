@@ -1,0 +1,328 @@
+"""sumbatch's benchmark: the real processes, driven over HTTP, beside the ceiling.
+
+    .venv/bin/python ops/bench/bench.py            # everything (about 3 minutes)
+    .venv/bin/python ops/bench/bench.py --quick    # smaller counts, no 3-10 s cases
+
+Starts its own Redis-compatible server, measures the raw Streams ceiling loop on it
+(ops/bench/ceiling.py) and the HTTP client's floor against an in-memory stub
+(ops/bench/stub.py), then runs each scenario against `sumbatch api`, `sumbatch
+worker` and `sumbatch projector` processes, checking every sum. Prints a table and
+writes JSON to ops/bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import redis
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import ceiling  # noqa: E402
+
+from sumbatch.embedded import EmbeddedServer  # noqa: E402
+
+ME = [sys.executable, "-m", "sumbatch"]
+
+
+@dataclass
+class Row:
+    figure: str
+    value: float
+    unit: str
+    reference: float | None = None
+    reference_name: str = ""
+    goal: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        return None if not self.reference else self.value / self.reference
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def wait_ready(base: str, path: str = "/readyz", timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + path, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"{base} not ready")
+
+
+@contextmanager
+def service(
+    url: str, namespace: str, delay: str, workers: int, up: bool = False
+) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+    """The real processes, configured by environment as a user would."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUMBATCH_")}
+    env.update(
+        REDIS_URL=url, SUMBATCH_NAMESPACE=namespace, SUMBATCH_DELAY=delay,
+        SUMBATCH_LOG_LEVEL="WARNING",
+    )  # fmt: skip
+    if up:
+        cmd = [*ME, "up", "--port", str(port)]
+        children = [subprocess.Popen(cmd, env=env)]
+    else:
+        children = [subprocess.Popen([*ME, "api", "--port", str(port)], env=env)]
+        children += [subprocess.Popen([*ME, "worker"], env=env) for _ in range(workers)]
+        children.append(subprocess.Popen([*ME, "projector"], env=env))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base)
+        yield base, children
+    finally:
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+        for child in children:
+            child.wait(60)
+
+
+def tasks_for(n: int) -> tuple[dict[str, Any], list[int]]:
+    pairs = [(random.randrange(-(10**9), 10**9), random.randrange(10**9)) for _ in range(n)]
+    return {"tasks": [{"paramA": a, "paramB": b} for a, b in pairs]}, [a + b for a, b in pairs]
+
+
+async def run_group(
+    client: httpx.AsyncClient, size: int, poll: float
+) -> tuple[float, float, int]:
+    """POST one group, poll until processed, check the sums. Returns (post s, total s,
+    GETs made)."""
+    body, expected = tasks_for(size)
+    start = time.perf_counter()
+    response = await client.post("/grouptasks", json=body)
+    response.raise_for_status()
+    posted = time.perf_counter() - start
+    gid = response.json()["groupTaskId"]
+    gets = 0
+    while True:
+        group = (await client.get(f"/grouptasks/{gid}")).json()
+        gets += 1
+        if group["grouptaskProcessed"]:
+            break
+        if poll:
+            await asyncio.sleep(poll)
+    total = time.perf_counter() - start
+    if group["results"] != expected:
+        raise SystemExit(f"wrong results for group {gid}")
+    return posted, total, gets
+
+
+async def one_group(base: str, size: int, poll: float) -> tuple[float, float, int]:
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        return await run_group(client, size, poll)
+
+
+async def throughput(base: str, groups: int, size: int, clients: int, poll: float) -> float:
+    """tasks/s with `clients` concurrent clients, each posting and polling groups."""
+    todo = list(range(groups))
+    limits = httpx.Limits(max_connections=clients * 2)
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while todo:
+            todo.pop()
+            await run_group(client, size, poll)
+
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        return groups * size / (time.perf_counter() - start)
+
+
+async def latencies(base: str, reps: int, size: int, poll: float) -> list[tuple[float, float]]:
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        await run_group(client, size, poll)  # warm up
+        out = []
+        for _ in range(reps):
+            posted, total, _ = await run_group(client, size, poll)
+            out.append((posted, total))
+        return out
+
+
+async def poll_cost(base: str, size: int) -> dict[str, float]:
+    """GET latency of one big group early in its life and late (many more events)."""
+    body, expected = tasks_for(size)
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        gid = (await client.post("/grouptasks", json=body)).json()["groupTaskId"]
+        samples: list[tuple[int, float]] = []  # (tasks completed, seconds)
+        while True:
+            start = time.perf_counter()
+            group = (await client.get(f"/grouptasks/{gid}")).json()
+            samples.append((group["tasksCompleted"], time.perf_counter() - start))
+            if group["grouptaskProcessed"]:
+                break
+            await asyncio.sleep(0.005)
+        assert group["results"] == expected, "wrong results"
+        # Cost after the group ended, when its log is longest.
+        late = []
+        for _ in range(50):
+            start = time.perf_counter()
+            await client.get(f"/grouptasks/{gid}")
+            late.append(time.perf_counter() - start)
+    running = [s for done, s in samples if done < size]
+    early = [s for done, s in samples if done <= size // 10] or running[:5]
+    return {
+        "p50_while_running_ms": statistics.median(running or late) * 1000,
+        "p50_early_ms": statistics.median(early or late) * 1000,
+        "p50_finished_ms": statistics.median(late) * 1000,
+    }
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def redis_memory_per_task(url: str, base: str, groups: int, size: int) -> float:
+    client = redis.Redis.from_url(url)
+    before = int(client.info("memory")["used_memory"])
+    asyncio.run(throughput(base, groups, size, clients=4, poll=0.05))
+    after = int(client.info("memory")["used_memory"])
+    return (after - before) / (groups * size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="sumbatch benchmark")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (0-delay cases)")
+    args = parser.parse_args()
+    quick = args.quick
+    rows: list[Row] = []
+    data = Path(tempfile.mkdtemp(prefix="sumbatch-bench-"))
+    server = EmbeddedServer(data, free_port())
+    server.start()
+    stub_port = free_port()
+    stub = subprocess.Popen([sys.executable, str(HERE / "stub.py"), str(stub_port)])
+    try:
+        wait_ready(f"http://127.0.0.1:{stub_port}")
+        print("measuring the ceiling loop ...", flush=True)
+        ceil = ceiling.measure(server.url, 50_000 if quick else 200_000)
+        e2e_ceiling = ceil["end_to_end_tasks_per_s"]
+        produce_ceiling = ceil["produce_tasks_per_s"]
+        rows.append(Row("ceiling: end-to-end tasks/s", e2e_ceiling, "tasks/s"))
+        rows.append(Row("ceiling: produce tasks/s", produce_ceiling, "tasks/s"))
+
+        stub_base = f"http://127.0.0.1:{stub_port}"
+        groups = 50 if quick else 200
+        floor_tps = asyncio.run(throughput(stub_base, groups, 100, clients=8, poll=0.05))
+        rows.append(Row("client floor (stub): tasks/s, groups of 100", floor_tps, "tasks/s"))
+        stub_lat = asyncio.run(latencies(stub_base, 100, 4, poll=0))
+        floor_p50 = pct([t for _, t in stub_lat], 0.5) * 1000
+        rows.append(Row("client floor (stub): 4-task round trip p50", floor_p50, "ms"))
+
+        print("end-to-end, ingest, latency, polling (SUMBATCH_DELAY=0) ...", flush=True)
+        with service(server.url, "bench0", "0", args.workers) as (base, _):
+            tps = asyncio.run(throughput(base, groups, 100, clients=8, poll=0.05))
+            rows.append(Row(f"end-to-end tasks/s: {groups} groups x 100, 8 clients", tps,
+                            "tasks/s", e2e_ceiling, "ceiling e2e", ">= 0.25"))  # fmt: skip
+            ingest = asyncio.run(latencies(base, 10 if quick else 30, 1000, poll=0.05))
+            post_p50 = pct([p for p, _ in ingest], 0.5)
+            rows.append(Row("ingest: POST of 1,000 tasks p50", post_p50 * 1000, "ms",
+                            goal="<= 10 ms"))  # fmt: skip
+            rows.append(Row("ingest: accepted tasks/s (1,000 / POST p50)", 1000 / post_p50,
+                            "tasks/s", produce_ceiling, "ceiling produce", ">= 0.5"))  # fmt: skip
+            lat = asyncio.run(latencies(base, 100 if quick else 300, 4, poll=0))
+            totals = [t * 1000 for _, t in lat]
+            rows.append(Row("latency: 4 tasks, POST until processed p50", pct(totals, 0.5), "ms",
+                            floor_p50, "client floor", "<= 3 ms"))  # fmt: skip
+            rows.append(Row("latency: 4 tasks, POST until processed p99", pct(totals, 0.99), "ms",
+                            goal="<= 15 ms"))  # fmt: skip
+            cost = asyncio.run(poll_cost(base, 2000 if quick else 10_000))
+            rows.append(Row("polling: GET of a 10,000-task group while running p50",
+                            cost["p50_while_running_ms"], "ms", goal="<= 5 ms"))  # fmt: skip
+            rows.append(Row("polling: GET p50 when finished / when 10% done",
+                            cost["p50_finished_ms"], "ms", cost["p50_early_ms"], "early GET",
+                            "~1 (O(1))"))  # fmt: skip
+            per_task = redis_memory_per_task(server.url, base, 20, 500)
+            rows.append(Row("Redis memory per finished task (before expiry)", per_task, "bytes",
+                            goal="<= 1024"))  # fmt: skip
+
+        if not quick:
+            print("the original workload: 1,000 x 3-10 s on one worker ...", flush=True)
+            with service(server.url, "bench1", "3-10", 1) as (base, _):
+                _, total, _ = asyncio.run(one_group(base, 1000, 0.05))
+                rows.append(Row("1,000 tasks x 3-10 s, one worker: processed in", total, "s",
+                                goal="<= 12 s"))  # fmt: skip
+            print("10,000 x 3-10 s under `sumbatch up` defaults ...", flush=True)
+            with service(server.url, "bench2", "3-10", 0, up=True) as (base, procs):
+                _, total, _ = asyncio.run(one_group(base, 10_000, 0.1))
+                rows.append(Row("10,000 tasks x 3-10 s, `sumbatch up`: processed in", total, "s",
+                                goal="<= 15 s"))  # fmt: skip
+                rss = max(worker_rss(procs[0].pid))
+                rows.append(Row("  worker peak RSS", rss / 1024, "MiB"))
+    finally:
+        stub.send_signal(signal.SIGTERM)
+        stub.wait(10)
+        server.stop()
+
+    report(rows, args)
+
+
+def worker_rss(up_pid: int) -> list[int]:
+    """Peak RSS of `sumbatch worker` children of a `sumbatch up` process."""
+    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(up_pid)],
+                         capture_output=True, text=True).stdout  # fmt: skip
+    pids = [int(line.split()[0]) for line in out.splitlines() if " worker" in line]
+    return [peak_rss_kib(pid) for pid in pids] or [0]
+
+
+def report(rows: list[Row], args: argparse.Namespace) -> None:
+    width = max(len(r.figure) for r in rows)
+    print()
+    print(f"{'figure':<{width}}  {'value':>12}  {'unit':<8} {'ratio':>7}  reference / goal")
+    for r in rows:
+        ratio = f"{r.ratio:7.3f}" if r.ratio is not None else " " * 7
+        ref = f"{r.reference_name} {r.reference:,.1f}" if r.reference else ""
+        print(f"{r.figure:<{width}}  {r.value:12,.2f}  {r.unit:<8} {ratio}  {ref} {r.goal}")
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    out = results / time.strftime("bench-%Y%m%d-%H%M%S.json")
+    out.write_text(
+        json.dumps(
+            {
+                "settings": {**vars(args), "cpus": os.cpu_count(), "python": platform.python_version()},
+                "rows": [{**asdict(r), "ratio": r.ratio} for r in rows],
+            },
+            indent=2,
+        )
+    )
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
