@@ -14,7 +14,7 @@ import logging
 import time
 
 from sumbatch.outage import REDIS_DOWN, Outage
-from sumbatch.projection import fold, touched
+from sumbatch.projection import fold
 from sumbatch.store import Store, decode_entries
 
 log = logging.getLogger("sumbatch.projector")
@@ -37,14 +37,8 @@ class Projector:
         if not entries:
             return 0
         events = [event for _, event in decode_entries(entries)]
-        group_ids: set[str] = set()
-        task_ids: set[str] = set()
-        for event in events:
-            gid, tid = touched(event)
-            group_ids.add(gid)
-            if tid is not None:
-                task_ids.add(tid)
-        views = fold(events, await self.store.load_views(group_ids, task_ids))
+        group_ids = {event.group_task_id for event in events}
+        views = fold(events, await self.store.load_views(group_ids))
         new_position = entries[-1][0]
         if not await self.store.commit_views(self.position, new_position, views):
             log.warning("position moved under us (another projector?); reloading")

@@ -203,31 +203,56 @@ class Worker:
                 self._record(entry_id, item, self._failed(item, attempts, error))
             elif decision[0] == 2:
                 attempt = int(decision[1])
-                started.append(self._started(item, attempt))
-                self._running[entry_id] = asyncio.create_task(self._run(entry_id, item, attempt))
+                start = self._started(item, attempt)
+                delay = self.settings.delay.draw(self.rng)
+                error = None
+                if delay == 0 and not inspect.iscoroutinefunction(self.handler):
+                    error = self._run_inline(entry_id, item, start)
+                    if error is None:
+                        continue
+                started.append(start)
+                self._running[entry_id] = asyncio.create_task(
+                    self._run(entry_id, item, attempt, delay, error)
+                )
         await self.store.append(started)
 
-    async def _run(self, entry_id: str, item: TaskSubmitted, attempt: int) -> None:
+    def _run_inline(self, entry_id: str, item: TaskSubmitted, start: TaskStarted) -> str | None:
+        """With no delay and a plain function, run the task here and now: no task
+        object, and its start is logged with its outcome in one step. Returns the
+        error if it failed (the async path then retries it)."""
+        try:
+            result = self.handler(item.param_a, item.param_b)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        self._record(entry_id, item, self._completed(item, int(result), False), start)  # type: ignore[arg-type]
+        return None
+
+    async def _run(
+        self, entry_id: str, item: TaskSubmitted, attempt: int, delay: float, error: str | None
+    ) -> None:
         while True:
-            try:
-                await asyncio.sleep(self.settings.delay.draw(self.rng))
-                result = self.handler(item.param_a, item.param_b)
-                if inspect.isawaitable(result):
-                    result = await result
-                self._record(entry_id, item, self._completed(item, int(result), False))
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                if not should_retry(attempt, self.settings.max_attempts):
-                    self._record(entry_id, item, self._failed(item, attempt, error))
+            if error is None:
+                try:
+                    await asyncio.sleep(delay)
+                    result = self.handler(item.param_a, item.param_b)
+                    if inspect.isawaitable(result):
+                        result = await result
+                    self._record(entry_id, item, self._completed(item, int(result), False))
                     return
-                wait = retry_backoff(attempt, self.settings.retry_base, self.rng)
-                await self._append_retry(item, attempt, error, wait)
-                await asyncio.sleep(wait)
-                attempt += 1
-                await self.store.append([self._started(item, attempt)])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+            if not should_retry(attempt, self.settings.max_attempts):
+                self._record(entry_id, item, self._failed(item, attempt, error))
+                return
+            wait = retry_backoff(attempt, self.settings.retry_base, self.rng)
+            await self._append_retry(item, attempt, error, wait)
+            await asyncio.sleep(wait)
+            attempt += 1
+            delay = self.settings.delay.draw(self.rng)
+            error = None
+            await self.store.append([self._started(item, attempt)])
 
     async def _append_retry(
         self, item: TaskSubmitted, attempt: int, error: str, wait: float
@@ -243,10 +268,14 @@ class Worker:
         await self.store.append([retried])
 
     def _record(
-        self, entry_id: str, item: TaskSubmitted, event: TaskCompleted | TaskFailed
+        self,
+        entry_id: str,
+        item: TaskSubmitted,
+        event: TaskCompleted | TaskFailed,
+        started: TaskStarted | None = None,
     ) -> None:
         self._unflushed += 1
-        self._outcomes.put_nowait(Outcome(entry_id, event, item.param_a, item.param_b))
+        self._outcomes.put_nowait(Outcome(entry_id, event, item.param_a, item.param_b, started))
 
     def _started(self, item: TaskSubmitted, attempt: int) -> TaskStarted:
         return TaskStarted(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,10 +20,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from sumbatch import ids
 from sumbatch.config import Settings
 from sumbatch.events import WORKER_GROUP, GroupSubmitted, TaskSubmitted
 from sumbatch.openapi import openapi_schema
-from sumbatch.projection import fold
+from sumbatch.projection import GroupView
 from sumbatch.store import Store, open_store
 from sumbatch.wire import Cancelled, GroupCreated, GroupIn, GroupStatus, TaskIn, TaskStatus
 
@@ -49,21 +49,14 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
 
 def new_submission(tasks: list[TaskIn]) -> tuple[GroupCreated, list[Any]]:
     """The events one POST appends, and the response that names their ids."""
-    gid = str(uuid.uuid4())
-    tids = [str(uuid.uuid4()) for _ in tasks]
+    gid = ids.new_group_id()
+    tids = ids.task_ids(gid, len(tasks))
     events: list[Any] = [GroupSubmitted(group_task_id=gid, tasks_total=len(tasks))]
     events += [
         TaskSubmitted(task_id=tid, group_task_id=gid, index=i, param_a=t.param_a, param_b=t.param_b)
         for i, (tid, t) in enumerate(zip(tids, tasks, strict=True))
     ]
     return GroupCreated(group_task_id=gid, task_ids=tids), events
-
-
-def _valid_id(text: str) -> str | None:
-    try:
-        return str(uuid.UUID(text))
-    except ValueError:
-        return None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -121,7 +114,8 @@ async def create_group(request: Request) -> Response:
             f"{body_hash} {answer.decode()}",
         )
     store: Store = request.state.store
-    earlier = await store.submit(events, fold(events), idempotency)
+    group = GroupView.submitted(created.group_task_id, len(submitted.tasks))
+    earlier = await store.submit(events, group, idempotency)
     if earlier is not None:
         assert idempotency is not None
         earlier_hash, _, earlier_answer = earlier.partition(" ")
@@ -140,7 +134,7 @@ async def cancel_group(request: Request) -> Response:
     settings: Settings = request.state.settings
     if not _authorised(request, settings):
         return _unauthorised()
-    gid = _valid_id(request.path_params["group_task_id"])
+    gid = ids.parse_uuid(request.path_params["group_task_id"])
     store: Store = request.state.store
     outcome = -1 if gid is None else await store.cancel(gid)
     if outcome < 0:
@@ -153,7 +147,7 @@ async def cancel_group(request: Request) -> Response:
 
 
 async def get_group(request: Request) -> Response:
-    gid = _valid_id(request.path_params["group_task_id"])
+    gid = ids.parse_uuid(request.path_params["group_task_id"])
     store: Store = request.state.store
     view = None if gid is None else await store.group_view(gid)
     if view is None:
@@ -162,7 +156,7 @@ async def get_group(request: Request) -> Response:
 
 
 async def get_task(request: Request) -> Response:
-    tid = _valid_id(request.path_params["task_id"])
+    tid = ids.parse_uuid(request.path_params["task_id"])
     store: Store = request.state.store
     view = None if tid is None else await store.task_view(tid)
     if view is None:

@@ -133,6 +133,14 @@ def to_fields(event: AnyEvent) -> dict[str, str]:
     return {name: _text(value) for name, value in msgspec.to_builtins(event).items()}
 
 
+def to_flat(events: list[AnyEvent]) -> list[list[str]]:
+    """``[type, <Type>, field, value, ...]`` per event: XADD's arguments, as text."""
+    return [
+        [text for name, value in fields.items() for text in (name, _text(value))]
+        for fields in msgspec.to_builtins(events)
+    ]
+
+
 def from_fields(fields: dict[str, str]) -> AnyEvent:
     """Decode stream fields (all strings) back into their event type."""
     event: AnyEvent = msgspec.convert(fields, AnyEvent, strict=False)
@@ -182,13 +190,18 @@ class Keys:
         return f"{self.tag}:group:{group_task_id}:log"
 
     def ledger(self, group_task_id: str) -> str:
-        """Write-side state of a group: ``total``, ``finished``, ``failed``,
-        ``revoked``, ``cancelled``, one ``a:<taskId>`` attempt counter per started task
-        and one ``t:<taskId>`` field per ended task. It is the completion fence."""
+        """Write-side counters of a group: ``total``, ``finished``, ``failed``,
+        ``revoked`` and ``cancelled``."""
         return f"{self.tag}:ledger:{group_task_id}"
 
-    def group_view(self, group_task_id: str) -> str:
-        return f"{self.tag}:view:group:{group_task_id}"
+    def ended(self, group_task_id: str) -> str:
+        """The completion fence: one bit per task index, set when the task ends."""
+        return f"{self.tag}:ended:{group_task_id}"
 
-    def task_view(self, task_id: str) -> str:
-        return f"{self.tag}:view:task:{task_id}"
+    def attempts(self, group_task_id: str) -> str:
+        """One byte per task index: how many times a worker started it (BITFIELD u8)."""
+        return f"{self.tag}:attempts:{group_task_id}"
+
+    def group_view(self, group_task_id: str) -> str:
+        """The projected status of a group and its tasks (JSON)."""
+        return f"{self.tag}:view:{group_task_id}"

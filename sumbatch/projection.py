@@ -1,5 +1,9 @@
 """Group and task status as a pure fold of events. No I/O: the projector, the API's
-read-your-writes path and ``sumbatch replay`` all run this same code."""
+read path and ``sumbatch replay`` all run this same code.
+
+One view per group holds its tasks too, by submission index, so a status read is one
+GET and the projector writes one key per group it touched, however many events.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,18 @@ from sumbatch.events import (
 )
 
 TaskState = Literal["PENDING", "STARTED", "RETRY", "FAILURE", "SUCCESS", "REVOKED"]
+
+# One letter per task in GroupView.states; C is a SUCCESS served from the cache.
+STATE_OF_LETTER: dict[str, TaskState] = {
+    "P": "PENDING",
+    "S": "STARTED",
+    "R": "RETRY",
+    "D": "SUCCESS",
+    "C": "SUCCESS",
+    "F": "FAILURE",
+    "X": "REVOKED",
+}
+ENDED = frozenset("DCFX")
 TERMINAL: frozenset[str] = frozenset({"FAILURE", "SUCCESS", "REVOKED"})
 
 
@@ -34,8 +50,21 @@ class GroupView(msgspec.Struct, rename="camel", kw_only=True):
     tasks_failed: int = 0
     tasks_revoked: int = 0
     cancelled: bool = False
-    # By submission index; None until that task succeeded.
+    # Per task, by submission index.
+    states: list[str] = msgspec.field(default_factory=list)
     results: list[int | None] = msgspec.field(default_factory=list)
+    attempts: list[int] = msgspec.field(default_factory=list)
+    errors: dict[int, str] = msgspec.field(default_factory=dict)
+
+    @classmethod
+    def submitted(cls, group_task_id: str, tasks_total: int) -> GroupView:
+        return cls(
+            group_task_id=group_task_id,
+            tasks_total=tasks_total,
+            states=["P"] * tasks_total,
+            results=[None] * tasks_total,
+            attempts=[0] * tasks_total,
+        )
 
     @property
     def processed(self) -> bool:
@@ -47,95 +76,82 @@ class GroupView(msgspec.Struct, rename="camel", kw_only=True):
         return self.tasks_failed == 0 and self.tasks_revoked == 0
 
 
-class TaskView(msgspec.Struct, rename="camel", kw_only=True):
+class TaskView(msgspec.Struct, kw_only=True):
     task_id: str
     group_task_id: str
     index: int
-    state: TaskState = "PENDING"
-    result: int | None = None
-    from_cache: bool = False
-    attempts: int = 0
-    error: str | None = None
+    state: TaskState
+    result: int | None
+    from_cache: bool
+    attempts: int
+    error: str | None
+
+
+def task_view(group: GroupView, task_id: str, index: int) -> TaskView | None:
+    if not 0 <= index < group.tasks_total:
+        return None
+    letter = group.states[index]
+    return TaskView(
+        task_id=task_id,
+        group_task_id=group.group_task_id,
+        index=index,
+        state=STATE_OF_LETTER[letter],
+        result=group.results[index],
+        from_cache=letter == "C",
+        attempts=group.attempts[index],
+        error=group.errors.get(index),
+    )
 
 
 @dataclass
 class Views:
-    """The slice of the read model a fold works on."""
+    """The slice of the read model a fold works on: group views by id."""
 
     groups: dict[str, GroupView] = field(default_factory=dict)
-    tasks: dict[str, TaskView] = field(default_factory=dict)
-
-
-def touched(event: AnyEvent) -> tuple[str, str | None]:
-    """(group id, task id or None) an event changes: what a projector must load."""
-    task_id = getattr(event, "task_id", None)
-    return event.group_task_id, task_id
 
 
 def apply(views: Views, event: AnyEvent) -> None:
-    """Fold one event into ``views``. Events for views that are absent are ignored;
-    a second outcome for an ended task changes nothing."""
+    """Fold one event into ``views``. Events of absent groups are ignored; a second
+    outcome for an ended task changes nothing."""
+    if isinstance(event, GroupSubmitted):
+        views.groups[event.group_task_id] = GroupView.submitted(
+            event.group_task_id, event.tasks_total
+        )
+        return
+    group = views.groups.get(event.group_task_id)
+    if group is None:
+        return
     match event:
-        case GroupSubmitted(group_task_id=gid, tasks_total=total):
-            views.groups[gid] = GroupView(
-                group_task_id=gid, tasks_total=total, results=[None] * total
-            )
-        case TaskSubmitted(task_id=tid, group_task_id=gid, index=index):
-            views.tasks[tid] = TaskView(task_id=tid, group_task_id=gid, index=index)
-        case TaskStarted(task_id=tid, attempt=attempt):
-            task = views.tasks.get(tid)
-            if task is not None and task.state not in TERMINAL:
-                task.state = "STARTED"
-                task.attempts = max(task.attempts, attempt)
-        case TaskRetried(task_id=tid, attempt=attempt, error=error):
-            task = views.tasks.get(tid)
-            if task is not None and task.state not in TERMINAL:
-                task.state = "RETRY"
-                task.attempts = max(task.attempts, attempt)
-                task.error = error
-        case TaskCompleted(task_id=tid, group_task_id=gid, result=result):
-            task = _end(views, tid)
-            if task is not None:
-                task.state = "SUCCESS"
-                task.result = result
-                task.from_cache = event.from_cache
-                task.error = None
-                group = views.groups.get(gid)
-                if group is not None:
-                    group.tasks_completed += 1
-                    group.results[task.index] = result
-        case TaskFailed(task_id=tid, group_task_id=gid, attempts=attempts, error=error):
-            task = _end(views, tid)
-            if task is not None:
-                task.state = "FAILURE"
-                task.attempts = attempts
-                task.error = error
-                group = views.groups.get(gid)
-                if group is not None:
-                    group.tasks_completed += 1
-                    group.tasks_failed += 1
-        case TaskRevoked(task_id=tid, group_task_id=gid):
-            task = _end(views, tid)
-            if task is not None:
-                task.state = "REVOKED"
-                group = views.groups.get(gid)
-                if group is not None:
-                    group.tasks_completed += 1
-                    group.tasks_revoked += 1
-        case GroupCancelled(group_task_id=gid):
-            group = views.groups.get(gid)
-            if group is not None:
-                group.cancelled = True
-        case GroupFinished() | TaskDeadLettered():
-            # Derivable from the views; kept in the log for consumers and audit.
+        case TaskStarted(index=i, attempt=attempt) if group.states[i] not in ENDED:
+            group.states[i] = "S"
+            group.attempts[i] = max(group.attempts[i], attempt)
+        case TaskRetried(index=i, attempt=attempt, error=error) if group.states[i] not in ENDED:
+            group.states[i] = "R"
+            group.attempts[i] = max(group.attempts[i], attempt)
+            group.errors[i] = error
+        case TaskCompleted(index=i, result=result) if group.states[i] not in ENDED:
+            group.states[i] = "C" if event.from_cache else "D"
+            group.results[i] = result
+            group.errors.pop(i, None)
+            group.tasks_completed += 1
+        case TaskFailed(index=i, attempts=attempts, error=error) if group.states[i] not in ENDED:
+            group.states[i] = "F"
+            group.attempts[i] = attempts
+            group.errors[i] = error
+            group.tasks_completed += 1
+            group.tasks_failed += 1
+        case TaskRevoked(index=i) if group.states[i] not in ENDED:
+            group.states[i] = "X"
+            group.tasks_completed += 1
+            group.tasks_revoked += 1
+        case GroupCancelled():
+            group.cancelled = True
+        case TaskSubmitted() | GroupFinished() | TaskDeadLettered():
+            # Covered by GroupSubmitted, or derivable; kept in the log for readers.
             pass
-
-
-def _end(views: Views, task_id: str) -> TaskView | None:
-    task = views.tasks.get(task_id)
-    if task is None or task.state in TERMINAL:
-        return None
-    return task
+        case _:
+            # A late event for an ended task: the fence already made it a no-op.
+            pass
 
 
 def fold(events: Iterable[AnyEvent], views: Views | None = None) -> Views:

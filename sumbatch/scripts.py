@@ -1,23 +1,19 @@
 """The Lua scripts behind every atomic step. Only ``store.py`` runs them.
 
 Each script gets every key it touches in KEYS (all under one hash tag), so it runs
-unchanged on Redis Cluster. Events are built in Python (``events.to_fields``) and
-passed in as ``n, field, value, ...`` runs of ARGV; the only events built here are
-GroupFinished and TaskRevoked, whose fields mirror ``events.py`` (tests decode them
-with ``events.from_fields``).
+unchanged on Redis Cluster. Events are built in Python (``events.to_flat``) and come
+in as one JSON argument (decoded with the server's cjson, all values strings); the
+only events built here are GroupFinished and TaskRevoked, whose fields mirror
+``events.py`` and ``ids.py`` (tests decode them with ``events.from_fields``).
+
+Per group, the write side is three keys: the ledger hash (counters), the ``ended``
+bitmap (the completion fence: one bit per task) and the ``attempts`` string (one
+byte per task, BITFIELD u8).
 """
 
 from __future__ import annotations
 
-# Helpers shared by the scripts that end tasks.
 _LIB = """
-local function read_fields(i)
-  local n = tonumber(ARGV[i])
-  local t = {}
-  for j = 1, n do t[j] = ARGV[i + j] end
-  return t, i + n + 1
-end
-
 -- Append to the log and to the group's audit stream, with the same entry id.
 local function append(events, log, fields)
   local id = redis.call('XADD', events, '*', unpack(fields))
@@ -27,7 +23,7 @@ end
 
 -- After a task ended: count it and, if it was the group's last, append GroupFinished
 -- and start the clock on the group's write-side keys.
-local function task_ended(events, ledger, log, gid, state, ttl)
+local function task_ended(events, ledger, ended, attempts, log, gid, state, ttl)
   if state == 'FAILURE' then redis.call('HINCRBY', ledger, 'failed', 1) end
   if state == 'REVOKED' then redis.call('HINCRBY', ledger, 'revoked', 1) end
   local finished = redis.call('HINCRBY', ledger, 'finished', 1)
@@ -39,17 +35,15 @@ local function task_ended(events, ledger, log, gid, state, ttl)
     'tasksTotal', tostring(total), 'tasksFailed', tostring(failed),
     'tasksRevoked', tostring(revoked),
     'succeeded', (failed == 0 and revoked == 0) and 'true' or 'false'})
-  redis.call('EXPIRE', ledger, ttl)
-  redis.call('EXPIRE', log, ttl)
+  for _, key in ipairs({ledger, ended, attempts, log}) do redis.call('EXPIRE', key, ttl) end
 end
 """
 
-# A group's events, work entries and first views, or nothing; with an Idempotency-Key,
+# A group's events, work entries and first view, or nothing; with an Idempotency-Key,
 # a repeated POST gets the first answer back instead.
-# KEYS: events, work, ledger, group log, idempotency key, group view, task views...
-# ARGV: tasksTotal, idempotency record ('' = no key), idempotency ttl, group view json,
-#       n events, events..., task view jsons...
-# Returns the earlier idempotency record if there was one, else nothing.
+# KEYS: events, work, ledger, group log, idempotency key, group view.
+# ARGV: tasksTotal, idempotency record ('' = no key), its ttl, group view json,
+#       events json.  Returns the earlier idempotency record if there was one.
 SUBMIT = (
     _LIB
     + """
@@ -60,10 +54,7 @@ if ARGV[2] ~= '' then
 end
 -- A client library's retry of this very call (same ids) must not append twice.
 if redis.call('EXISTS', KEYS[3]) == 1 then return false end
-local i = 6
-for _ = 1, tonumber(ARGV[5]) do
-  local fields
-  fields, i = read_fields(i)
+for _, fields in ipairs(cjson.decode(ARGV[5])) do
   append(KEYS[1], KEYS[4], fields)
   if fields[2] == 'TaskSubmitted' then
     redis.call('XADD', KEYS[2], '*', unpack(fields))
@@ -71,26 +62,23 @@ for _ = 1, tonumber(ARGV[5]) do
 end
 redis.call('HSET', KEYS[3], 'total', ARGV[1], 'finished', 0, 'failed', 0, 'revoked', 0)
 redis.call('SET', KEYS[6], ARGV[4])
-for k = 7, #KEYS do
-  redis.call('SET', KEYS[k], ARGV[i])
-  i = i + 1
-end
 return false
 """
 )
 
-# What a worker does with each handed-out entry. KEYS: work, then per item: ledger,
-# cache key. ARGV: group, then per item: entry id, task id.
+# What a worker does with each handed-out entry.
+# KEYS: work, then per item: ledger, ended, attempts, cache key.
+# ARGV: group, then per item: entry id, task index.
 # Returns per item: {0} ended already or expired (acknowledged here), {1, result}
 # cache hit, or {2, attempt} run it (attempts counted across every worker).
 BEGIN = """
 local out = {}
 local a = 2
-for k = 2, #KEYS, 2 do
-  local ledger, cache = KEYS[k], KEYS[k + 1]
-  local entry, tid = ARGV[a], ARGV[a + 1]
+for k = 2, #KEYS, 4 do
+  local ledger, ended, attempts, cache = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local entry, index = ARGV[a], tonumber(ARGV[a + 1])
   a = a + 2
-  if redis.call('EXISTS', ledger) == 0 or redis.call('HEXISTS', ledger, 't:' .. tid) == 1 then
+  if redis.call('EXISTS', ledger) == 0 or redis.call('GETBIT', ended, index) == 1 then
     redis.call('XACK', KEYS[1], ARGV[1], entry)
     out[#out + 1] = {0}
   else
@@ -98,7 +86,8 @@ for k = 2, #KEYS, 2 do
     if cached then
       out[#out + 1] = {1, cached}
     else
-      out[#out + 1] = {2, redis.call('HINCRBY', ledger, 'a:' .. tid, 1)}
+      local n = redis.call('BITFIELD', attempts, 'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' .. index, 1)
+      out[#out + 1] = {2, n[1]}
     end
   end
 end
@@ -106,48 +95,43 @@ return out
 """
 
 # Append events to the log and their group's audit stream.
-# KEYS: events, then one group log per event. ARGV: the events' fields.
+# KEYS: events, then one group log per event. ARGV: events json.
 APPEND = (
     _LIB
     + """
-local i = 1
-for k = 2, #KEYS do
-  local fields
-  fields, i = read_fields(i)
-  append(KEYS[1], KEYS[k], fields)
+for k, fields in ipairs(cjson.decode(ARGV[1])) do
+  append(KEYS[1], KEYS[k + 1], fields)
 end
 return #KEYS - 1
 """
 )
 
-# The completion fence. Per item, atomically: if the task has no outcome yet, record
-# it, append the outcome event, cache a computed sum, dead-letter a failure, and end
-# the group if it was the last task; in every case acknowledge the work entry.
-# KEYS: events, work, dead letters, then per item: ledger, group log, cache key.
-# ARGV: group, result ttl, cache ttl, then per item: entry id, task id, group id,
-#       state, cache it (1/0), result, outcome fields, dead-letter fields (n may be 0).
+# The completion fence. Per item, atomically: if the task has not ended yet, mark it
+# ended, append its events (a TaskStarted not yet logged, the outcome, a dead-letter
+# note), cache a computed sum, copy a failure to the dead-letter stream, and end the
+# group if it was the last task; in every case acknowledge the work entry.
+# KEYS: events, work, dead letters, then per item: ledger, ended, attempts, log, cache.
+# ARGV: group, result ttl, cache ttl, items json: per item
+#   [entry id, index, group id, state, cache it (1/0), result, before, outcome, after]
+#   with before/after lists of events and outcome one event.
 # Returns the number of outcomes recorded.
 COMPLETE = (
     _LIB
     + """
 local recorded = 0
-local i = 4
-for k = 4, #KEYS, 3 do
-  local ledger, log, cache = KEYS[k], KEYS[k + 1], KEYS[k + 2]
-  local entry, tid, gid, state, cache_it, result = unpack(ARGV, i, i + 5)
-  local outcome, dead
-  outcome, i = read_fields(i + 6)
-  dead, i = read_fields(i)
-  if redis.call('EXISTS', ledger) == 1
-      and redis.call('HSETNX', ledger, 't:' .. tid, state) == 1 then
+local k = 4
+for _, item in ipairs(cjson.decode(ARGV[4])) do
+  local ledger, ended, attempts, log, cache = KEYS[k], KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4]
+  k = k + 5
+  local entry, index, gid, state, cache_it, result, before, outcome, after = unpack(item)
+  if redis.call('EXISTS', ledger) == 1 and redis.call('SETBIT', ended, index, 1) == 0 then
     recorded = recorded + 1
+    for _, fields in ipairs(before) do append(KEYS[1], log, fields) end
     local id = append(KEYS[1], log, outcome)
+    if state == 'FAILURE' then redis.call('XADD', KEYS[3], id, unpack(outcome)) end
+    for _, fields in ipairs(after) do append(KEYS[1], log, fields) end
     if cache_it == '1' then redis.call('SET', cache, result, 'EX', ARGV[3]) end
-    if #dead > 0 then
-      redis.call('XADD', KEYS[3], id, unpack(outcome))
-      append(KEYS[1], log, dead)
-    end
-    task_ended(KEYS[1], ledger, log, gid, state, ARGV[2])
+    task_ended(KEYS[1], ledger, ended, attempts, log, gid, state, ARGV[2])
   end
   redis.call('XACK', KEYS[2], ARGV[1], entry)
 end
@@ -156,28 +140,30 @@ return recorded
 )
 
 # Cancel a group: append GroupCancelled and revoke every task no worker has started.
-# Started tasks run to their end. KEYS: events, ledger, group log.
-# ARGV: group id, result ttl, GroupCancelled fields.
+# Started tasks run to their end. KEYS: events, ledger, ended, attempts, group log.
+# ARGV: group id, result ttl, GroupCancelled json, task id prefix (ids.py).
 # Returns -1 unknown group, 0 cancelled before, else 1 + the number of tasks revoked.
 CANCEL = (
     _LIB
     + """
 if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
 if redis.call('HSETNX', KEYS[2], 'cancelled', 1) == 0 then return 0 end
-local cancelled = read_fields(3)
-append(KEYS[1], KEYS[3], cancelled)
+append(KEYS[1], KEYS[5], cjson.decode(ARGV[3]))
+local total = tonumber(redis.call('HGET', KEYS[2], 'total'))
+local ended = redis.call('GET', KEYS[3]) or ''
+local attempts = redis.call('GET', KEYS[4]) or ''
 local revoked = 0
-for _, entry in ipairs(redis.call('XRANGE', KEYS[3], '-', '+')) do
-  local f = entry[2]
-  if f[2] == 'TaskSubmitted' then
-    local tid, index = f[4], f[8]
-    if redis.call('HEXISTS', KEYS[2], 'a:' .. tid) == 0
-        and redis.call('HSETNX', KEYS[2], 't:' .. tid, 'REVOKED') == 1 then
-      revoked = revoked + 1
-      append(KEYS[1], KEYS[3], {'type', 'TaskRevoked', 'taskId', tid,
-        'groupTaskId', ARGV[1], 'index', index})
-      task_ended(KEYS[1], KEYS[2], KEYS[3], ARGV[1], 'REVOKED', ARGV[2])
-    end
+for index = 0, total - 1 do
+  local byte = string.byte(ended, math.floor(index / 8) + 1) or 0
+  local is_ended = bit.band(byte, 2 ^ (7 - index % 8)) ~= 0
+  local started = (string.byte(attempts, index + 1) or 0) > 0
+  if not is_ended and not started then
+    redis.call('SETBIT', KEYS[3], index, 1)
+    revoked = revoked + 1
+    append(KEYS[1], KEYS[5], {'type', 'TaskRevoked',
+      'taskId', ARGV[4] .. string.format('%08x', index + 1),
+      'groupTaskId', ARGV[1], 'index', tostring(index)})
+    task_ended(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], 'REVOKED', ARGV[2])
   end
 end
 return 1 + revoked

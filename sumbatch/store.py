@@ -22,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
-from sumbatch import scripts
+from sumbatch import ids, scripts
 from sumbatch.config import Settings
 from sumbatch.events import (
     WORKER_GROUP,
@@ -32,17 +32,17 @@ from sumbatch.events import (
     TaskCompleted,
     TaskDeadLettered,
     TaskFailed,
+    TaskStarted,
     TaskSubmitted,
     from_fields,
-    to_fields,
+    to_flat,
 )
-from sumbatch.projection import TERMINAL, GroupView, TaskView, Views
+from sumbatch.projection import GroupView, TaskView, Views, task_view
 
 Redis = aioredis.Redis
 Entry = tuple[str, dict[str, str]]
 
 _group_view_decoder = msgspec.json.Decoder(GroupView)
-_task_view_decoder = msgspec.json.Decoder(TaskView)
 _json = msgspec.json.Encoder()
 
 
@@ -58,13 +58,6 @@ def connect(url: str, **options: Any) -> Redis:
     return client
 
 
-def _flatten(fields: dict[str, str]) -> list[str]:
-    flat = [str(len(fields) * 2)]
-    for name, value in fields.items():
-        flat += (name, value)
-    return flat
-
-
 @dataclass(frozen=True)
 class Outcome:
     """One ended task, ready for the completion fence."""
@@ -73,6 +66,8 @@ class Outcome:
     event: TaskCompleted | TaskFailed
     param_a: int
     param_b: int
+    # Logged with the outcome when the task ended before its start was appended.
+    started: TaskStarted | None = None
 
 
 @dataclass(frozen=True)
@@ -103,24 +98,17 @@ class Store:
     # -- producer -------------------------------------------------------------
 
     async def submit(
-        self, events: Sequence[AnyEvent], views: Views, idempotency: tuple[str, str] | None = None
+        self,
+        events: Sequence[AnyEvent],
+        group: GroupView,
+        idempotency: tuple[str, str] | None = None,
     ) -> str | None:
-        """Append a group's events and work entries, and its initial views, or nothing.
+        """Append a group's events and work entries, and its first view, or nothing.
 
         ``idempotency`` is (key, record): when the key was used before, nothing is
         appended and the earlier record is returned instead."""
-        (group,) = views.groups.values()
         gid = group.group_task_id
         idem_key, record = idempotency or ("", "")
-        args: list[str | int] = [
-            group.tasks_total,
-            record,
-            self.retention.results,
-            _json.encode(group).decode(),
-            len(events),
-        ]
-        for event in events:
-            args += _flatten(to_fields(event))
         keys = [
             self.keys.events,
             self.keys.work,
@@ -129,9 +117,13 @@ class Store:
             self.keys.idempotency(idem_key),
             self.keys.group_view(gid),
         ]
-        for task in views.tasks.values():
-            keys.append(self.keys.task_view(task.task_id))
-            args.append(_json.encode(task).decode())
+        args: list[str | int | bytes] = [
+            group.tasks_total,
+            record,
+            self.retention.results,
+            _json.encode(group),
+            _json.encode(to_flat(list(events))),
+        ]
         earlier = await self._submit(keys=keys, args=args)
         return None if earlier is None else str(earlier)
 
@@ -146,9 +138,17 @@ class Store:
         keys = [
             self.keys.events,
             self.keys.ledger(group_task_id),
+            self.keys.ended(group_task_id),
+            self.keys.attempts(group_task_id),
             self.keys.group_log(group_task_id),
         ]
-        args = [group_task_id, str(self.retention.results), *_flatten(to_fields(event))]
+        (fields,) = to_flat([event])
+        args: list[str | int | bytes] = [
+            group_task_id,
+            self.retention.results,
+            _json.encode(fields),
+            group_task_id[:-8],
+        ]
         return int(await self._cancel(keys=keys, args=args))
 
     # -- consumer group (workers) ---------------------------------------------
@@ -186,41 +186,42 @@ class Store:
 
     async def begin(self, items: Sequence[TaskSubmitted], entry_ids: Sequence[str]) -> list[Any]:
         keys = [self.keys.work]
-        args: list[str] = [WORKER_GROUP]
+        args: list[str | int] = [WORKER_GROUP]
         for entry_id, item in zip(entry_ids, items, strict=True):
+            gid = item.group_task_id
             keys += (
-                self.keys.ledger(item.group_task_id),
+                self.keys.ledger(gid),
+                self.keys.ended(gid),
+                self.keys.attempts(gid),
                 self.keys.cache(item.param_a, item.param_b),
             )
-            args += (entry_id, item.task_id)
+            args += (entry_id, item.index)
         return cast(list[Any], await self._begin(keys=keys, args=args))
 
-    async def append(self, events: Iterable[AnyEvent]) -> None:
-        keys = [self.keys.events]
-        args: list[str] = []
-        for event in events:
-            keys.append(self.keys.group_log(event.group_task_id))
-            args += _flatten(to_fields(event))
-        if len(keys) > 1:
-            await self._append(keys=keys, args=args)
+    async def append(self, events: Sequence[AnyEvent]) -> None:
+        if events:
+            keys = [self.keys.events, *(self.keys.group_log(e.group_task_id) for e in events)]
+            await self._append(keys=keys, args=[_json.encode(to_flat(list(events)))])
 
     async def complete(self, outcomes: Sequence[Outcome]) -> int:
         keys = [self.keys.events, self.keys.work, self.keys.dead_letters]
-        args: list[str] = [WORKER_GROUP, str(self.retention.results), str(self.retention.cache)]
+        items = []
         for outcome in outcomes:
             event = outcome.event
             gid = event.group_task_id
             keys += (
                 self.keys.ledger(gid),
+                self.keys.ended(gid),
+                self.keys.attempts(gid),
                 self.keys.group_log(gid),
                 self.keys.cache(outcome.param_a, outcome.param_b),
             )
-            dead: dict[str, str] = {}
+            after: list[AnyEvent] = []
             if isinstance(event, TaskCompleted):
                 state, cache_it, result = "SUCCESS", not event.from_cache, str(event.result)
             else:
                 state, cache_it, result = "FAILURE", False, ""
-                dead = to_fields(
+                after.append(
                     TaskDeadLettered(
                         task_id=event.task_id,
                         group_task_id=gid,
@@ -230,9 +231,27 @@ class Store:
                         error=event.error,
                     )
                 )
-            args += (outcome.entry_id, event.task_id, gid, state, "1" if cache_it else "0", result)
-            args += _flatten(to_fields(event))
-            args += _flatten(dead)
+            before: list[AnyEvent] = [] if outcome.started is None else [outcome.started]
+            flat = to_flat([*before, event, *after])
+            items.append(
+                (
+                    outcome.entry_id,
+                    event.index,
+                    gid,
+                    state,
+                    "1" if cache_it else "0",
+                    result,
+                    flat[: len(before)],
+                    flat[len(before)],
+                    flat[len(before) + 1 :],
+                )
+            )
+        args: list[str | int | bytes] = [
+            WORKER_GROUP,
+            self.retention.results,
+            self.retention.cache,
+            _json.encode(items),
+        ]
         return int(await self._complete(keys=keys, args=args))
 
     async def renew(self, consumer: str, entry_ids: Sequence[str], idle_ms: int = 0) -> list[str]:
@@ -269,41 +288,38 @@ class Store:
     async def position(self) -> str | None:
         return cast(str | None, await self.redis.get(self.keys.projector_position))
 
-    async def load_views(self, group_ids: Iterable[str], task_ids: Iterable[str]) -> Views:
-        gids, tids = list(group_ids), list(task_ids)
-        keys = [self.keys.group_view(g) for g in gids] + [self.keys.task_view(t) for t in tids]
+    async def load_views(self, group_ids: Iterable[str]) -> Views:
+        gids = list(group_ids)
         views = Views()
-        if not keys:
-            return views
-        raw = await self.redis.mget(keys)
-        for gid, blob in zip(gids, raw[: len(gids)], strict=True):
-            if blob is not None:
-                views.groups[gid] = _group_view_decoder.decode(blob)
-        for tid, blob in zip(tids, raw[len(gids) :], strict=True):
-            if blob is not None:
-                views.tasks[tid] = _task_view_decoder.decode(blob)
+        if gids:
+            raw = await self.redis.mget([self.keys.group_view(g) for g in gids])
+            for gid, blob in zip(gids, raw, strict=True):
+                if blob is not None:
+                    views.groups[gid] = _group_view_decoder.decode(blob)
         return views
 
     async def commit_views(self, expected: str | None, position: str, views: Views) -> bool:
-        """Ended tasks and processed groups start to expire; the rest live on."""
+        """Processed groups start to expire; the rest live on."""
         ttl = str(self.retention.results)
         keys = [self.keys.projector_position]
-        args: list[str] = [expected or "", position]
+        args: list[str | bytes] = [expected or "", position]
         for gid, group in views.groups.items():
             keys.append(self.keys.group_view(gid))
-            args += (ttl if group.processed else "0", _json.encode(group).decode())
-        for tid, task in views.tasks.items():
-            keys.append(self.keys.task_view(tid))
-            args += (ttl if task.state in TERMINAL else "0", _json.encode(task).decode())
+            args += (ttl if group.processed else "0", _json.encode(group))
         return bool(await self._commit(keys=keys, args=args))
 
     async def group_view(self, group_task_id: str) -> GroupView | None:
+        if not ids.is_group_id(group_task_id):
+            return None
         blob = await self.redis.get(self.keys.group_view(group_task_id))
         return None if blob is None else _group_view_decoder.decode(blob)
 
     async def task_view(self, task_id: str) -> TaskView | None:
-        blob = await self.redis.get(self.keys.task_view(task_id))
-        return None if blob is None else _task_view_decoder.decode(blob)
+        where = ids.split_task_id(task_id)
+        if where is None:
+            return None
+        group = await self.group_view(where[0])
+        return None if group is None else task_view(group, task_id, where[1])
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

@@ -77,7 +77,8 @@ def test_keys_share_one_hash_tag() -> None:
         keys.group_log("g"),
         keys.ledger("g"),
         keys.group_view("g"),
-        keys.task_view("t"),
+        keys.ended("g"),
+        keys.attempts("g"),
     ]
     assert all(name.startswith("{ns}:") for name in names)
     assert len(set(names)) == len(names)

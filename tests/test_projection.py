@@ -2,15 +2,17 @@ from __future__ import annotations
 
 from sumbatch.events import (
     AnyEvent,
+    GroupCancelled,
     GroupFinished,
     GroupSubmitted,
     TaskCompleted,
     TaskFailed,
     TaskRetried,
+    TaskRevoked,
     TaskStarted,
     TaskSubmitted,
 )
-from sumbatch.projection import Views, apply, fold
+from sumbatch.projection import GroupView, Views, apply, fold, task_view
 
 
 def submitted(n: int) -> list[AnyEvent]:
@@ -28,11 +30,17 @@ def done(i: int, result: int, cached: bool = False) -> TaskCompleted:
     )
 
 
-def test_submission_makes_pending_views() -> None:
+def state(views: Views, i: int) -> str | None:
+    view = task_view(views.groups["g"], f"t{i}", i)
+    return None if view is None else view.state
+
+
+def test_submission_makes_a_pending_group() -> None:
     views = fold(submitted(3))
     group = views.groups["g"]
+    assert group == GroupView.submitted("g", 3)
     assert (group.tasks_total, group.tasks_completed, group.processed) == (3, 0, False)
-    assert [views.tasks[f"t{i}"].state for i in range(3)] == ["PENDING"] * 3
+    assert [state(views, i) for i in range(3)] == ["PENDING"] * 3
 
 
 def test_results_follow_submission_order_not_completion_order() -> None:
@@ -52,7 +60,13 @@ def test_group_is_processed_when_every_task_ended() -> None:
     )
     views = fold(events)
     assert views.groups["g"].processed and views.groups["g"].succeeded
-    assert views.tasks["t0"].from_cache and not views.tasks["t1"].from_cache
+    first, second = (task_view(views.groups["g"], f"t{i}", i) for i in range(2))
+    assert first is not None and (first.state, first.from_cache, first.result) == (
+        "SUCCESS",
+        True,
+        10,
+    )
+    assert second is not None and (second.from_cache, second.result) == (False, 11)
 
 
 def test_a_second_outcome_for_a_task_changes_nothing() -> None:
@@ -65,7 +79,7 @@ def test_a_second_outcome_for_a_task_changes_nothing() -> None:
 def test_started_after_completion_does_not_reopen_the_task() -> None:
     late = TaskStarted(task_id="t0", group_task_id="g", index=0, attempt=2, worker="w2")
     views = fold([*submitted(1), done(0, 10), late])
-    assert views.tasks["t0"].state == "SUCCESS"
+    assert state(views, 0) == "SUCCESS"
 
 
 def test_retry_then_failure() -> None:
@@ -75,14 +89,36 @@ def test_retry_then_failure() -> None:
     failed = TaskFailed(task_id="t0", group_task_id="g", index=0, attempts=3, error="E", worker="w")
     views = fold(submitted(2))
     apply(views, retried)
-    assert views.tasks["t0"].state == "RETRY"
+    assert state(views, 0) == "RETRY"
     apply(views, failed)
     group = views.groups["g"]
-    assert views.tasks["t0"].state == "FAILURE" and views.tasks["t0"].error == "E"
+    view = task_view(group, "t0", 0)
+    assert view is not None and (view.state, view.error, view.attempts) == ("FAILURE", "E", 3)
     assert (group.tasks_completed, group.tasks_failed, group.succeeded) == (1, 1, False)
     assert group.results == [None, None]
 
 
-def test_events_for_unknown_views_are_ignored() -> None:
+def test_cancel_and_revoke() -> None:
+    views = fold(
+        [
+            *submitted(2),
+            done(0, 10),
+            GroupCancelled(group_task_id="g"),
+            TaskRevoked(task_id="t1", group_task_id="g", index=1),
+        ]
+    )
+    group = views.groups["g"]
+    assert state(views, 1) == "REVOKED"
+    assert (group.cancelled, group.processed, group.succeeded) == (True, True, False)
+    assert (group.tasks_completed, group.tasks_revoked, group.results) == (2, 1, [10, None])
+
+
+def test_events_for_unknown_groups_are_ignored() -> None:
     views = fold([done(0, 1)], Views())
     assert views == Views()
+
+
+def test_task_view_outside_the_group_is_none() -> None:
+    group = GroupView.submitted("g", 2)
+    assert task_view(group, "t", 2) is None
+    assert task_view(group, "t", -1) is None

@@ -23,6 +23,8 @@ def app(settings: Settings) -> Iterator[Starlette]:
 
 
 @schema.parametrize()
-@hsettings(max_examples=50, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@hsettings(
+    max_examples=50, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck)
+)
 def test_api(case: schemathesis.Case, app: Starlette) -> None:
     case.call_and_validate(app=app)

@@ -9,10 +9,11 @@ import msgspec
 
 from consumers.projector import Projector
 from consumers.worker import Worker
-from sumbatch.api import TaskIn, new_submission
+from sumbatch.api import new_submission
+from sumbatch.wire import TaskIn
 from sumbatch.config import Settings
 from sumbatch.events import WORKER_GROUP, GroupFinished, TaskCompleted, TaskStarted
-from sumbatch.projection import fold
+from sumbatch.projection import GroupView
 from sumbatch.store import Outcome, Store
 from sumbatch.tasks import Delay
 from tests.support import Processes, log_events, make_store, wait_until
@@ -20,7 +21,7 @@ from tests.support import Processes, log_events, make_store, wait_until
 
 async def submit(store: Store, pairs: list[tuple[int, int]]) -> tuple[str, list[str]]:
     created, events = new_submission([TaskIn(a, b) for a, b in pairs])
-    await store.submit(events, fold(events))
+    await store.submit(events, GroupView.submitted(created.group_task_id, len(pairs)))
     return created.group_task_id, created.task_ids
 
 

@@ -118,9 +118,7 @@ def tasks_for(n: int) -> tuple[dict[str, Any], list[int]]:
     return {"tasks": [{"paramA": a, "paramB": b} for a, b in pairs]}, [a + b for a, b in pairs]
 
 
-async def run_group(
-    client: httpx.AsyncClient, size: int, poll: float
-) -> tuple[float, float, int]:
+async def run_group(client: httpx.AsyncClient, size: int, poll: float) -> tuple[float, float, int]:
     """POST one group, poll until processed, check the sums. Returns (post s, total s,
     GETs made)."""
     body, expected = tasks_for(size)
@@ -315,7 +313,11 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
     out.write_text(
         json.dumps(
             {
-                "settings": {**vars(args), "cpus": os.cpu_count(), "python": platform.python_version()},
+                "settings": {
+                    **vars(args),
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                },
                 "rows": [{**asdict(r), "ratio": r.ratio} for r in rows],
             },
             indent=2,

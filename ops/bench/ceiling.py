@@ -40,7 +40,7 @@ def consume(url: str, tasks: int, done: mp.Queue) -> None:  # type: ignore[type-
             continue
         entries = reply[0][1]
         pipe = client.pipeline(transaction=False)
-        for entry_id, fields in entries:
+        for _, fields in entries:
             result = int(fields[b"paramA"]) + int(fields[b"paramB"])
             pipe.xadd(RESULTS, {"taskId": fields[b"taskId"], "result": str(result)})
         pipe.xack(WORK, GROUP, *[entry_id for entry_id, _ in entries])

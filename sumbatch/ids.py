@@ -1,0 +1,49 @@
+"""Group and task ids. Pure.
+
+A group id is a random UUID (version 4 layout) whose last 8 hex digits are zero; the
+id of the group's task at index i is the same UUID with i + 1 in those digits. So a
+task id names its group and its position: GET /tasks/{id} needs no lookup table, and
+``redis-cli`` readers can see which group a task belongs to. 90 random bits per group
+keep collisions out of reach; a group holds at most 2**32 - 1 tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+_TASK_BITS = 32
+_TASK_MASK = (1 << _TASK_BITS) - 1
+
+
+def new_group_id() -> str:
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    raw[12:16] = b"\0\0\0\0"
+    return str(uuid.UUID(bytes=bytes(raw)))
+
+
+def task_ids(group_id: str, count: int) -> list[str]:
+    prefix = group_id[:-8]
+    return [f"{prefix}{index + 1:08x}" for index in range(count)]
+
+
+def parse_uuid(text: str) -> str | None:
+    """The canonical form of a UUID, or None: nothing else becomes part of a key."""
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        return None
+
+
+def split_task_id(task_id: str) -> tuple[str, int] | None:
+    """(group id, index) of a canonical task id, or None if it cannot be one."""
+    low = int(task_id[-8:], 16)
+    if low == 0:
+        return None
+    return task_id[:-8] + "00000000", low - 1
+
+
+def is_group_id(group_id: str) -> bool:
+    return group_id.endswith("00000000")
