@@ -1,7 +1,9 @@
 """The Lua scripts behind every atomic step. Only ``store.py`` runs them.
 
-Each script gets every key it touches in KEYS (all under one hash tag), so it runs
-unchanged on Redis Cluster. Events are built in Python (``events.to_flat``) and come
+Every key has the namespace's hash tag, so all of them live in one cluster slot. The
+scripts that run per task (begin, append, complete) name a group's keys themselves
+from prefixes that ``events.Keys`` sends, instead of passing five keys per task: on a
+cluster that is fine, as every key they touch is in the slot of their declared keys. Events are built in Python (``events.to_flat``) and come
 in as one JSON argument (decoded with the server's cjson, all values strings); the
 only events built here are GroupFinished and TaskRevoked, whose fields mirror
 ``events.py`` and ``ids.py`` (tests decode them with ``events.from_fields``).
@@ -66,43 +68,49 @@ return false
 """
 )
 
-# What a worker does with each handed-out entry.
-# KEYS: work, then per item: ledger, ended, attempts, cache key.
-# ARGV: group, then per item: entry id, task index.
-# Returns per item: {0} ended already or expired (acknowledged here), {1, result}
-# cache hit, or {2, attempt} run it (attempts counted across every worker).
+# What a worker does with each handed-out entry. Per-group keys are named here from
+# the prefixes ``Keys.prefixes()`` sends (all share the hash tag of KEYS).
+# KEYS: work. ARGV: group, prefixes json, items json: [entry id, group id, index,
+# cache suffix] per item.  Returns per item: {0} ended already or expired
+# (acknowledged here), {1, result} cache hit, or {2, attempt} run it (attempts
+# counted across every worker).
 BEGIN = """
+local P = cjson.decode(ARGV[2])
 local out = {}
-local a = 2
-for k = 2, #KEYS, 4 do
-  local ledger, ended, attempts, cache = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local entry, index = ARGV[a], tonumber(ARGV[a + 1])
-  a = a + 2
-  if redis.call('EXISTS', ledger) == 0 or redis.call('GETBIT', ended, index) == 1 then
+for n, item in ipairs(cjson.decode(ARGV[3])) do
+  local entry, gid, index, cache = item[1], item[2], item[3], item[4]
+  if redis.call('EXISTS', P.ledger .. gid) == 0
+      or redis.call('GETBIT', P.ended .. gid, index) == 1 then
     redis.call('XACK', KEYS[1], ARGV[1], entry)
-    out[#out + 1] = {0}
+    out[n] = {0}
   else
-    local cached = redis.call('GET', cache)
+    local cached = redis.call('GET', P.cache .. cache)
     if cached then
-      out[#out + 1] = {1, cached}
+      out[n] = {1, cached}
     else
-      local n = redis.call('BITFIELD', attempts, 'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' .. index, 1)
-      out[#out + 1] = {2, n[1]}
+      out[n] = {2, redis.call('BITFIELD', P.attempts .. gid,
+        'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' .. index, 1)[1]}
     end
   end
 end
 return out
 """
 
+# Count one more run of a task (a retry in the same worker). KEYS: attempts.
+# ARGV: index. Returns the attempt number.
+NEXT_ATTEMPT = """
+return redis.call('BITFIELD', KEYS[1], 'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' .. ARGV[1], 1)[1]
+"""
+
 # Append events to the log and their group's audit stream.
-# KEYS: events, then one group log per event. ARGV: events json.
+# KEYS: events. ARGV: prefixes json, items json: [group id, event fields] per event.
 APPEND = (
     _LIB
     + """
-for k, fields in ipairs(cjson.decode(ARGV[1])) do
-  append(KEYS[1], KEYS[k + 1], fields)
-end
-return #KEYS - 1
+local P = cjson.decode(ARGV[1])
+local items = cjson.decode(ARGV[2])
+for _, item in ipairs(items) do append(KEYS[1], P.log .. item[1], item[2]) end
+return #items
 """
 )
 
@@ -110,28 +118,27 @@ return #KEYS - 1
 # ended, append its events (a TaskStarted not yet logged, the outcome, a dead-letter
 # note), cache a computed sum, copy a failure to the dead-letter stream, and end the
 # group if it was the last task; in every case acknowledge the work entry.
-# KEYS: events, work, dead letters, then per item: ledger, ended, attempts, log, cache.
-# ARGV: group, result ttl, cache ttl, items json: per item
-#   [entry id, index, group id, state, cache it (1/0), result, before, outcome, after]
-#   with before/after lists of events and outcome one event.
+# KEYS: events, work, dead letters.
+# ARGV: group, result ttl, cache ttl, prefixes json, items json: per item
+#   [entry id, index, group id, state, cache it (1/0), result, cache suffix,
+#    before, outcome, after], before/after lists of events and outcome one event.
 # Returns the number of outcomes recorded.
 COMPLETE = (
     _LIB
     + """
+local P = cjson.decode(ARGV[4])
 local recorded = 0
-local k = 4
-for _, item in ipairs(cjson.decode(ARGV[4])) do
-  local ledger, ended, attempts, log, cache = KEYS[k], KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4]
-  k = k + 5
-  local entry, index, gid, state, cache_it, result, before, outcome, after = unpack(item)
+for _, item in ipairs(cjson.decode(ARGV[5])) do
+  local entry, index, gid, state, cache_it, result, cache, before, outcome, after = unpack(item)
+  local ledger, ended, log = P.ledger .. gid, P.ended .. gid, P.log .. gid
   if redis.call('EXISTS', ledger) == 1 and redis.call('SETBIT', ended, index, 1) == 0 then
     recorded = recorded + 1
     for _, fields in ipairs(before) do append(KEYS[1], log, fields) end
     local id = append(KEYS[1], log, outcome)
     if state == 'FAILURE' then redis.call('XADD', KEYS[3], id, unpack(outcome)) end
     for _, fields in ipairs(after) do append(KEYS[1], log, fields) end
-    if cache_it == '1' then redis.call('SET', cache, result, 'EX', ARGV[3]) end
-    task_ended(KEYS[1], ledger, ended, attempts, log, gid, state, ARGV[2])
+    if cache_it == '1' then redis.call('SET', P.cache .. cache, result, 'EX', ARGV[3]) end
+    task_ended(KEYS[1], ledger, ended, P.attempts .. gid, log, gid, state, ARGV[2])
   end
   redis.call('XACK', KEYS[2], ARGV[1], entry)
 end

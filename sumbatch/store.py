@@ -94,6 +94,8 @@ class Store:
         self._renew = redis.register_script(scripts.RENEW)
         self._commit = redis.register_script(scripts.COMMIT)
         self._trim_work = redis.register_script(scripts.TRIM_WORK)
+        self._next_attempt = redis.register_script(scripts.NEXT_ATTEMPT)
+        self._prefixes = _json.encode(keys.prefixes())
 
     # -- producer -------------------------------------------------------------
 
@@ -185,37 +187,30 @@ class Store:
         return claimed
 
     async def begin(self, items: Sequence[TaskSubmitted], entry_ids: Sequence[str]) -> list[Any]:
-        keys = [self.keys.work]
-        args: list[str | int] = [WORKER_GROUP]
-        for entry_id, item in zip(entry_ids, items, strict=True):
-            gid = item.group_task_id
-            keys += (
-                self.keys.ledger(gid),
-                self.keys.ended(gid),
-                self.keys.attempts(gid),
-                self.keys.cache(item.param_a, item.param_b),
-            )
-            args += (entry_id, item.index)
-        return cast(list[Any], await self._begin(keys=keys, args=args))
+        payload = [
+            (entry_id, item.group_task_id, item.index, f"{item.param_a}:{item.param_b}")
+            for entry_id, item in zip(entry_ids, items, strict=True)
+        ]
+        args: list[str | bytes] = [WORKER_GROUP, self._prefixes, _json.encode(payload)]
+        return cast(list[Any], await self._begin(keys=[self.keys.work], args=args))
+
+    async def next_attempt(self, group_task_id: str, index: int) -> int:
+        keys = [self.keys.attempts(group_task_id)]
+        return int(await self._next_attempt(keys=keys, args=[index]))
 
     async def append(self, events: Sequence[AnyEvent]) -> None:
         if events:
-            keys = [self.keys.events, *(self.keys.group_log(e.group_task_id) for e in events)]
-            await self._append(keys=keys, args=[_json.encode(to_flat(list(events)))])
+            flat = to_flat(list(events))
+            payload = [(e.group_task_id, f) for e, f in zip(events, flat, strict=True)]
+            await self._append(
+                keys=[self.keys.events], args=[self._prefixes, _json.encode(payload)]
+            )
 
     async def complete(self, outcomes: Sequence[Outcome]) -> int:
-        keys = [self.keys.events, self.keys.work, self.keys.dead_letters]
         items = []
         for outcome in outcomes:
             event = outcome.event
             gid = event.group_task_id
-            keys += (
-                self.keys.ledger(gid),
-                self.keys.ended(gid),
-                self.keys.attempts(gid),
-                self.keys.group_log(gid),
-                self.keys.cache(outcome.param_a, outcome.param_b),
-            )
             after: list[AnyEvent] = []
             if isinstance(event, TaskCompleted):
                 state, cache_it, result = "SUCCESS", not event.from_cache, str(event.result)
@@ -241,15 +236,18 @@ class Store:
                     state,
                     "1" if cache_it else "0",
                     result,
+                    f"{outcome.param_a}:{outcome.param_b}",
                     flat[: len(before)],
                     flat[len(before)],
                     flat[len(before) + 1 :],
                 )
             )
+        keys = [self.keys.events, self.keys.work, self.keys.dead_letters]
         args: list[str | int | bytes] = [
             WORKER_GROUP,
             self.retention.results,
             self.retention.cache,
+            self._prefixes,
             _json.encode(items),
         ]
         return int(await self._complete(keys=keys, args=args))

@@ -17,6 +17,7 @@ from sumbatch.events import (
     TaskSubmitted,
     from_fields,
     to_fields,
+    to_flat,
 )
 
 SAMPLES: list[AnyEvent] = [
@@ -45,6 +46,12 @@ def test_round_trip_through_stream_fields(event: AnyEvent) -> None:
 @pytest.mark.parametrize("event", SAMPLES, ids=lambda e: type(e).__name__)
 def test_type_comes_first_and_names_the_event(event: AnyEvent) -> None:
     assert next(iter(to_fields(event).items())) == ("type", type(event).__name__)
+
+
+@pytest.mark.parametrize("event", SAMPLES, ids=lambda e: type(e).__name__)
+def test_flat_fields_are_the_fields_in_order(event: AnyEvent) -> None:
+    (flat,) = to_flat([event])
+    assert flat == [text for pair in to_fields(event).items() for text in pair]
 
 
 def test_fields_read_as_plain_text() -> None:
