@@ -92,9 +92,12 @@ class Worker:
         try:
             while not self.should_exit:
                 try:
+                    if outage.failures:
+                        await self.store.ensure_worker_group()  # the stream may be new
                     await self._read(block_ms=1000)
                     outage.ok()
-                except REDIS_DOWN as exc:
+                except Exception as exc:
+                    # Entries read but not begun stay pending: a sweep claims them.
                     await asyncio.sleep(outage.failed(exc))
             try:
                 await asyncio.wait_for(self._drain(), self.settings.shutdown_grace)
@@ -163,7 +166,7 @@ class Worker:
                     last_trim = now
                     await self.store.trim_work()
                 outage.ok()
-            except REDIS_DOWN as exc:
+            except Exception as exc:  # this loop must outlive any error (OOM, BUSY, ...)
                 await asyncio.sleep(outage.failed(exc))
 
     async def _renew(self) -> None:
@@ -230,6 +233,16 @@ class Worker:
     async def _run(
         self, entry_id: str, item: TaskSubmitted, attempt: int, delay: float, error: str | None
     ) -> None:
+        try:
+            await self._attempts(entry_id, item, attempt, delay, error)
+        except BaseException:
+            # Ended without an outcome (cancelled, or a bug): a sweep may claim it.
+            self._running.pop(entry_id, None)
+            raise
+
+    async def _attempts(
+        self, entry_id: str, item: TaskSubmitted, attempt: int, delay: float, error: str | None
+    ) -> None:
         while True:
             if error is None:
                 try:
@@ -247,17 +260,31 @@ class Worker:
                 self._record(entry_id, item, self._failed(item, attempt, error))
                 return
             wait = retry_backoff(attempt, self.settings.retry_base, self.rng)
-            await self._append_retry(item, attempt, error, wait)
+            await self._log_quietly(self._retried(item, attempt, error, wait))
             await asyncio.sleep(wait)
-            attempt += 1
+            attempt = await self._next_attempt(item, attempt)
             delay = self.settings.delay.draw(self.rng)
             error = None
-            await self.store.append([self._started(item, attempt)])
+            await self._log_quietly(self._started(item, attempt))
 
-    async def _append_retry(
-        self, item: TaskSubmitted, attempt: int, error: str, wait: float
-    ) -> None:
-        retried = TaskRetried(
+    async def _next_attempt(self, item: TaskSubmitted, attempt: int) -> int:
+        """Counted in Redis, so runs add up across workers; locally if Redis is away."""
+        try:
+            return await self.store.next_attempt(item.group_task_id, item.index)
+        except Exception as exc:
+            log.warning("could not count attempt %d of %s: %s", attempt + 1, item.task_id, exc)
+            return attempt + 1
+
+    async def _log_quietly(self, event: AnyEvent) -> None:
+        """Progress events (started, retried) are best-effort: losing one while Redis is
+        away must not lose the task, whose outcome is what counts."""
+        try:
+            await self.store.append([event])
+        except Exception as exc:
+            log.warning("could not log %s for %s: %s", type(event).__name__, event, exc)
+
+    def _retried(self, item: TaskSubmitted, attempt: int, error: str, wait: float) -> TaskRetried:
+        return TaskRetried(
             task_id=item.task_id,
             group_task_id=item.group_task_id,
             index=item.index,
@@ -265,7 +292,6 @@ class Worker:
             error=error,
             retry_in=round(wait, 3),
         )
-        await self.store.append([retried])
 
     def _record(
         self,
@@ -321,7 +347,7 @@ class Worker:
                 await self.store.complete(batch)  # fenced: safe to send again
                 outage.ok()
                 break
-            except REDIS_DOWN as exc:
+            except Exception as exc:  # OOM or BUSY too: keep the outcomes, try again
                 await asyncio.sleep(outage.failed(exc))
         for outcome in batch:
             self._running.pop(outcome.entry_id, None)

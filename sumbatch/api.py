@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -34,6 +34,8 @@ _encoder = msgspec.json.Encoder()
 _group_decoder = msgspec.json.Decoder(GroupIn)
 _created_decoder = msgspec.json.Decoder(GroupCreated)
 MAX_IDEMPOTENCY_KEY = 255
+# Below the API's socket timeout, so a slow fsync answers "not confirmed", never a retry.
+FSYNC_TIMEOUT_MS = 2000
 
 
 class JSONResponse(Response):
@@ -115,19 +117,19 @@ async def create_group(request: Request) -> Response:
         )
     store: Store = request.state.store
     group = GroupView.submitted(created.group_task_id, len(submitted.tasks))
-    earlier = await store.submit(events, group, idempotency)
-    if earlier is not None:
-        assert idempotency is not None
-        earlier_hash, _, earlier_answer = earlier.partition(" ")
-        if earlier_hash != idempotency[1].partition(" ")[0]:
-            return error(422, "Idempotency-Key was used before with a different body")
-        replay = _created_decoder.decode(earlier_answer)
-        return JSONResponse(replay, headers={"Idempotent-Replayed": "true"})
-    confirm: Callable[[], Awaitable[bool]] | None = request.state.confirm_durable
-    if confirm is not None and not await confirm():
-        return error(503, "submission not yet persisted; retry with the same Idempotency-Key",
+    fsync_ms = FSYNC_TIMEOUT_MS if settings.durable else None
+    submission = await store.submit(events, group, idempotency, fsync_ms)
+    if submission.fsynced is False:
+        return error(503, "not confirmed on disk in time; retry with the same Idempotency-Key",
                      {"Retry-After": "1"})  # fmt: skip
-    return Response(answer, media_type="application/json")
+    if submission.earlier is None:
+        return Response(answer, media_type="application/json")
+    assert idempotency is not None
+    earlier_hash, _, earlier_answer = submission.earlier.partition(" ")
+    if earlier_hash != idempotency[1].partition(" ")[0]:
+        return error(422, "Idempotency-Key was used before with a different body")
+    replay = _created_decoder.decode(earlier_answer)
+    return JSONResponse(replay, headers={"Idempotent-Replayed": "true"})
 
 
 async def cancel_group(request: Request) -> Response:
@@ -193,28 +195,21 @@ async def _redis_down(request: Request, exc: Exception) -> Response:
     return error(503, "storage unavailable, retry later", {"Retry-After": "1"})
 
 
-async def _durability_check(store: Store, settings: Settings) -> Callable[[], Awaitable[bool]]:
-    """WAITAOF where the server has it (Redis 7.2+, Valkey 8+), else appendfsync always."""
-    try:
-        await store.waitaof(1000)
-    except ResponseError as exc:
-        fsync = (await store.redis.config_get("appendfsync")).get("appendfsync")
-        if fsync != "always":
-            raise RuntimeError(
-                f"SUMBATCH_DURABLE needs WAITAOF or appendfsync always ({exc}; appendfsync={fsync})"
-            ) from exc
-        log.info("durable mode: the server fsyncs every write (appendfsync always)")
+# Redis refusing for a while (out of memory, a long script, a failover) is not the
+# client's fault: 503, try again.
+TRANSIENT = ("OOM", "BUSY", "READONLY", "MASTERDOWN", "NOREPLICAS", "LOADING", "TRYAGAIN")
 
-        async def fsynced() -> bool:
-            return True
 
-        return fsynced
-    log.info("durable mode: each submission waits for WAITAOF")
+async def _redis_refused(request: Request, exc: Exception) -> Response:
+    if str(exc).startswith(TRANSIENT):
+        return error(503, f"storage refused the request ({str(exc).split()[0]}); retry later",
+                     {"Retry-After": "1"})  # fmt: skip
+    return await _internal(request, exc)
 
-    async def waitaof() -> bool:
-        return await store.waitaof(5000) >= 1
 
-    return waitaof
+async def _internal(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error(500, "internal error")
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -226,11 +221,9 @@ def create_app(settings: Settings) -> Starlette:
                 await store.ensure_worker_group()
             except REDIS_DOWN as exc:
                 log.warning("redis unavailable at start (%s); /readyz will say so", exc)
-            confirm = await _durability_check(store, settings) if settings.durable else None
             yield {
                 "settings": settings,
                 "store": store,
-                "confirm_durable": confirm,
                 "openapi": _encoder.encode(openapi_schema(settings)),
             }
         finally:
@@ -252,6 +245,8 @@ def create_app(settings: Settings) -> Starlette:
             HTTPException: _http_error,
             RedisConnectionError: _redis_down,
             RedisTimeoutError: _redis_down,
+            ResponseError: _redis_refused,
+            Exception: _internal,
         },
     )
 

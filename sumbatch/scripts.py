@@ -1,16 +1,18 @@
 """The Lua scripts behind every atomic step. Only ``store.py`` runs them.
 
 Every key has the namespace's hash tag, so all of them live in one cluster slot. The
-scripts that run per task (begin, append, complete) name a group's keys themselves
-from prefixes that ``events.Keys`` sends, instead of passing five keys per task: on a
-cluster that is fine, as every key they touch is in the slot of their declared keys. Events are built in Python (``events.to_flat``) and come
-in as one JSON argument (decoded with the server's cjson, all values strings); the
-only events built here are GroupFinished and TaskRevoked, whose fields mirror
-``events.py`` and ``ids.py`` (tests decode them with ``events.from_fields``).
+scripts that run per task (begin, append, complete) name a group's keys themselves from
+prefixes that ``events.Keys`` sends, instead of passing five keys per task: on a cluster
+that is fine, as every key they touch is in the slot of their declared keys.
+
+Events are built in Python (``events.to_flat``) and come in as one JSON argument
+(decoded with the server's cjson, all values strings); the only events built here are
+GroupFinished and TaskRevoked, whose fields mirror ``events.py`` and ``ids.py`` (tests
+decode them with ``events.from_fields``).
 
 Per group, the write side is three keys: the ledger hash (counters), the ``ended``
-bitmap (the completion fence: one bit per task) and the ``attempts`` string (one
-byte per task, BITFIELD u8).
+bitmap (the completion fence: one bit per task) and the ``attempts`` string (one byte
+per task, BITFIELD u8).
 """
 
 from __future__ import annotations
@@ -51,7 +53,12 @@ SUBMIT = (
     + """
 if ARGV[2] ~= '' then
   local earlier = redis.call('GET', KEYS[5])
-  if earlier then return earlier end
+  if earlier then
+    -- A write, so that a WAITAOF on this connection covers the first submission too
+    -- (the AOF is fsynced in order).
+    redis.call('EXPIRE', KEYS[5], ARGV[3])
+    return earlier
+  end
   redis.call('SET', KEYS[5], ARGV[2], 'EX', ARGV[3])
 end
 -- A client library's retry of this very call (same ids) must not append twice.

@@ -71,6 +71,12 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class Submitted:
+    earlier: str | None  # the first answer to this Idempotency-Key, if it was used before
+    fsynced: bool | None  # None: not asked
+
+
+@dataclass(frozen=True)
 class Retention:
     """Seconds each kind of key lives after the thing it describes has ended."""
 
@@ -104,11 +110,14 @@ class Store:
         events: Sequence[AnyEvent],
         group: GroupView,
         idempotency: tuple[str, str] | None = None,
-    ) -> str | None:
+        fsync_timeout_ms: int | None = None,
+    ) -> Submitted:
         """Append a group's events and work entries, and its first view, or nothing.
 
         ``idempotency`` is (key, record): when the key was used before, nothing is
-        appended and the earlier record is returned instead."""
+        appended and the earlier record is returned instead. With
+        ``fsync_timeout_ms``, also wait (WAITAOF, on the same connection) until the
+        write is fsynced to the server's AOF."""
         gid = group.group_task_id
         idem_key, record = idempotency or ("", "")
         keys = [
@@ -126,13 +135,28 @@ class Store:
             _json.encode(group),
             _json.encode(to_flat(list(events))),
         ]
-        earlier = await self._submit(keys=keys, args=args)
-        return None if earlier is None else str(earlier)
+        if fsync_timeout_ms is None:
+            earlier = await self._submit(keys=keys, args=args)
+            return Submitted(None if earlier is None else str(earlier), fsynced=None)
+        pipe = self.redis.pipeline(transaction=False)
+        await self._submit(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAITAOF", 1, 0, fsync_timeout_ms)
+        earlier, waited = await pipe.execute(raise_on_error=False)
+        if isinstance(earlier, Exception):
+            raise earlier
+        return Submitted(
+            None if earlier is None else str(earlier), fsynced=await self._fsynced(waited)
+        )
 
-    async def waitaof(self, timeout_ms: int) -> int:
-        """Wait until our writes are fsynced locally; returns 1 if they are (Redis 7.2+)."""
-        reply = await self.redis.execute_command("WAITAOF", 1, 0, timeout_ms)  # type: ignore[no-untyped-call]
-        return int(reply[0])
+    async def _fsynced(self, waited: Any) -> bool:
+        """WAITAOF's answer, or, where the server has no WAITAOF (before Redis 7.2) or
+        AOF is off, whether it fsyncs every write anyway."""
+        if not isinstance(waited, Exception):
+            return int(waited[0]) >= 1
+        if isinstance(waited, ResponseError):
+            config = await self.redis.config_get("appendfsync")
+            return bool(config.get("appendfsync") == "always")
+        raise waited
 
     async def cancel(self, group_task_id: str) -> int:
         """-1 unknown group, 0 cancelled before, else 1 + the number of tasks revoked."""

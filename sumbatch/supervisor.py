@@ -95,8 +95,10 @@ class Supervisor:
             child.argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True
         )
 
-    def _stop(self, children: list[Child], grace: float = 30.0) -> None:
+    def _stop(self, children: list[Child]) -> None:
         log.info("stopping")
+        # Past the workers' own grace, so they can hand back what they could not finish.
+        grace = self.settings.shutdown_grace + 10
         for child in children:
             if child.process is not None and child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)

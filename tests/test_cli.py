@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import httpx2 as httpx

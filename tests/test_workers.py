@@ -10,12 +10,12 @@ import msgspec
 from consumers.projector import Projector
 from consumers.worker import Worker
 from sumbatch.api import new_submission
-from sumbatch.wire import TaskIn
 from sumbatch.config import Settings
 from sumbatch.events import WORKER_GROUP, GroupFinished, TaskCompleted, TaskStarted
 from sumbatch.projection import GroupView
 from sumbatch.store import Outcome, Store
 from sumbatch.tasks import Delay
+from sumbatch.wire import TaskIn
 from tests.support import Processes, log_events, make_store, wait_until
 
 
