@@ -134,7 +134,8 @@ def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from sumbatch.replay import differences, rebuild
+    from consumers.projector import Projector
+    from sumbatch.replay import differences
 
     async def run() -> int:
         store = _store(settings)
@@ -145,8 +146,9 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                     print(line)
                 print(f"replayed {events} events: {len(diffs)} differences")
                 return 1 if diffs else 0
-            events = await rebuild(store)
-            print(f"rebuilt views from {events} events")
+            await store.forget_position()
+            await Projector(store).run_until_idle()
+            print(f"views rebuilt from the log, up to {await store.position()}")
             return 0
         finally:
             await store.redis.aclose()

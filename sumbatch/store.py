@@ -330,6 +330,28 @@ class Store:
             args += (ttl if group.processed else "0", _json.encode(group))
         return bool(await self._commit(keys=keys, args=args))
 
+    async def snapshot(self, group_ids: Sequence[str]) -> tuple[str | None, Views, dict[str, bool]]:
+        """In one step: the projector's position, these groups' views, and whether
+        each group's ledger still exists (it has not expired)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.get(self.keys.projector_position)
+        pipe.mget([self.keys.group_view(g) for g in group_ids])
+        for gid in group_ids:
+            pipe.exists(self.keys.ledger(gid))
+        position, blobs, *exists = await pipe.execute()
+        views = Views()
+        for gid, blob in zip(group_ids, blobs, strict=True):
+            if blob is not None:
+                views.groups[gid] = _group_view_decoder.decode(blob)
+        return position, views, {gid: bool(n) for gid, n in zip(group_ids, exists, strict=True)}
+
+    async def forget_position(self) -> None:
+        """Make the projector fold the log again from its start (``sumbatch replay``).
+        Safe while it runs: its next commit fails the compare-and-set and it reloads.
+        The fold is idempotent for events already in a view, and GroupSubmitted starts
+        a view afresh, so the views converge to the fold of the log."""
+        await self.redis.delete(self.keys.projector_position)
+
     async def group_view(self, group_task_id: str) -> GroupView | None:
         if not ids.is_group_id(group_task_id):
             return None

@@ -15,7 +15,7 @@ from consumers.worker import Worker
 from sumbatch.api import create_app
 from sumbatch.config import Settings
 from sumbatch.events import GroupFinished, TaskCompleted, TaskStarted
-from sumbatch.replay import differences, rebuild
+from sumbatch.replay import differences
 from tests.support import log_events, make_store, wait_until
 
 
@@ -141,6 +141,58 @@ def test_every_task_counted_once_and_one_group_finished(
         assert body["results"] == [i + j for j in range(7)]
 
 
+def test_replay_check_ignores_views_that_expired(client: TestClient, settings: Settings) -> None:
+    created = submit(client, [(1, 1)])
+    asyncio.run(work_and_project(settings))
+
+    async def check() -> None:
+        store = make_store(settings)
+        try:
+            gid = created["groupTaskId"]
+            # What expiry does: the view and the ledger go, the log stays.
+            await store.redis.delete(store.keys.group_view(gid), store.keys.ledger(gid))
+            assert await differences(store) == (5, [])
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(check())
+
+
+def test_replay_check_is_not_fooled_by_a_projector_at_work(
+    client: TestClient, settings: Settings
+) -> None:
+    """The views move on while the check runs; it must still find no difference."""
+    for _ in range(5):
+        submit(client, [(1, 2), (3, 4)])
+    asyncio.run(work_and_project(settings))
+
+    async def check() -> None:
+        store = make_store(settings)
+        try:
+            base, _ = await differences(store)
+            # More work lands between the check's fold and its reads.
+            original = store.event_range
+
+            async def slow_range(start: str, end: str, count: int = 1000) -> list[Any]:
+                entries = await original(start, end, count)
+                if not moved:
+                    moved.append(True)
+                    submit(client, [(5, 6)])
+                    await Worker(settings, store).run_until_idle()
+                    await Projector(store).run_until_idle()
+                return entries
+
+            moved: list[bool] = []
+            store.event_range = slow_range  # type: ignore[method-assign]
+            count, diffs = await differences(store)
+            assert moved and diffs == []
+            assert count == base + 5
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(check())
+
+
 def test_replay_matches_the_projection_and_rebuilds_it(
     client: TestClient, settings: Settings
 ) -> None:
@@ -156,8 +208,9 @@ def test_replay_matches_the_projection_and_rebuilds_it(
             await store.redis.delete(store.keys.group_view(created["groupTaskId"]))
             _, diffs = await differences(store)
             assert len(diffs) == 1 and diffs[0].startswith(f"group {created['groupTaskId']}")
-            assert await rebuild(store) == 8
-            assert (await differences(store))[1] == []
+            await store.forget_position()
+            await Projector(store).run_until_idle()
+            assert await differences(store) == (8, [])
         finally:
             await store.redis.aclose()
 
