@@ -216,6 +216,8 @@ def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         store = open_store(settings, socket_timeout=5)
+        if settings.durable:
+            log.info("durable mode: a POST is answered once WAITAOF confirms it is fsynced")
         try:
             try:
                 await store.ensure_worker_group()
