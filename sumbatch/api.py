@@ -8,6 +8,7 @@ import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -49,16 +50,31 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
 
-def new_submission(tasks: list[TaskIn]) -> tuple[GroupCreated, list[Any]]:
-    """The events one POST appends, and the response that names their ids."""
-    gid = ids.new_group_id()
-    tids = ids.task_ids(gid, len(tasks))
-    events: list[Any] = [GroupSubmitted(group_task_id=gid, tasks_total=len(tasks))]
-    events += [
-        TaskSubmitted(task_id=tid, group_task_id=gid, index=i, param_a=t.param_a, param_b=t.param_b)
-        for i, (tid, t) in enumerate(zip(tids, tasks, strict=True))
-    ]
-    return GroupCreated(group_task_id=gid, task_ids=tids), events
+@dataclass(frozen=True)
+class Submission:
+    """What one POST appends, and the answer that names its ids."""
+
+    created: GroupCreated
+    event: GroupSubmitted
+    work: list[TaskSubmitted]
+
+    @classmethod
+    def of(cls, tasks: list[TaskIn]) -> Submission:
+        gid = ids.new_group_id()
+        tids = ids.task_ids(gid, len(tasks))
+        event = GroupSubmitted(
+            group_task_id=gid,
+            tasks_total=len(tasks),
+            params_a=" ".join([str(t.param_a) for t in tasks]),
+            params_b=" ".join([str(t.param_b) for t in tasks]),
+        )
+        work = [
+            TaskSubmitted(
+                task_id=tid, group_task_id=gid, index=i, param_a=t.param_a, param_b=t.param_b
+            )
+            for i, (tid, t) in enumerate(zip(tids, tasks, strict=True))
+        ]
+        return cls(GroupCreated(group_task_id=gid, task_ids=tids), event, work)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -105,7 +121,8 @@ async def create_group(request: Request) -> Response:
         return error(400, f"malformed JSON: {exc}")
     if len(submitted.tasks) > settings.max_tasks_per_group:
         return error(413, f"at most {settings.max_tasks_per_group} tasks per group - at `$.tasks`")
-    created, events = new_submission(submitted.tasks)
+    submission = Submission.of(submitted.tasks)
+    created = submission.created
     answer = _encoder.encode(created)
     idempotency = None
     if idem_key is not None:
@@ -118,14 +135,14 @@ async def create_group(request: Request) -> Response:
     store: Store = request.state.store
     group = GroupView.submitted(created.group_task_id, len(submitted.tasks))
     fsync_ms = FSYNC_TIMEOUT_MS if settings.durable else None
-    submission = await store.submit(events, group, idempotency, fsync_ms)
-    if submission.fsynced is False:
+    written = await store.submit([submission.event], submission.work, group, idempotency, fsync_ms)
+    if written.fsynced is False:
         return error(503, "not confirmed on disk in time; retry with the same Idempotency-Key",
                      {"Retry-After": "1"})  # fmt: skip
-    if submission.earlier is None:
+    if written.earlier is None:
         return Response(answer, media_type="application/json")
     assert idempotency is not None
-    earlier_hash, _, earlier_answer = submission.earlier.partition(" ")
+    earlier_hash, _, earlier_answer = written.earlier.partition(" ")
     if earlier_hash != idempotency[1].partition(" ")[0]:
         return error(422, "Idempotency-Key was used before with a different body")
     replay = _created_decoder.decode(earlier_answer)

@@ -23,11 +23,18 @@ class Event(msgspec.Struct, tag_field="type", rename="camel", frozen=True, kw_on
 
 
 class GroupSubmitted(Event, tag=True, frozen=True):
+    """A group and all its tasks' parameters, in task order (space-separated); task
+    ids follow from the group id (``ids.task_ids``)."""
+
     group_task_id: str
     tasks_total: int
+    params_a: str
+    params_b: str
 
 
 class TaskSubmitted(Event, tag=True, frozen=True):
+    """One task to run: the entries of the work stream (not of the event log)."""
+
     task_id: str
     group_task_id: str
     index: int

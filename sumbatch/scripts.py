@@ -47,7 +47,7 @@ end
 # a repeated POST gets the first answer back instead.
 # KEYS: events, work, ledger, group log, idempotency key, group view.
 # ARGV: tasksTotal, idempotency record ('' = no key), its ttl, group view json,
-#       events json.  Returns the earlier idempotency record if there was one.
+#       events json, work entries json.  Returns the earlier idempotency record if any.
 SUBMIT = (
     _LIB
     + """
@@ -63,11 +63,9 @@ if ARGV[2] ~= '' then
 end
 -- A client library's retry of this very call (same ids) must not append twice.
 if redis.call('EXISTS', KEYS[3]) == 1 then return false end
-for _, fields in ipairs(cjson.decode(ARGV[5])) do
-  append(KEYS[1], KEYS[4], fields)
-  if fields[2] == 'TaskSubmitted' then
-    redis.call('XADD', KEYS[2], '*', unpack(fields))
-  end
+for _, fields in ipairs(cjson.decode(ARGV[5])) do append(KEYS[1], KEYS[4], fields) end
+for _, fields in ipairs(cjson.decode(ARGV[6])) do
+  redis.call('XADD', KEYS[2], '*', unpack(fields))
 end
 redis.call('HSET', KEYS[3], 'total', ARGV[1], 'finished', 0, 'failed', 0, 'revoked', 0)
 redis.call('SET', KEYS[6], ARGV[4])

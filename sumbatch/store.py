@@ -108,11 +108,13 @@ class Store:
     async def submit(
         self,
         events: Sequence[AnyEvent],
+        work: Sequence[TaskSubmitted],
         group: GroupView,
         idempotency: tuple[str, str] | None = None,
         fsync_timeout_ms: int | None = None,
     ) -> Submitted:
-        """Append a group's events and work entries, and its first view, or nothing.
+        """Append a group's events and its work entries, and write its first view; or
+        nothing.
 
         ``idempotency`` is (key, record): when the key was used before, nothing is
         appended and the earlier record is returned instead. With
@@ -134,6 +136,7 @@ class Store:
             self.retention.results,
             _json.encode(group),
             _json.encode(to_flat(list(events))),
+            _json.encode(to_flat(list(work))),
         ]
         if fsync_timeout_ms is None:
             earlier = await self._submit(keys=keys, args=args)

@@ -85,11 +85,25 @@ def test_submission_appends_events_and_work_entries(
 ) -> None:
     keys = Keys(settings.namespace)
     created = client.post("/grouptasks", json=ORIGINAL_EXAMPLE).json()
-    assert raw.xlen(keys.events) == 5
-    assert raw.xlen(keys.work) == 4
-    history = raw.xrange(keys.group_log(created["groupTaskId"]))
-    assert [fields["type"] for _, fields in history] == ["GroupSubmitted"] + ["TaskSubmitted"] * 4
-    assert [fields["paramA"] for _, fields in history[1:]] == ["1", "9", "12", "8"]
+    gid = created["groupTaskId"]
+    [(_, submitted)] = raw.xrange(keys.group_log(gid))
+    assert submitted == {
+        "type": "GroupSubmitted",
+        "groupTaskId": gid,
+        "tasksTotal": "4",
+        "paramsA": "1 9 12 8",
+        "paramsB": "5 10 13 1",
+    }
+    assert raw.xlen(keys.events) == 1
+    work = [fields for _, fields in raw.xrange(keys.work)]
+    assert [w["type"] for w in work] == ["TaskSubmitted"] * 4
+    assert [w["taskId"] for w in work] == created["taskIds"]
+    assert [(w["paramA"], w["paramB"]) for w in work] == [
+        ("1", "5"),
+        ("9", "10"),
+        ("12", "13"),
+        ("8", "1"),
+    ]
 
 
 @pytest.mark.parametrize(

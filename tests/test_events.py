@@ -21,7 +21,7 @@ from sumbatch.events import (
 )
 
 SAMPLES: list[AnyEvent] = [
-    GroupSubmitted(group_task_id="g", tasks_total=2),
+    GroupSubmitted(group_task_id="g", tasks_total=2, params_a="1 -2", params_b="3 4"),
     TaskSubmitted(task_id="t", group_task_id="g", index=1, param_a=-(2**63), param_b=2**63 - 1),
     TaskStarted(task_id="t", group_task_id="g", index=1, attempt=2, worker="w"),
     TaskRetried(task_id="t", group_task_id="g", index=1, attempt=1, error="E: x", retry_in=0.25),

@@ -10,18 +10,13 @@ from sumbatch.events import (
     TaskRetried,
     TaskRevoked,
     TaskStarted,
-    TaskSubmitted,
 )
 from sumbatch.projection import GroupView, Views, apply, fold, task_view
 
 
 def submitted(n: int) -> list[AnyEvent]:
-    events: list[AnyEvent] = [GroupSubmitted(group_task_id="g", tasks_total=n)]
-    events += [
-        TaskSubmitted(task_id=f"t{i}", group_task_id="g", index=i, param_a=i, param_b=10)
-        for i in range(n)
-    ]
-    return events
+    params = " ".join(str(i) for i in range(n))
+    return [GroupSubmitted(group_task_id="g", tasks_total=n, params_a=params, params_b=params)]
 
 
 def done(i: int, result: int, cached: bool = False) -> TaskCompleted:

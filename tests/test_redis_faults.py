@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 
+from sumbatch import ids
 from sumbatch.config import Settings
 from sumbatch.embedded import EmbeddedServer
 from sumbatch.events import (
@@ -29,7 +30,6 @@ from sumbatch.events import (
     GroupSubmitted,
     TaskCompleted,
     TaskStarted,
-    TaskSubmitted,
 )
 from sumbatch.replay import differences
 from sumbatch.store import Store
@@ -234,7 +234,12 @@ async def assert_log_exactly_once(store: Store, acked: list[Acked]) -> None:
     the right results."""
     events = await log_events(store)
     submitted = [e.group_task_id for e in events if isinstance(e, GroupSubmitted)]
-    tasks = [e.task_id for e in events if isinstance(e, TaskSubmitted)]
+    tasks = [
+        tid
+        for e in events
+        if isinstance(e, GroupSubmitted)
+        for tid in ids.task_ids(e.group_task_id, e.tasks_total)
+    ]
     completed = Counter(e.task_id for e in events if isinstance(e, TaskCompleted))
     finished = Counter(e.group_task_id for e in events if isinstance(e, GroupFinished))
     assert len(set(submitted)) == len(submitted)

@@ -9,7 +9,7 @@ import msgspec
 
 from consumers.projector import Projector
 from consumers.worker import Worker
-from sumbatch.api import new_submission
+from sumbatch.api import Submission
 from sumbatch.config import Settings
 from sumbatch.events import WORKER_GROUP, GroupFinished, TaskCompleted, TaskStarted
 from sumbatch.projection import GroupView
@@ -20,8 +20,11 @@ from tests.support import Processes, log_events, make_store, wait_until
 
 
 async def submit(store: Store, pairs: list[tuple[int, int]]) -> tuple[str, list[str]]:
-    created, events = new_submission([TaskIn(a, b) for a, b in pairs])
-    await store.submit(events, GroupView.submitted(created.group_task_id, len(pairs)))
+    sub = Submission.of([TaskIn(a, b) for a, b in pairs])
+    created = sub.created
+    await store.submit(
+        [sub.event], sub.work, GroupView.submitted(created.group_task_id, len(pairs))
+    )
     return created.group_task_id, created.task_ids
 
 
