@@ -27,11 +27,16 @@ end
 
 -- After a task ended: count it and, if it was the group's last, append GroupFinished
 -- and start the clock on the group's write-side keys.
+local totals = {}  -- per ledger, read once per script call
 local function task_ended(events, ledger, ended, attempts, log, gid, state, ttl)
   if state == 'FAILURE' then redis.call('HINCRBY', ledger, 'failed', 1) end
   if state == 'REVOKED' then redis.call('HINCRBY', ledger, 'revoked', 1) end
   local finished = redis.call('HINCRBY', ledger, 'finished', 1)
-  local total = tonumber(redis.call('HGET', ledger, 'total') or '-1')
+  local total = totals[ledger]
+  if total == nil then
+    total = tonumber(redis.call('HGET', ledger, 'total') or '-1')
+    totals[ledger] = total
+  end
   if finished ~= total then return end
   local failed = tonumber(redis.call('HGET', ledger, 'failed') or '0')
   local revoked = tonumber(redis.call('HGET', ledger, 'revoked') or '0')
@@ -133,10 +138,13 @@ COMPLETE = (
     + """
 local P = cjson.decode(ARGV[4])
 local recorded = 0
+local live = {}  -- per group id: whether its ledger exists, asked once per call
+local acks = {}
 for _, item in ipairs(cjson.decode(ARGV[5])) do
   local entry, index, gid, state, cache_it, result, cache, before, outcome, after = unpack(item)
   local ledger, ended, log = P.ledger .. gid, P.ended .. gid, P.log .. gid
-  if redis.call('EXISTS', ledger) == 1 and redis.call('SETBIT', ended, index, 1) == 0 then
+  if live[gid] == nil then live[gid] = redis.call('EXISTS', ledger) == 1 end
+  if live[gid] and redis.call('SETBIT', ended, index, 1) == 0 then
     recorded = recorded + 1
     for _, fields in ipairs(before) do append(KEYS[1], log, fields) end
     local id = append(KEYS[1], log, outcome)
@@ -145,8 +153,9 @@ for _, item in ipairs(cjson.decode(ARGV[5])) do
     if cache_it == '1' then redis.call('SET', P.cache .. cache, result, 'EX', ARGV[3]) end
     task_ended(KEYS[1], ledger, ended, P.attempts .. gid, log, gid, state, ARGV[2])
   end
-  redis.call('XACK', KEYS[2], ARGV[1], entry)
+  acks[#acks + 1] = entry
 end
+redis.call('XACK', KEYS[2], ARGV[1], unpack(acks))
 return recorded
 """
 )
