@@ -9,18 +9,28 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from sumbatch.config import ConfigError, Settings
 from sumbatch.store import Entry, Store, open_store
 
 log = logging.getLogger("sumbatch")
+T = TypeVar("T")
 
 
 def _store(settings: Settings) -> Store:
     return open_store(settings)
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, on uvloop where it is installed (it is, except on Windows)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def _run_until_signal(consumer: Any, main: Callable[[], Awaitable[None]]) -> None:
@@ -45,7 +55,7 @@ def _run_until_signal(consumer: Any, main: Callable[[], Awaitable[None]]) -> Non
             await consumer.store.redis.aclose()
 
     try:
-        asyncio.run(runner())
+        run_async(runner())
     except asyncio.CancelledError:
         pass
 
