@@ -12,7 +12,6 @@ shared tag keeps them in one cluster slot.
 from __future__ import annotations
 
 from collections.abc import Callable
-from operator import attrgetter
 from typing import Any, Final, get_args
 
 import msgspec
@@ -143,25 +142,15 @@ def to_fields(event: AnyEvent) -> dict[str, str]:
 
 
 def _flattener(cls: type[Event]) -> Callable[[Any], list[str]]:
-    """A fast ``to_flat`` for one event type: per field, its wire name and how its
-    value becomes text, worked out once."""
-    head = ["type", cls.__name__]
-    names: list[str] = []
-    texts: list[Callable[[Any], str]] = []
+    """A fast ``to_flat`` for one event type, compiled once from its fields: on the
+    hot path this runs twice per task, and a generic loop over fields costs ~4x."""
+    parts = [repr("type"), repr(cls.__name__)]
     for field in msgspec.structs.fields(cls):
-        names.append(field.encode_name)
-        texts.append(_text if field.type in (bool, float) else str)
-    attrs = [field.name for field in msgspec.structs.fields(cls)]
-    one = attrgetter(*attrs)
-    getter = one if len(attrs) > 1 else lambda event: (one(event),)
-    pairs = list(zip(names, texts, strict=True))
-
-    def flat(event: Any) -> list[str]:
-        out = head.copy()
-        for (name, text), value in zip(pairs, getter(event), strict=True):
-            out += (name, text(value))
-        return out
-
+        text = "_text" if field.type in (bool, float) else "str"
+        parts += [repr(field.encode_name), f"{text}(event.{field.name})"]
+    namespace: dict[str, Any] = {"_text": _text}
+    exec(f"def flat(event): return [{', '.join(parts)}]", namespace)  # noqa: S102
+    flat: Callable[[Any], list[str]] = namespace["flat"]
     return flat
 
 
