@@ -155,7 +155,7 @@ async def cancel_group(request: Request) -> Response:
         return _unauthorised()
     gid = ids.parse_uuid(request.path_params["group_task_id"])
     store: Store = request.state.store
-    outcome = -1 if gid is None else await store.cancel(gid)
+    outcome = -1 if gid is None or not ids.is_group_id(gid) else await store.cancel(gid)
     if outcome < 0:
         return error(404, "no such groupTaskId")
     assert gid is not None
@@ -163,6 +163,11 @@ async def cancel_group(request: Request) -> Response:
         Cancelled(group_task_id=gid, grouptask_cancelled=True, tasks_revoked=max(0, outcome - 1)),
         status_code=202,
     )
+
+
+async def group(request: Request) -> Response:
+    # One route for both methods, so a 405 names them both in Allow.
+    return await (cancel_group if request.method == "DELETE" else get_group)(request)
 
 
 async def get_group(request: Request) -> Response:
@@ -250,8 +255,7 @@ def create_app(settings: Settings) -> Starlette:
 
     routes = [
         Route("/grouptasks", create_group, methods=["POST"]),
-        Route("/grouptasks/{group_task_id}", get_group, methods=["GET"]),
-        Route("/grouptasks/{group_task_id}", cancel_group, methods=["DELETE"]),
+        Route("/grouptasks/{group_task_id}", group, methods=["GET", "DELETE"]),
         Route("/tasks/{task_id}", get_task, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),

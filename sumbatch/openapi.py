@@ -39,6 +39,13 @@ def openapi_schema(settings: Settings) -> dict[str, Any]:
         ]
     }
 
+    if settings.api_token:
+        errors["401"] = {
+            **_answer("missing or wrong bearer token", "ErrorBody"),
+            "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+        }
+    guarded = ("401",) if settings.api_token else ()
+
     def pick(*codes: str) -> dict[str, Any]:
         return {code: errors[code] for code in codes}
 
@@ -63,7 +70,7 @@ def openapi_schema(settings: Settings) -> dict[str, Any]:
                     "requestBody": {"required": True, "content": _json("GroupIn")},
                     "responses": {
                         "200": _answer("the group is in the log", "GroupCreated"),
-                        **pick("400", "413", "415", "422", "503"),
+                        **pick("400", *guarded, "413", "415", "422", "503"),
                     },
                 }
             },
@@ -81,7 +88,7 @@ def openapi_schema(settings: Settings) -> dict[str, Any]:
                     "security": security,
                     "responses": {
                         "202": _answer("cancelled (idempotent)", "Cancelled"),
-                        **pick("404", "503"),
+                        **pick(*guarded, "404", "503"),
                     },
                 },
             },

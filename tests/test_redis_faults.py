@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx2 as httpx
+import msgspec
+from starlette.testclient import TestClient
 
 from sumbatch import ids
+from sumbatch.api import create_app
 from sumbatch.config import Settings
 from sumbatch.embedded import EmbeddedServer
 from sumbatch.events import (
@@ -520,3 +523,18 @@ def test_durable_mode_never_acknowledges_what_the_server_cannot_fsync(tmp_path: 
         statuses = asyncio.run(scenario())
         assert len(statuses) == 8
         assert 200 not in statuses, Counter(statuses)
+
+
+def test_a_replayed_post_in_durable_mode_is_confirmed_too(tmp_path: Path) -> None:
+    """The 503 says: retry with the same Idempotency-Key. On a server that never
+    fsyncs, that retry must get a 503 too, not the first answer unconfirmed."""
+    with redis_server(tmp_path, "no") as server:
+        durable = msgspec.structs.replace(settings_for(server, Delay(0, 0)), durable=True)
+        body = {"tasks": [{"paramA": 1, "paramB": 2}]}
+        headers = {"idempotency-key": "order-44"}
+        with TestClient(create_app(durable)) as client:
+            first = client.post("/grouptasks", json=body, headers=headers)
+            retried = client.post("/grouptasks", json=body, headers=headers)
+    assert (first.status_code, first.headers["retry-after"]) == (503, "1")
+    assert "not confirmed on disk" in first.json()["error"]
+    assert retried.status_code == 503

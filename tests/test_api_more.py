@@ -1,0 +1,552 @@
+"""Cancellation, Idempotency-Key, dead letters, poison pills and hostile bodies,
+through the real app (TestClient) and real workers and projector against the real
+session server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, cast
+
+import msgspec
+import pytest
+import redis
+from starlette.testclient import TestClient
+
+from consumers.projector import Projector
+from consumers.worker import Handler, Worker
+from sumbatch.api import MAX_IDEMPOTENCY_KEY, create_app
+from sumbatch.config import Settings
+from sumbatch.events import (
+    WORKER_GROUP,
+    AnyEvent,
+    GroupCancelled,
+    GroupFinished,
+    Keys,
+    TaskCompleted,
+    TaskDeadLettered,
+    TaskFailed,
+    TaskRevoked,
+    TaskStarted,
+    TaskSubmitted,
+    from_fields,
+    to_fields,
+)
+from sumbatch.store import Store
+from tests.support import make_store, wait_until
+
+PAIRS = [(1, 5), (9, 10), (12, 13)]
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def raw(settings: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(settings.client_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def body_of(pairs: list[tuple[int, int]]) -> dict[str, Any]:
+    return {"tasks": [{"paramA": a, "paramB": b} for a, b in pairs]}
+
+
+def submit(client: TestClient, pairs: list[tuple[int, int]]) -> dict[str, Any]:
+    response = client.post("/grouptasks", json=body_of(pairs))
+    assert response.status_code == 200, response.text
+    created: dict[str, Any] = response.json()
+    return created
+
+
+def entries(raw: redis.Redis, key: str) -> list[tuple[str, dict[str, str]]]:
+    return cast(list[tuple[str, dict[str, str]]], raw.xrange(key))
+
+
+def events(raw: redis.Redis, settings: Settings) -> list[AnyEvent]:
+    return [from_fields(f) for _, f in entries(raw, Keys(settings.namespace).events)]
+
+
+def kinds(raw: redis.Redis, settings: Settings) -> Counter[str]:
+    return Counter(type(e).__name__ for e in events(raw, settings))
+
+
+def appended(raw: redis.Redis, settings: Settings) -> tuple[int, int]:
+    keys = Keys(settings.namespace)
+    return int(raw.xlen(keys.events)), int(raw.xlen(keys.work))
+
+
+def run(settings: Settings, scenario: Callable[[Store], Awaitable[None]]) -> None:
+    """Run ``scenario`` with a store of its own, in a fresh event loop."""
+
+    async def main() -> None:
+        store = make_store(settings)
+        try:
+            await scenario(store)
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(main())
+
+
+def work(settings: Settings, handler: Handler | None = None) -> None:
+    async def scenario(store: Store) -> None:
+        await Worker(settings, store, handler=handler).run_until_idle()
+
+    run(settings, scenario)
+
+
+def project(settings: Settings) -> None:
+    async def scenario(store: Store) -> None:
+        await Projector(store).run_until_idle()
+
+    run(settings, scenario)
+
+
+def recording(calls: list[tuple[int, int]]) -> Handler:
+    def handler(a: int, b: int) -> int:
+        calls.append((a, b))
+        return a + b
+
+    return handler
+
+
+# -- cancellation ---------------------------------------------------------------
+
+
+def test_cancel_revokes_every_task_not_started(
+    client: TestClient, raw: redis.Redis, settings: Settings
+) -> None:
+    created = submit(client, PAIRS)
+    gid = created["groupTaskId"]
+
+    response = client.delete(f"/grouptasks/{gid}")
+    assert response.status_code == 202
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"groupTaskId": gid, "grouptaskCancelled": True, "tasksRevoked": 3}
+
+    project(settings)
+    for tid in created["taskIds"]:
+        task = client.get(f"/tasks/{tid}").json()
+        assert (task["taskState"], task["resultReady"]) == ("REVOKED", True)
+        assert (task["taskSucceeded"], task["result"], task["attempts"]) == (False, None, 0)
+    group = client.get(f"/grouptasks/{gid}").json()
+    assert group == {
+        "groupTaskId": gid,
+        "grouptaskProcessed": True,
+        "grouptaskSucceeded": False,
+        "results": [],
+        "tasksCompleted": 3,
+        "tasksTotal": 3,
+        "tasksFailed": 0,
+        "tasksRevoked": 3,
+        "grouptaskCancelled": True,
+    }
+    log = events(raw, settings)
+    assert [type(e) for e in log[1:]] == [GroupCancelled] + [TaskRevoked] * 3 + [GroupFinished]
+    revoked = [e for e in log if isinstance(e, TaskRevoked)]
+    assert [(e.task_id, e.index) for e in revoked] == [
+        (tid, i) for i, tid in enumerate(created["taskIds"])
+    ]
+    (finished,) = [e for e in log if isinstance(e, GroupFinished)]
+    assert (finished.tasks_revoked, finished.tasks_failed, finished.succeeded) == (3, 0, False)
+    # The audit stream holds the same history.
+    history = entries(raw, Keys(settings.namespace).group_log(gid))
+    assert [f["type"] for _, f in history] == [type(e).__name__ for e in log]
+
+
+def test_a_second_cancel_is_idempotent_and_appends_nothing(
+    client: TestClient, raw: redis.Redis, settings: Settings
+) -> None:
+    gid = submit(client, PAIRS)["groupTaskId"]
+    assert client.delete(f"/grouptasks/{gid}").json()["tasksRevoked"] == 3
+    before = appended(raw, settings)
+
+    again = client.delete(f"/grouptasks/{gid}")
+    assert again.status_code == 202
+    assert again.json() == {"groupTaskId": gid, "grouptaskCancelled": True, "tasksRevoked": 0}
+    assert appended(raw, settings) == before
+    assert kinds(raw, settings)["GroupCancelled"] == 1
+
+
+@pytest.mark.parametrize("ident", [str(uuid.uuid4()), "not-a-uuid", "*", "%7Bx%7D:events"])
+def test_cancel_of_an_unknown_or_malformed_id_is_404_and_appends_nothing(
+    client: TestClient, raw: redis.Redis, settings: Settings, ident: str
+) -> None:
+    response = client.delete(f"/grouptasks/{ident}")
+    assert response.status_code == 404
+    assert response.json() == {"error": "no such groupTaskId", "status": 404}
+    assert appended(raw, settings) == (0, 0)
+    keys = Keys(settings.namespace)
+    # Nothing but the work stream the app's start-up created.
+    assert set(raw.scan_iter(match=f"{keys.tag}:*")) == {keys.work}
+
+
+def test_revoked_entries_are_acknowledged_without_running(
+    client: TestClient, raw: redis.Redis, settings: Settings
+) -> None:
+    created = submit(client, PAIRS)
+    client.delete(f"/grouptasks/{created['groupTaskId']}")
+    calls: list[tuple[int, int]] = []
+    work(settings, recording(calls))
+
+    assert calls == []
+    counts = kinds(raw, settings)
+    assert (counts["TaskStarted"], counts["TaskCompleted"], counts["TaskFailed"]) == (0, 0, 0)
+    assert counts["GroupFinished"] == 1
+    (info,) = raw.xinfo_groups(Keys(settings.namespace).work)
+    assert (info["pending"], info["lag"]) == (0, 0)
+
+
+def test_a_started_task_runs_to_its_end_after_cancel(
+    client: TestClient, raw: redis.Redis, settings: Settings
+) -> None:
+    """One worker slot: the first task is running (blocked) when the group is
+    cancelled; it still ends as SUCCESS, the others end as REVOKED, unrun."""
+    created = submit(client, PAIRS)
+    gid, tids = created["groupTaskId"], created["taskIds"]
+    calls: list[tuple[int, int]] = []
+    cancelled: dict[str, Any] = {}
+
+    async def scenario(store: Store) -> None:
+        gate = asyncio.Event()
+
+        async def gated(a: int, b: int) -> int:
+            calls.append((a, b))
+            await gate.wait()
+            return a + b
+
+        one_slot = msgspec.structs.replace(settings, worker_concurrency=1)
+        worker = Worker(one_slot, store, handler=gated)
+        running = asyncio.create_task(worker.run())
+
+        async def first_started() -> bool:
+            return any(
+                isinstance(e, TaskStarted) and e.task_id == tids[0] for e in events(raw, settings)
+            )
+
+        await wait_until(first_started, what="the first task to start")
+        response = await asyncio.to_thread(client.delete, f"/grouptasks/{gid}")
+        cancelled.update(status=response.status_code, body=response.json())
+        gate.set()
+
+        async def all_done() -> bool:
+            (info,) = await store.redis.xinfo_groups(store.keys.work)
+            finished = kinds(raw, settings)["GroupFinished"] == 1
+            return finished and info["pending"] == 0 and info["lag"] == 0
+
+        await wait_until(all_done, what="the group to finish and every entry to be acked")
+        worker.should_exit = True
+        await asyncio.wait_for(running, 10)
+        await Projector(store).run_until_idle()
+
+    run(settings, scenario)
+
+    assert cancelled == {
+        "status": 202,
+        "body": {"groupTaskId": gid, "grouptaskCancelled": True, "tasksRevoked": 2},
+    }
+    assert calls == [PAIRS[0]]
+    first = client.get(f"/tasks/{tids[0]}").json()
+    assert (first["taskState"], first["result"], first["taskSucceeded"]) == ("SUCCESS", 6, True)
+    for tid in tids[1:]:
+        assert client.get(f"/tasks/{tid}").json()["taskState"] == "REVOKED"
+    group = client.get(f"/grouptasks/{gid}").json()
+    assert group["grouptaskProcessed"] is True
+    assert group["grouptaskCancelled"] is True
+    assert group["grouptaskSucceeded"] is False
+    assert (group["results"], group["tasksCompleted"], group["tasksRevoked"]) == ([6], 3, 2)
+    log = events(raw, settings)
+    assert [e.task_id for e in log if isinstance(e, TaskStarted)] == [tids[0]]
+    assert [e.task_id for e in log if isinstance(e, TaskCompleted)] == [tids[0]]
+    (finished,) = [e for e in log if isinstance(e, GroupFinished)]
+    assert (finished.tasks_revoked, finished.succeeded) == (2, False)
+
+
+# -- Idempotency-Key ------------------------------------------------------------
+
+
+def test_same_key_and_body_replays_the_first_answer(
+    client: TestClient, raw: redis.Redis, settings: Settings
+) -> None:
+    content = msgspec.json.encode(body_of(PAIRS))
+    headers = {"content-type": "application/json", "idempotency-key": "order-42"}
+    first = client.post("/grouptasks", content=content, headers=headers)
+    second = client.post("/grouptasks", content=content, headers=headers)
+
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert "idempotent-replayed" not in first.headers
+    assert second.headers["idempotent-replayed"] == "true"
+    assert second.json() == first.json()
+    assert len(first.json()["taskIds"]) == 3
+    assert kinds(raw, settings)["GroupSubmitted"] == 1
+    assert appended(raw, settings) == (1, 3)
+
+
+def test_same_key_with_another_body_is_422_and_appends_nothing(
+    client: TestClient, raw: redis.Redis, settings: Settings
+) -> None:
+    headers = {"idempotency-key": "order-43"}
+    first = client.post("/grouptasks", json=body_of(PAIRS), headers=headers)
+    assert first.status_code == 200
+    before = appended(raw, settings)
+
+    other = client.post("/grouptasks", json=body_of([(1, 1)]), headers=headers)
+    assert other.status_code == 422
+    assert other.json() == {
+        "error": "Idempotency-Key was used before with a different body",
+        "status": 422,
+    }
+    assert appended(raw, settings) == before
+    # The first group is untouched and still answers.
+    group = client.get(f"/grouptasks/{first.json()['groupTaskId']}").json()
+    assert group["tasksTotal"] == 3
+
+
+@pytest.mark.parametrize("key", ["k" * (MAX_IDEMPOTENCY_KEY + 1), "k" * 10_000, ""])
+def test_a_key_of_the_wrong_length_is_400_and_appends_nothing(
+    client: TestClient, raw: redis.Redis, settings: Settings, key: str
+) -> None:
+    response = client.post("/grouptasks", json=body_of(PAIRS), headers={"idempotency-key": key})
+    assert response.status_code == 400
+    assert "Idempotency-Key must be 1 to 255 characters" in response.json()["error"]
+    assert appended(raw, settings) == (0, 0)
+
+
+def test_a_key_of_the_longest_length_is_accepted(client: TestClient) -> None:
+    headers = {"idempotency-key": "k" * MAX_IDEMPOTENCY_KEY}
+    first = client.post("/grouptasks", json=body_of(PAIRS), headers=headers)
+    second = client.post("/grouptasks", json=body_of(PAIRS), headers=headers)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert second.headers["idempotent-replayed"] == "true"
+    assert first.json() == second.json()
+
+
+def test_different_keys_make_different_groups(
+    client: TestClient, raw: redis.Redis, settings: Settings
+) -> None:
+    one = client.post("/grouptasks", json=body_of(PAIRS), headers={"idempotency-key": "a"})
+    two = client.post("/grouptasks", json=body_of(PAIRS), headers={"idempotency-key": "b"})
+    assert (one.status_code, two.status_code) == (200, 200)
+    assert "idempotent-replayed" not in two.headers
+    assert one.json()["groupTaskId"] != two.json()["groupTaskId"]
+    assert not set(one.json()["taskIds"]) & set(two.json()["taskIds"])
+    assert kinds(raw, settings)["GroupSubmitted"] == 2
+
+
+# -- dead letters and poison pills ----------------------------------------------
+
+
+def test_a_task_that_always_fails_is_dead_lettered_and_its_group_finishes(
+    client: TestClient, raw: redis.Redis, settings: Settings
+) -> None:
+    created = submit(client, [(1, 2), (13, 4)])
+    gid, (ok_id, bad_id) = created["groupTaskId"], created["taskIds"]
+    calls: Counter[tuple[int, int]] = Counter()
+
+    def unlucky(a: int, b: int) -> int:
+        calls[(a, b)] += 1
+        if a == 13:
+            raise RuntimeError("unlucky thirteen")
+        return a + b
+
+    work(settings, unlucky)
+    project(settings)
+
+    assert calls == Counter({(1, 2): 1, (13, 4): settings.max_attempts})
+    bad = client.get(f"/tasks/{bad_id}").json()
+    assert (bad["taskState"], bad["resultReady"], bad["taskSucceeded"]) == ("FAILURE", True, False)
+    assert (bad["attempts"], bad["error"]) == (
+        settings.max_attempts,
+        "RuntimeError: unlucky thirteen",
+    )
+    assert client.get(f"/tasks/{ok_id}").json()["taskState"] == "SUCCESS"
+
+    keys = Keys(settings.namespace)
+    log = entries(raw, keys.events)
+    ((failed_id, failed_fields),) = [(i, f) for i, f in log if f["type"] == "TaskFailed"]
+    failed = from_fields(failed_fields)
+    assert isinstance(failed, TaskFailed)
+    assert (failed.task_id, failed.attempts) == (bad_id, settings.max_attempts)
+    # The dead-letter stream holds exactly the TaskFailed event, under the same id.
+    assert entries(raw, keys.dead_letters) == [(failed_id, failed_fields)]
+    assert failed_fields == to_fields(failed)
+    dead = [e for e in (from_fields(f) for _, f in log) if isinstance(e, TaskDeadLettered)]
+    assert dead == [
+        TaskDeadLettered(
+            task_id=bad_id,
+            group_task_id=gid,
+            index=1,
+            param_a=13,
+            param_b=4,
+            error="RuntimeError: unlucky thirteen",
+        )
+    ]
+
+    group = client.get(f"/grouptasks/{gid}").json()
+    assert (group["grouptaskProcessed"], group["grouptaskSucceeded"]) == (True, False)
+    assert (group["results"], group["tasksFailed"], group["tasksCompleted"]) == ([3], 1, 2)
+    finished = [e for e in events(raw, settings) if isinstance(e, GroupFinished)]
+    assert [(f.succeeded, f.tasks_failed) for f in finished] == [(False, 1)]
+
+
+@pytest.mark.parametrize("extra_runs", [0, 1], ids=["max_attempts", "max_attempts+1"])
+def test_a_poison_pill_is_given_up_without_running_it(
+    client: TestClient, raw: redis.Redis, settings: Settings, extra_runs: int
+) -> None:
+    """Each run of the task kills its worker: the entry is claimed again and again,
+    begun each time, never ended. Once it has used up its attempts, the next worker
+    to take it over ends it as FAILURE instead of running it once more."""
+    lost = settings.max_attempts + extra_runs
+    created = submit(client, [(4, 4)])
+    (tid,) = created["taskIds"]
+    calls: list[tuple[int, int]] = []
+    worker_names: list[str] = []
+
+    async def scenario(store: Store) -> None:
+        [(entry_id, fields)] = await store.read_work("doomed-0", 10, block_ms=100)
+        item = from_fields(fields)
+        assert isinstance(item, TaskSubmitted)
+        for n in range(lost):
+            if n:
+                [(claimed, _)] = await store.autoclaim(f"doomed-{n}", min_idle_ms=0)
+                assert claimed == entry_id
+            [decision] = await store.begin([item], [entry_id])
+            assert decision == [2, n + 1]  # "run it", attempt n + 1
+        # The last one died long ago: its entry is idle past the claim timeout.
+        idle = int(settings.claim_timeout * 1000) * 10
+        await store.redis.xclaim(
+            store.keys.work, WORKER_GROUP, f"doomed-{lost - 1}", 0, [entry_id], idle=idle
+        )
+        worker = Worker(settings, store, handler=recording(calls))
+        worker_names.append(worker.name)
+        await worker.run_until_idle()
+        await Projector(store).run_until_idle()
+
+    run(settings, scenario)
+
+    assert calls == []
+    log = events(raw, settings)
+    assert not [e for e in log if isinstance(e, TaskStarted)]
+    (failed,) = [e for e in log if isinstance(e, TaskFailed)]
+    assert failed.worker == worker_names[0]
+    assert (failed.task_id, failed.attempts) == (tid, lost)
+    assert "gave up" in failed.error
+    task = client.get(f"/tasks/{tid}").json()
+    assert (task["taskState"], task["resultReady"]) == ("FAILURE", True)
+    assert "gave up" in task["error"]
+    group = client.get(f"/grouptasks/{created['groupTaskId']}").json()
+    assert (group["grouptaskProcessed"], group["grouptaskSucceeded"]) == (True, False)
+    (info,) = raw.xinfo_groups(Keys(settings.namespace).work)
+    assert info["pending"] == 0
+
+
+def test_a_task_with_attempts_left_after_lost_runs_is_run(
+    client: TestClient, raw: redis.Redis, settings: Settings
+) -> None:
+    """The boundary of the poison-pill rule: one attempt left means one more run."""
+    created = submit(client, [(4, 4)])
+    (tid,) = created["taskIds"]
+    calls: list[tuple[int, int]] = []
+
+    async def scenario(store: Store) -> None:
+        [(entry_id, fields)] = await store.read_work("doomed-0", 10, block_ms=100)
+        item = from_fields(fields)
+        assert isinstance(item, TaskSubmitted)
+        for n in range(settings.max_attempts - 1):
+            if n:
+                await store.autoclaim(f"doomed-{n}", min_idle_ms=0)
+            await store.begin([item], [entry_id])
+        idle = int(settings.claim_timeout * 1000) * 10
+        await store.redis.xclaim(store.keys.work, WORKER_GROUP, "gone", 0, [entry_id], idle=idle)
+        await Worker(settings, store, handler=recording(calls)).run_until_idle()
+        await Projector(store).run_until_idle()
+
+    run(settings, scenario)
+
+    assert calls == [(4, 4)]
+    started = [e for e in events(raw, settings) if isinstance(e, TaskStarted)]
+    assert [(e.task_id, e.attempt) for e in started] == [(tid, settings.max_attempts)]
+    task = client.get(f"/tasks/{tid}").json()
+    assert (task["taskState"], task["result"], task["attempts"]) == (
+        "SUCCESS",
+        8,
+        settings.max_attempts,
+    )
+
+
+# -- hostile bodies -------------------------------------------------------------
+
+DEPTH = 10_000
+
+
+def nested(depth: int, open_: bytes, close: bytes, core: bytes = b"") -> bytes:
+    return open_ * depth + core + close * depth
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"tasks": ' + nested(DEPTH, b"[", b"]") + b"}",
+        b'{"tasks": ' + nested(100_000, b"[", b"]") + b"}",
+        nested(DEPTH, b"[", b"]"),
+        nested(DEPTH, b'{"tasks": ', b"}", b"[]"),
+        b'{"tasks": [{"paramA": ' + nested(DEPTH, b'{"a": ', b"}", b"1") + b', "paramB": 1}]}',
+        b'{"tasks": [{"paramA": 1, "paramB": ' + nested(DEPTH, b"[", b"]") + b"}]}",
+        b'{"tasks": [{"paramA": 1, "paramB": 1}], "x": ' + nested(DEPTH, b"[", b"]") + b"}",
+        b'{"x": '
+        + nested(DEPTH, b'{"y": ', b"}", b"0")
+        + b', "tasks": [{"paramA": 1, "paramB": 1}]}',
+        b'{"tasks": ' + b"[" * DEPTH,  # never closed
+    ],
+    ids=[
+        "tasks-arrays",
+        "tasks-arrays-100k",
+        "top-level-arrays",
+        "nested-tasks-objects",
+        "param-objects",
+        "param-arrays",
+        "unknown-field-arrays",
+        "unknown-field-first-objects",
+        "unclosed",
+    ],
+)
+def test_deep_nesting_is_a_4xx_and_appends_nothing(
+    client: TestClient, raw: redis.Redis, settings: Settings, body: bytes
+) -> None:
+    response = client.post(
+        "/grouptasks", content=body, headers={"content-type": "application/json"}
+    )
+    assert 400 <= response.status_code < 500, response.text
+    assert response.headers["content-type"] == "application/json"
+    answer = response.json()
+    assert answer["status"] == response.status_code
+    assert isinstance(answer["error"], str) and answer["error"]
+    assert appended(raw, settings) == (0, 0)
+
+
+def test_a_declared_content_length_over_the_limit_is_413(
+    raw: redis.Redis, settings: Settings
+) -> None:
+    """The declared length alone is refused: the body sent is small and valid."""
+    content = msgspec.json.encode(body_of([(1, 1)]))
+    limit = len(content) + 10
+    small = msgspec.structs.replace(settings, max_body_bytes=limit)
+    with TestClient(create_app(small)) as client:
+        fits = client.post(
+            "/grouptasks", content=content, headers={"content-type": "application/json"}
+        )
+        assert fits.status_code == 200
+        response = client.post(
+            "/grouptasks",
+            content=content,
+            headers={"content-type": "application/json", "content-length": str(limit + 1)},
+        )
+    assert response.status_code == 413
+    assert response.json() == {"error": f"body larger than {limit} bytes", "status": 413}
+    assert kinds(raw, settings)["GroupSubmitted"] == 1

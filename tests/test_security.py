@@ -1,0 +1,406 @@
+"""Bearer token on the writing endpoints, Redis ACL users, and TLS to Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import quote, urlsplit
+
+import msgspec
+import pytest
+import redis
+from starlette.testclient import TestClient
+
+from consumers.projector import Projector
+from consumers.worker import Worker
+from sumbatch import ids
+from sumbatch.api import create_app
+from sumbatch.config import Settings
+from sumbatch.embedded import EmbeddedServer, find_server
+from sumbatch.events import Keys
+from tests.support import free_port, make_store, wait_until_sync
+
+TOKEN = "s3cret"
+TASKS = {"tasks": [{"paramA": 1, "paramB": 2}, {"paramA": 3, "paramB": 4}]}
+
+
+@pytest.fixture
+def raw(settings: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(settings.client_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def appended(raw: redis.Redis, settings: Settings) -> tuple[int, int]:
+    keys = Keys(settings.namespace)
+    return int(raw.xlen(keys.events)), int(raw.xlen(keys.work))
+
+
+# -- (a) bearer token -----------------------------------------------------------
+
+
+@pytest.fixture
+def guarded(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(msgspec.structs.replace(settings, api_token=TOKEN))) as client:
+        yield client
+
+
+WRONG = [
+    None,
+    f"Bearer {TOKEN}x",
+    "Bearer s3cre",
+    "Bearer ",
+    "Bearer",
+    f"Basic {TOKEN}",
+    TOKEN,
+    f"Token {TOKEN}",
+]
+
+
+def auth(value: str | None) -> dict[str, str]:
+    return {} if value is None else {"authorization": value}
+
+
+def assert_401(response: Any) -> None:
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"error": "missing or wrong bearer token", "status": 401}
+
+
+@pytest.mark.parametrize("header", WRONG)
+def test_post_without_the_right_token_is_401_and_appends_nothing(
+    guarded: TestClient, raw: redis.Redis, settings: Settings, header: str | None
+) -> None:
+    assert_401(guarded.post("/grouptasks", json=TASKS, headers=auth(header)))
+    assert appended(raw, settings) == (0, 0)
+
+
+@pytest.mark.parametrize("header", WRONG)
+def test_delete_without_the_right_token_is_401_and_appends_nothing(
+    guarded: TestClient, raw: redis.Redis, settings: Settings, header: str | None
+) -> None:
+    created = guarded.post("/grouptasks", json=TASKS, headers=auth(f"Bearer {TOKEN}"))
+    assert created.status_code == 200
+    before = appended(raw, settings)
+    assert_401(guarded.delete(f"/grouptasks/{created.json()['groupTaskId']}", headers=auth(header)))
+    assert appended(raw, settings) == before
+    group = guarded.get(f"/grouptasks/{created.json()['groupTaskId']}").json()
+    assert group["grouptaskCancelled"] is False
+
+
+def test_the_token_is_checked_before_the_body(
+    guarded: TestClient, raw: redis.Redis, settings: Settings
+) -> None:
+    """No hint about the body's validity to a caller without the token."""
+    response = guarded.post("/grouptasks", content=b"not json", headers={"content-type": "x/y"})
+    assert_401(response)
+    assert appended(raw, settings) == (0, 0)
+
+
+@pytest.mark.parametrize("header", [f"Bearer {TOKEN}", f"bearer {TOKEN}", f"BEARER  {TOKEN} "])
+def test_the_right_token_is_accepted(
+    guarded: TestClient, raw: redis.Redis, settings: Settings, header: str
+) -> None:
+    created = guarded.post("/grouptasks", json=TASKS, headers=auth(header))
+    assert created.status_code == 200
+    assert appended(raw, settings) == (1, 2)
+    gid = created.json()["groupTaskId"]
+    cancelled = guarded.delete(f"/grouptasks/{gid}", headers=auth(header))
+    assert cancelled.status_code == 202
+    assert cancelled.json() == {"groupTaskId": gid, "grouptaskCancelled": True, "tasksRevoked": 2}
+
+
+def test_reads_stay_open(guarded: TestClient) -> None:
+    created = guarded.post("/grouptasks", json=TASKS, headers=auth(f"Bearer {TOKEN}")).json()
+    for path in [
+        f"/grouptasks/{created['groupTaskId']}",
+        f"/tasks/{created['taskIds'][0]}",
+        "/healthz",
+        "/readyz",
+        "/openapi.json",
+    ]:
+        response = guarded.get(path)
+        assert response.status_code == 200, path
+    assert guarded.get(f"/grouptasks/{uuid.uuid4()}").status_code == 404
+
+
+def test_the_document_declares_the_bearer_scheme(guarded: TestClient) -> None:
+    document = guarded.get("/openapi.json").json()
+    assert document["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+    }
+    paths = document["paths"]
+    assert paths["/grouptasks"]["post"]["security"] == [{"bearer": []}]
+    assert paths["/grouptasks/{groupTaskId}"]["delete"]["security"] == [{"bearer": []}]
+    assert "security" not in paths["/grouptasks/{groupTaskId}"]["get"]
+
+
+def test_without_a_token_configured_writes_are_open(settings: Settings, raw: redis.Redis) -> None:
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/grouptasks", json=TASKS).status_code == 200
+    assert appended(raw, settings) == (1, 2)
+
+
+# -- the whole flow, for (b) and (c) --------------------------------------------
+
+
+def run_flow(settings: Settings) -> tuple[dict[str, Any], str]:
+    """POST over the API, a worker and the projector, GET the group; returns the
+    group and the user the worker's connection is authenticated as."""
+    with TestClient(create_app(settings)) as client:
+        created = client.post("/grouptasks", json=TASKS)
+        assert created.status_code == 200, created.text
+        whoami: list[str] = []
+
+        async def work_and_project() -> None:
+            store = make_store(settings)
+            try:
+                whoami.append(str(await store.redis.acl_whoami()))
+                await Worker(settings, store).run_until_idle()
+                await Projector(store).run_until_idle()
+            finally:
+                await store.redis.aclose()
+
+        asyncio.run(work_and_project())
+        group = client.get(f"/grouptasks/{created.json()['groupTaskId']}")
+        assert group.status_code == 200
+        body: dict[str, Any] = group.json()
+        return body, whoami[0]
+
+
+def assert_processed(group: dict[str, Any]) -> None:
+    assert group["grouptaskProcessed"] is True
+    assert group["grouptaskSucceeded"] is True
+    assert group["results"] == [3, 7]
+
+
+def with_credentials(url: str, user: str, password: str) -> str:
+    parts = urlsplit(url)
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}:{parts.port}"
+    return parts._replace(netloc=netloc).geturl()
+
+
+# -- (b) ACL --------------------------------------------------------------------
+
+
+@pytest.fixture
+def acl_user(redis_url: str, settings: Settings) -> Iterator[tuple[str, str, redis.Redis]]:
+    """A unique ACL user, deleted at the end; yields (name, password, admin client)."""
+    admin = redis.Redis.from_url(redis_url, decode_responses=True)
+    name = f"sumbatch-test-{uuid.uuid4().hex[:8]}"
+    password = uuid.uuid4().hex
+    try:
+        yield name, password, admin
+    finally:
+        admin.acl_deluser(name)
+        admin.close()
+
+
+def create_user(admin: redis.Redis, name: str, password: str, key_pattern: str) -> None:
+    """ACL SETUSER <name> on ><password> ~<key_pattern> &* +@all"""
+    created = admin.acl_setuser(
+        name,
+        enabled=True,
+        passwords=[f"+{password}"],
+        keys=[key_pattern],
+        channels=["*"],
+        categories=["+@all"],
+    )
+    assert created is True
+    rules = cast(dict[str, Any], admin.acl_getuser(name))
+    assert (rules["enabled"], rules["keys"]) == (True, [f"~{key_pattern}"])
+    assert (rules["channels"], rules["categories"]) == (["&*"], ["+@all"])
+
+
+@pytest.mark.parametrize("keys", ["*", "{ns}:*"], ids=["all-keys", "namespace-keys-only"])
+def test_the_flow_runs_as_an_acl_user(
+    acl_user: tuple[str, str, redis.Redis], redis_url: str, settings: Settings, keys: str
+) -> None:
+    name, password, admin = acl_user
+    pattern = keys.replace("{ns}", Keys(settings.namespace).tag)
+    create_user(admin, name, password, pattern)
+    as_user = msgspec.structs.replace(
+        settings, redis_url=with_credentials(redis_url, name, password)
+    )
+    group, whoami = run_flow(as_user)
+    assert whoami == name
+    assert_processed(group)
+
+
+def test_a_wrong_password_makes_the_api_answer_503(
+    acl_user: tuple[str, str, redis.Redis], redis_url: str, settings: Settings, raw: redis.Redis
+) -> None:
+    name, password, admin = acl_user
+    create_user(admin, name, password, "*")
+    wrong = msgspec.structs.replace(
+        settings, redis_url=with_credentials(redis_url, name, password + "x")
+    )
+    with TestClient(create_app(wrong)) as client:
+        for response in [
+            client.post("/grouptasks", json=TASKS),
+            client.get(f"/grouptasks/{ids.new_group_id()}"),
+            client.delete(f"/grouptasks/{ids.new_group_id()}"),
+            client.get("/readyz"),
+        ]:
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == "1"
+            assert response.json() == {"error": "storage unavailable, retry later", "status": 503}
+        assert client.get("/healthz").status_code == 200
+    assert appended(raw, settings) == (0, 0)
+
+
+# -- (c) TLS --------------------------------------------------------------------
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl CLI to make a certificate with")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def start_tls_server(tmp_path: Path, cert: Path, key: Path) -> tuple[EmbeddedServer, int]:
+    """A server with a TLS port beside its plain one, or a skip that says why the
+    binary cannot do it."""
+    binary = find_server()
+    tls_port = free_port()
+    server = EmbeddedServer(
+        tmp_path / "tls-data",
+        free_port(),
+        binary=binary,
+        extra_args=(
+            "--tls-port", str(tls_port),
+            "--tls-cert-file", str(cert),
+            "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(cert),
+            "--tls-auth-clients", "no",
+        ),
+    )  # fmt: skip
+    try:
+        server.start()
+    except (RuntimeError, TimeoutError) as exc:
+        server.stop()
+        log = tmp_path / "tls-data" / "server.log"
+        said = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+        why = [line.split(" # ", 1)[-1] for line in said if " # " in line]
+        pytest.skip(f"{binary} cannot serve TLS: {'; '.join(why[-2:]) or exc}")
+    return server, tls_port
+
+
+def test_the_flow_runs_over_tls(tmp_path: Path, settings: Settings) -> None:
+    cert, key = self_signed(tmp_path)
+    server, tls_port = start_tls_server(tmp_path, cert, key)
+    try:
+        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={quote(str(cert))}"
+        over_tls = msgspec.structs.replace(settings, redis_url=url)
+        group, _ = run_flow(over_tls)
+        assert_processed(group)
+        # The port really speaks TLS only: a plain client cannot talk to it.
+        plain = redis.Redis(port=tls_port, socket_connect_timeout=2, socket_timeout=2)
+        with pytest.raises((redis.ConnectionError, redis.TimeoutError)):
+            plain.ping()
+        plain.close()
+        # And the data went to that server, not to the session one.
+        secure = redis.Redis.from_url(url, decode_responses=True)
+        try:
+            assert secure.xlen(Keys(settings.namespace).events) == 6
+        finally:
+            secure.close()
+    finally:
+        server.stop()
+        wait_until_sync(lambda: server.process is None or server.process.poll() is not None)
+
+
+class TlsProxy:
+    """Terminates TLS on a free port and forwards the bytes to a plain server: the
+    client side of rediss:// (sumbatch's connections, the CA in the URL) gets tested
+    even with a server binary built without TLS."""
+
+    def __init__(self, upstream: str, cert: Path, key: Path) -> None:
+        parts = urlsplit(upstream)
+        self.upstream = (parts.hostname or "127.0.0.1", parts.port or 6379)
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(cert, key)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.handlers: set[asyncio.Task[None]] = set()
+        self.connections = 0
+        self.port = 0
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            up_writer.close()
+            writer.close()
+            self.handlers.discard(task)
+
+    async def _start(self) -> asyncio.Server:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.context)
+        self.port = server.sockets[0].getsockname()[1]
+        return server
+
+    async def _stop(self, server: asyncio.Server) -> None:
+        server.close()
+        for task in list(self.handlers):
+            task.cancel()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
+        await server.wait_closed()
+
+    def __enter__(self) -> TlsProxy:
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(self.server), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def test_the_flow_runs_over_tls_through_a_terminating_proxy(
+    tmp_path: Path, redis_url: str, settings: Settings
+) -> None:
+    cert, key = self_signed(tmp_path)
+    with TlsProxy(redis_url, cert, key) as proxy:
+        url = f"rediss://127.0.0.1:{proxy.port}/0?ssl_ca_certs={quote(str(cert))}"
+        group, _ = run_flow(msgspec.structs.replace(settings, redis_url=url))
+        assert_processed(group)
+        assert proxy.connections >= 2  # the API's, and the worker's and projector's
+        # Without the CA the certificate is refused: the URL's CA is what is used.
+        untrusting = redis.Redis.from_url(f"rediss://127.0.0.1:{proxy.port}/0")
+        with pytest.raises(redis.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            untrusting.ping()
+        untrusting.close()
