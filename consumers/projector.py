@@ -47,7 +47,7 @@ class Projector:
         self.position = new_position
         return len(entries)
 
-    async def run(self, trim_every: float = 5.0) -> None:
+    async def run(self, trim_every: float = 1.0) -> None:
         log.info("projector reading %s", self.store.keys.events)
         outage = Outage(log, "projector")
         last_trim = time.monotonic()

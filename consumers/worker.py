@@ -165,6 +165,8 @@ class Worker:
                 if now - last_trim >= trim_every:
                     last_trim = now
                     await self.store.trim_work()
+                    # Dead workers' names, once they hold nothing: tidy XINFO CONSUMERS.
+                    await self.store.forget_idle_consumers(self.claim_ms * 10)
                 outage.ok()
             except Exception as exc:  # this loop must outlive any error (OOM, BUSY, ...)
                 await asyncio.sleep(outage.failed(exc))

@@ -112,15 +112,21 @@ NEXT_ATTEMPT = """
 return redis.call('BITFIELD', KEYS[1], 'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' .. ARGV[1], 1)[1]
 """
 
-# Append events to the log and their group's audit stream.
+# Append progress events (started, retried) to the log and their group's audit
+# stream, unless the group is gone (expired): a late run must not bring its keys back.
 # KEYS: events. ARGV: prefixes json, items json: [group id, event fields] per event.
 APPEND = (
     _LIB
     + """
 local P = cjson.decode(ARGV[1])
-local items = cjson.decode(ARGV[2])
-for _, item in ipairs(items) do append(KEYS[1], P.log .. item[1], item[2]) end
-return #items
+local appended = 0
+for _, item in ipairs(cjson.decode(ARGV[2])) do
+  if redis.call('EXISTS', P.ledger .. item[1]) == 1 then
+    append(KEYS[1], P.log .. item[1], item[2])
+    appended = appended + 1
+  end
+end
+return appended
 """
 )
 
@@ -242,4 +248,22 @@ local summary = redis.call('XPENDING', KEYS[1], ARGV[1])
 local minid = last
 if tonumber(summary[1]) > 0 then minid = summary[2] end
 return redis.call('XTRIM', KEYS[1], 'MINID', minid)
+"""
+
+# Remove a consumer only if it still has nothing pending and is still idle: XGROUP
+# DELCONSUMER drops a consumer's pending entries, which would lose tasks.
+# KEYS: work. ARGV: group, consumer, min idle ms. Returns 1 if removed.
+FORGET_CONSUMER = """
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for j = 1, #c, 2 do info[c[j]] = c[j + 1] end
+  if info['name'] == ARGV[2] then
+    if info['pending'] == 0 and info['idle'] >= tonumber(ARGV[3]) then
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+      return 1
+    end
+    return 0
+  end
+end
+return 0
 """

@@ -101,6 +101,7 @@ class Store:
         self._commit = redis.register_script(scripts.COMMIT)
         self._trim_work = redis.register_script(scripts.TRIM_WORK)
         self._next_attempt = redis.register_script(scripts.NEXT_ATTEMPT)
+        self._forget_consumer = redis.register_script(scripts.FORGET_CONSUMER)
         self._prefixes = _json.encode(keys.prefixes())
 
     # -- producer -------------------------------------------------------------
@@ -293,10 +294,28 @@ class Store:
         return int(await self._trim_work(keys=[self.keys.work], args=[WORKER_GROUP]))
 
     async def trim_events(self, position: str, now_ms: int) -> int:
-        """Drop log entries older than the log retention that the views already include."""
+        """Drop log entries older than the log retention that the views already include,
+        and dead letters older than the retention."""
         cutoff = f"{now_ms - self.retention.log * 1000}-0"
         minid = min(cutoff, position, key=_id_key)
-        return int(await self.redis.xtrim(self.keys.events, minid=minid, approximate=True))
+        # limit=0: no cap on entries per call (the default stops at 10,000).
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xtrim(self.keys.events, minid=minid, approximate=True, limit=0)
+        pipe.xtrim(self.keys.dead_letters, minid=cutoff, approximate=True, limit=0)
+        trimmed, _ = await pipe.execute()
+        return int(trimmed)
+
+    async def forget_idle_consumers(self, idle_ms: int) -> list[str]:
+        """Remove consumers (dead workers) with nothing pending, idle for ``idle_ms``."""
+        gone = []
+        for consumer in await self.redis.xinfo_consumers(self.keys.work, WORKER_GROUP):
+            if consumer["pending"] == 0 and consumer["idle"] >= idle_ms:
+                # DELCONSUMER would drop pending entries: re-checked inside the server.
+                if await self._forget_consumer(
+                    keys=[self.keys.work], args=[WORKER_GROUP, consumer["name"], idle_ms]
+                ):
+                    gone.append(str(consumer["name"]))
+        return gone
 
     # -- event log: projector, replay, audit ----------------------------------
 
