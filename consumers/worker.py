@@ -200,7 +200,7 @@ class Worker:
         started: list[AnyEvent] = []
         for (entry_id, _), item, decision in zip(entries, items, decisions, strict=True):
             if decision[0] == 1:
-                self._record(entry_id, item, self._completed(item, int(decision[1]), True))
+                self._record(entry_id, item, self._completed(item, int(decision[1]), True, 0))
             elif decision[0] == 2 and int(decision[1]) > self.settings.max_attempts:
                 # Delivered again and again, never ended: its runs keep killing workers.
                 attempts = int(decision[1]) - 1
@@ -208,28 +208,28 @@ class Worker:
                 self._record(entry_id, item, self._failed(item, attempts, error))
             elif decision[0] == 2:
                 attempt = int(decision[1])
-                start = self._started(item, attempt)
                 delay = self.settings.delay.draw(self.rng)
                 error = None
                 if delay == 0 and not inspect.iscoroutinefunction(self.handler):
-                    error = self._run_inline(entry_id, item, start)
+                    error = self._run_inline(entry_id, item, attempt)
                     if error is None:
                         continue
-                started.append(start)
+                started.append(self._started(item, attempt))
                 self._running[entry_id] = asyncio.create_task(
                     self._run(entry_id, item, attempt, delay, error)
                 )
         await self.store.append(started)
 
-    def _run_inline(self, entry_id: str, item: TaskSubmitted, start: TaskStarted) -> str | None:
+    def _run_inline(self, entry_id: str, item: TaskSubmitted, attempt: int) -> str | None:
         """With no delay and a plain function, run the task here and now: no task
-        object, and its start is logged with its outcome in one step. Returns the
-        error if it failed (the async path then retries it)."""
+        object, and no TaskStarted (it starts and ends in the same instant; its
+        TaskCompleted names the attempt). Returns the error if it failed: the async
+        path then logs the start and retries it."""
         try:
             result = self.handler(item.param_a, item.param_b)
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
-        self._record(entry_id, item, self._completed(item, int(result), False), start)  # type: ignore[arg-type]
+        self._record(entry_id, item, self._completed(item, int(result), False, attempt))  # type: ignore[arg-type]
         return None
 
     async def _run(
@@ -252,7 +252,8 @@ class Worker:
                     result = self.handler(item.param_a, item.param_b)
                     if inspect.isawaitable(result):
                         result = await result
-                    self._record(entry_id, item, self._completed(item, int(result), False))
+                    completed = self._completed(item, int(result), False, attempt)
+                    self._record(entry_id, item, completed)
                     return
                 except asyncio.CancelledError:
                     raise
@@ -296,14 +297,10 @@ class Worker:
         )
 
     def _record(
-        self,
-        entry_id: str,
-        item: TaskSubmitted,
-        event: TaskCompleted | TaskFailed,
-        started: TaskStarted | None = None,
+        self, entry_id: str, item: TaskSubmitted, event: TaskCompleted | TaskFailed
     ) -> None:
         self._unflushed += 1
-        self._outcomes.put_nowait(Outcome(entry_id, event, item.param_a, item.param_b, started))
+        self._outcomes.put_nowait(Outcome(entry_id, event, item.param_a, item.param_b))
 
     def _started(self, item: TaskSubmitted, attempt: int) -> TaskStarted:
         return TaskStarted(
@@ -324,13 +321,16 @@ class Worker:
             worker=self.name,
         )
 
-    def _completed(self, item: TaskSubmitted, result: int, from_cache: bool) -> TaskCompleted:
+    def _completed(
+        self, item: TaskSubmitted, result: int, from_cache: bool, attempt: int
+    ) -> TaskCompleted:
         return TaskCompleted(
             task_id=item.task_id,
             group_task_id=item.group_task_id,
             index=item.index,
             result=result,
             from_cache=from_cache,
+            attempt=attempt,
             worker=self.name,
         )
 

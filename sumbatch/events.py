@@ -59,11 +59,15 @@ class TaskRetried(Event, tag=True, frozen=True):
 
 
 class TaskCompleted(Event, tag=True, frozen=True):
+    """``attempt`` is the run that produced it (0 for a cache hit: nothing ran). A run
+    with no delay logs no TaskStarted: it starts and ends in the same instant."""
+
     task_id: str
     group_task_id: str
     index: int
     result: int
     from_cache: bool
+    attempt: int
     worker: str
 
 

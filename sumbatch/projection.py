@@ -132,6 +132,7 @@ def apply(views: Views, event: AnyEvent) -> None:
         case TaskCompleted(index=i, result=result) if group.states[i] not in ENDED:
             group.states[i] = "C" if event.from_cache else "D"
             group.results[i] = result
+            group.attempts[i] = max(group.attempts[i], event.attempt)
             group.errors.pop(i, None)
             group.tasks_completed += 1
         case TaskFailed(index=i, attempts=attempts, error=error) if group.states[i] not in ENDED:

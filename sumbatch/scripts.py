@@ -25,26 +25,28 @@ local function append(events, log, fields)
   return id
 end
 
--- After a task ended: count it and, if it was the group's last, append GroupFinished
--- and start the clock on the group's write-side keys.
-local totals = {}  -- per ledger, read once per script call
-local function task_ended(events, ledger, ended, attempts, log, gid, state, ttl)
-  if state == 'FAILURE' then redis.call('HINCRBY', ledger, 'failed', 1) end
-  if state == 'REVOKED' then redis.call('HINCRBY', ledger, 'revoked', 1) end
-  local finished = redis.call('HINCRBY', ledger, 'finished', 1)
-  local total = totals[ledger]
-  if total == nil then
-    total = tonumber(redis.call('HGET', ledger, 'total') or '-1')
-    totals[ledger] = total
-  end
-  if finished ~= total then return end
-  local failed = tonumber(redis.call('HGET', ledger, 'failed') or '0')
-  local revoked = tonumber(redis.call('HGET', ledger, 'revoked') or '0')
+-- Count tasks that just ended in one group; if that was its last, append
+-- GroupFinished and start the clock on the group's write-side keys.
+local function tasks_ended(events, P, gid, ended, failed, revoked, ttl)
+  local ledger = P.ledger .. gid
+  if failed > 0 then redis.call('HINCRBY', ledger, 'failed', failed) end
+  if revoked > 0 then redis.call('HINCRBY', ledger, 'revoked', revoked) end
+  local finished = redis.call('HINCRBY', ledger, 'finished', ended)
+  local c = redis.call('HMGET', ledger, 'total', 'failed', 'revoked')
+  if finished ~= tonumber(c[1]) then return end
+  local log = P.log .. gid
   append(events, log, {'type', 'GroupFinished', 'groupTaskId', gid,
-    'tasksTotal', tostring(total), 'tasksFailed', tostring(failed),
-    'tasksRevoked', tostring(revoked),
-    'succeeded', (failed == 0 and revoked == 0) and 'true' or 'false'})
-  for _, key in ipairs({ledger, ended, attempts, log}) do redis.call('EXPIRE', key, ttl) end
+    'tasksTotal', c[1], 'tasksFailed', c[2], 'tasksRevoked', c[3],
+    'succeeded', (c[2] == '0' and c[3] == '0') and 'true' or 'false'})
+  for _, key in ipairs({ledger, P.ended .. gid, P.attempts .. gid, log}) do
+    redis.call('EXPIRE', key, ttl)
+  end
+end
+
+-- Whether bit i (from 0) is set in a bitmap read with GET.
+local function bit_set(bitmap, i)
+  local byte = string.byte(bitmap, math.floor(i / 8) + 1) or 0
+  return math.floor(byte / 2 ^ (7 - i % 8)) % 2 == 1
 end
 """
 
@@ -84,13 +86,19 @@ return false
 # cache suffix] per item.  Returns per item: {0} ended already or expired
 # (acknowledged here), {1, result} cache hit, or {2, attempt} run it (attempts
 # counted across every worker).
-BEGIN = """
+BEGIN = (
+    _LIB
+    + """
 local P = cjson.decode(ARGV[2])
 local out = {}
+local ended = {}  -- per group id: its fence bitmap, or false if the group is gone
 for n, item in ipairs(cjson.decode(ARGV[3])) do
   local entry, gid, index, cache = item[1], item[2], item[3], item[4]
-  if redis.call('EXISTS', P.ledger .. gid) == 0
-      or redis.call('GETBIT', P.ended .. gid, index) == 1 then
+  if ended[gid] == nil then
+    ended[gid] = redis.call('EXISTS', P.ledger .. gid) == 1
+      and (redis.call('GET', P.ended .. gid) or '')
+  end
+  if not ended[gid] or bit_set(ended[gid], index) then
     redis.call('XACK', KEYS[1], ARGV[1], entry)
     out[n] = {0}
   else
@@ -105,6 +113,7 @@ for n, item in ipairs(cjson.decode(ARGV[3])) do
 end
 return out
 """
+)
 
 # Count one more run of a task (a retry in the same worker). KEYS: attempts.
 # ARGV: index. Returns the attempt number.
@@ -131,13 +140,13 @@ return appended
 )
 
 # The completion fence. Per item, atomically: if the task has not ended yet, mark it
-# ended, append its events (a TaskStarted not yet logged, the outcome, a dead-letter
-# note), cache a computed sum, copy a failure to the dead-letter stream, and end the
-# group if it was the last task; in every case acknowledge the work entry.
+# ended, append its outcome (and a dead-letter note), cache a computed sum, copy a
+# failure to the dead-letter stream; then count the ended tasks per group, ending the
+# groups whose last task this was; and acknowledge every work entry.
 # KEYS: events, work, dead letters.
 # ARGV: group, result ttl, cache ttl, prefixes json, items json: per item
 #   [entry id, index, group id, state, cache it (1/0), result, cache suffix,
-#    before, outcome, after], before/after lists of events and outcome one event.
+#    outcome, after], outcome one event and after a list of events.
 # Returns the number of outcomes recorded.
 COMPLETE = (
     _LIB
@@ -145,21 +154,29 @@ COMPLETE = (
 local P = cjson.decode(ARGV[4])
 local recorded = 0
 local live = {}  -- per group id: whether its ledger exists, asked once per call
+local groups, counts = {}, {}  -- groups in first-seen order; per group {ended, failed}
 local acks = {}
 for _, item in ipairs(cjson.decode(ARGV[5])) do
-  local entry, index, gid, state, cache_it, result, cache, before, outcome, after = unpack(item)
-  local ledger, ended, log = P.ledger .. gid, P.ended .. gid, P.log .. gid
-  if live[gid] == nil then live[gid] = redis.call('EXISTS', ledger) == 1 end
-  if live[gid] and redis.call('SETBIT', ended, index, 1) == 0 then
+  local entry, index, gid, state, cache_it, result, cache, outcome, after = unpack(item)
+  if live[gid] == nil then live[gid] = redis.call('EXISTS', P.ledger .. gid) == 1 end
+  if live[gid] and redis.call('SETBIT', P.ended .. gid, index, 1) == 0 then
     recorded = recorded + 1
-    for _, fields in ipairs(before) do append(KEYS[1], log, fields) end
+    local log = P.log .. gid
     local id = append(KEYS[1], log, outcome)
     if state == 'FAILURE' then redis.call('XADD', KEYS[3], id, unpack(outcome)) end
     for _, fields in ipairs(after) do append(KEYS[1], log, fields) end
     if cache_it == '1' then redis.call('SET', P.cache .. cache, result, 'EX', ARGV[3]) end
-    task_ended(KEYS[1], ledger, ended, P.attempts .. gid, log, gid, state, ARGV[2])
+    if not counts[gid] then
+      counts[gid] = {0, 0}
+      groups[#groups + 1] = gid
+    end
+    counts[gid][1] = counts[gid][1] + 1
+    if state == 'FAILURE' then counts[gid][2] = counts[gid][2] + 1 end
   end
   acks[#acks + 1] = entry
+end
+for _, gid in ipairs(groups) do
+  tasks_ended(KEYS[1], P, gid, counts[gid][1], counts[gid][2], 0, ARGV[2])
 end
 redis.call('XACK', KEYS[2], ARGV[1], unpack(acks))
 return recorded
@@ -168,7 +185,7 @@ return recorded
 
 # Cancel a group: append GroupCancelled and revoke every task no worker has started.
 # Started tasks run to their end. KEYS: events, ledger, ended, attempts, group log.
-# ARGV: group id, result ttl, GroupCancelled json, task id prefix (ids.py).
+# ARGV: group id, result ttl, GroupCancelled json, task id prefix (ids.py), prefixes.
 # Returns -1 unknown group, 0 cancelled before, else 1 + the number of tasks revoked.
 CANCEL = (
     _LIB
@@ -181,17 +198,17 @@ local ended = redis.call('GET', KEYS[3]) or ''
 local attempts = redis.call('GET', KEYS[4]) or ''
 local revoked = 0
 for index = 0, total - 1 do
-  local byte = string.byte(ended, math.floor(index / 8) + 1) or 0
-  local is_ended = bit.band(byte, 2 ^ (7 - index % 8)) ~= 0
   local started = (string.byte(attempts, index + 1) or 0) > 0
-  if not is_ended and not started then
+  if not started and not bit_set(ended, index) then
     redis.call('SETBIT', KEYS[3], index, 1)
     revoked = revoked + 1
     append(KEYS[1], KEYS[5], {'type', 'TaskRevoked',
       'taskId', ARGV[4] .. string.format('%08x', index + 1),
       'groupTaskId', ARGV[1], 'index', tostring(index)})
-    task_ended(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], 'REVOKED', ARGV[2])
   end
+end
+if revoked > 0 then
+  tasks_ended(KEYS[1], cjson.decode(ARGV[5]), ARGV[1], revoked, 0, revoked, ARGV[2])
 end
 return 1 + revoked
 """

@@ -32,7 +32,6 @@ from sumbatch.events import (
     TaskCompleted,
     TaskDeadLettered,
     TaskFailed,
-    TaskStarted,
     TaskSubmitted,
     from_fields,
     to_flat,
@@ -66,8 +65,6 @@ class Outcome:
     event: TaskCompleted | TaskFailed
     param_a: int
     param_b: int
-    # Logged with the outcome when the task ended before its start was appended.
-    started: TaskStarted | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +175,7 @@ class Store:
             self.retention.results,
             _json.encode(fields),
             group_task_id[:-8],
+            self._prefixes,
         ]
         return int(await self._cancel(keys=keys, args=args))
 
@@ -254,8 +252,7 @@ class Store:
                         error=event.error,
                     )
                 )
-            before: list[AnyEvent] = [] if outcome.started is None else [outcome.started]
-            flat = to_flat([*before, event, *after])
+            flat = to_flat([event, *after])
             items.append(
                 (
                     outcome.entry_id,
@@ -265,9 +262,8 @@ class Store:
                     "1" if cache_it else "0",
                     result,
                     f"{outcome.param_a}:{outcome.param_b}",
-                    flat[: len(before)],
-                    flat[len(before)],
-                    flat[len(before) + 1 :],
+                    flat[0],
+                    flat[1:],
                 )
             )
         keys = [self.keys.events, self.keys.work, self.keys.dead_letters]

@@ -470,8 +470,8 @@ def test_a_task_with_attempts_left_after_lost_runs_is_run(
     run(settings, scenario)
 
     assert calls == [(4, 4)]
-    started = [e for e in events(raw, settings) if isinstance(e, TaskStarted)]
-    assert [(e.task_id, e.attempt) for e in started] == [(tid, settings.max_attempts)]
+    done = [e for e in events(raw, settings) if isinstance(e, TaskCompleted)]
+    assert [(e.task_id, e.attempt) for e in done] == [(tid, settings.max_attempts)]
     task = client.get(f"/tasks/{tid}").json()
     assert (task["taskState"], task["result"], task["attempts"]) == (
         "SUCCESS",

@@ -25,7 +25,9 @@ SAMPLES: list[AnyEvent] = [
     TaskSubmitted(task_id="t", group_task_id="g", index=1, param_a=-(2**63), param_b=2**63 - 1),
     TaskStarted(task_id="t", group_task_id="g", index=1, attempt=2, worker="w"),
     TaskRetried(task_id="t", group_task_id="g", index=1, attempt=1, error="E: x", retry_in=0.25),
-    TaskCompleted(task_id="t", group_task_id="g", index=1, result=-1, from_cache=True, worker="w"),
+    TaskCompleted(
+        task_id="t", group_task_id="g", index=1, result=-1, from_cache=True, attempt=0, worker="w"
+    ),
     TaskFailed(task_id="t", group_task_id="g", index=0, attempts=3, error="boom", worker="w"),
     GroupFinished(
         group_task_id="g", tasks_total=2, tasks_failed=1, tasks_revoked=0, succeeded=False
@@ -63,6 +65,7 @@ def test_fields_read_as_plain_text() -> None:
         "index": "1",
         "result": "-1",
         "fromCache": "true",
+        "attempt": "0",
         "worker": "w",
     }
 

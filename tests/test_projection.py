@@ -21,7 +21,13 @@ def submitted(n: int) -> list[AnyEvent]:
 
 def done(i: int, result: int, cached: bool = False) -> TaskCompleted:
     return TaskCompleted(
-        task_id=f"t{i}", group_task_id="g", index=i, result=result, from_cache=cached, worker="w"
+        task_id=f"t{i}",
+        group_task_id="g",
+        index=i,
+        result=result,
+        from_cache=cached,
+        attempt=0 if cached else 1,
+        worker="w",
     )
 
 

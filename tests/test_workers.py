@@ -45,6 +45,7 @@ def test_two_consumers_completing_one_entry_count_it_once(settings: Settings) ->
                     index=0,
                     result=5,
                     from_cache=False,
+                    attempt=1,
                     worker=worker,
                 )
                 return Outcome(entry_id, event, 2, 3)
@@ -88,7 +89,12 @@ def test_two_workers_running_the_same_entry_count_it_once(settings: Settings) ->
 
             await wait_until(lambda: started_by(1), what="the slow worker to start")
             fast_run = asyncio.create_task(fast.run())
-            await wait_until(lambda: started_by(2), what="the fast worker to take over")
+
+            async def fast_done() -> bool:
+                return any(isinstance(e, TaskCompleted) for e in await log_events(store))
+
+            # No delay: the fast worker runs it at once; its TaskCompleted is its start.
+            await wait_until(fast_done, what="the fast worker to take over")
             gate.set()  # the stuck worker finishes too
             await wait_until(lambda: _no_work_in_flight(slow, fast), what="both to finish")
             slow.should_exit = fast.should_exit = True
@@ -97,11 +103,11 @@ def test_two_workers_running_the_same_entry_count_it_once(settings: Settings) ->
 
             events = await log_events(store)
             starts = [e for e in events if isinstance(e, TaskStarted)]
-            assert sorted((e.worker, e.attempt) for e in starts) == sorted(
-                [(slow.name, 1), (fast.name, 2)]
-            )
+            assert [(e.worker, e.attempt) for e in starts] == [(slow.name, 1)]
             completed = [e for e in events if isinstance(e, TaskCompleted)]
-            assert [(e.task_id, e.result) for e in completed] == [(tid, 42)]
+            assert [(e.task_id, e.result, e.worker, e.attempt) for e in completed] == [
+                (tid, 42, fast.name, 2)
+            ]
             view = await store.group_view(gid)
             assert view is not None and (view.tasks_completed, view.results) == (1, [42])
         finally:
