@@ -156,8 +156,10 @@ async def cancel_group(request: Request) -> Response:
     gid = ids.parse_uuid(request.path_params["group_task_id"])
     store: Store = request.state.store
     outcome = -1 if gid is None or not ids.is_group_id(gid) else await store.cancel(gid)
-    if outcome < 0:
+    if outcome == -1:
         return error(404, "no such groupTaskId")
+    if outcome == -2:
+        return error(409, "the group has already finished: nothing to cancel")
     assert gid is not None
     return JSONResponse(
         Cancelled(group_task_id=gid, grouptask_cancelled=True, tasks_revoked=max(0, outcome - 1)),

@@ -32,6 +32,7 @@ def openapi_schema(settings: Settings) -> dict[str, Any]:
         for code, text in [
             ("400", "not JSON"),
             ("404", "unknown or malformed id"),
+            ("409", "the group has already finished"),
             ("413", "body or group too large"),
             ("415", "not application/json"),
             ("422", "JSON of the wrong shape"),
@@ -88,7 +89,7 @@ def openapi_schema(settings: Settings) -> dict[str, Any]:
                     "security": security,
                     "responses": {
                         "202": _answer("cancelled (idempotent)", "Cancelled"),
-                        **pick(*guarded, "404", "503"),
+                        **pick(*guarded, "404", "409", "503"),
                     },
                 },
             },

@@ -186,12 +186,16 @@ return recorded
 # Cancel a group: append GroupCancelled and revoke every task no worker has started.
 # Started tasks run to their end. KEYS: events, ledger, ended, attempts, group log.
 # ARGV: group id, result ttl, GroupCancelled json, task id prefix (ids.py), prefixes.
-# Returns -1 unknown group, 0 cancelled before, else 1 + the number of tasks revoked.
+# Returns -1 unknown group, -2 already finished (nothing to cancel), 0 cancelled
+# before, else 1 + the number of tasks revoked.
 CANCEL = (
     _LIB
     + """
 if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
-if redis.call('HSETNX', KEYS[2], 'cancelled', 1) == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[2], 'cancelled') == 1 then return 0 end
+local progress = redis.call('HMGET', KEYS[2], 'finished', 'total')
+if progress[1] == progress[2] then return -2 end
+redis.call('HSET', KEYS[2], 'cancelled', 1)
 append(KEYS[1], KEYS[5], cjson.decode(ARGV[3]))
 local total = tonumber(redis.call('HGET', KEYS[2], 'total'))
 local ended = redis.call('GET', KEYS[3]) or ''

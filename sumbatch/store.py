@@ -160,7 +160,8 @@ class Store:
         raise waited
 
     async def cancel(self, group_task_id: str) -> int:
-        """-1 unknown group, 0 cancelled before, else 1 + the number of tasks revoked."""
+        """-1 unknown group, -2 already finished, 0 cancelled before, else 1 + the
+        number of tasks revoked."""
         event = GroupCancelled(group_task_id=group_task_id)
         keys = [
             self.keys.events,

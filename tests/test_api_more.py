@@ -174,6 +174,22 @@ def test_a_second_cancel_is_idempotent_and_appends_nothing(
     assert kinds(raw, settings)["GroupCancelled"] == 1
 
 
+def test_cancelling_a_finished_group_is_409_and_changes_nothing(
+    client: TestClient, raw: redis.Redis, settings: Settings
+) -> None:
+    created = submit(client, [(1, 2)])
+    work(settings)
+    project(settings)
+    before = appended(raw, settings)
+    response = client.delete(f"/grouptasks/{created['groupTaskId']}")
+    assert response.status_code == 409
+    assert response.json()["error"] == "the group has already finished: nothing to cancel"
+    assert appended(raw, settings) == before
+    project(settings)
+    group = client.get(f"/grouptasks/{created['groupTaskId']}").json()
+    assert (group["grouptaskCancelled"], group["grouptaskSucceeded"]) == (False, True)
+
+
 @pytest.mark.parametrize("ident", [str(uuid.uuid4()), "not-a-uuid", "*", "%7Bx%7D:events"])
 def test_cancel_of_an_unknown_or_malformed_id_is_404_and_appends_nothing(
     client: TestClient, raw: redis.Redis, settings: Settings, ident: str
