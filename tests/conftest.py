@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 import redis
+from starlette.testclient import TestClient
 
+from sumbatch.api import create_app
 from sumbatch.config import Settings
 from sumbatch.embedded import EmbeddedServer, ServerNotFound
 from sumbatch.tasks import Delay
@@ -80,6 +82,21 @@ def settings(redis_url: str) -> Iterator[Settings]:
             client.delete(*keys)
     finally:
         client.close()
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    """The real app (its lifespan on) against the test's namespace."""
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def raw(settings: Settings) -> Iterator[redis.Redis]:
+    """A plain client, to look at what the app wrote."""
+    client = redis.Redis.from_url(settings.client_url, decode_responses=True)
+    yield client
+    client.close()
 
 
 @pytest.fixture

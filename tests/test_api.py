@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 
 import msgspec
 import pytest
@@ -23,19 +22,6 @@ ORIGINAL_EXAMPLE = {
         {"paramB": 1, "paramA": 8},
     ]
 }
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
-
-
-@pytest.fixture
-def raw(settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(settings.client_url, decode_responses=True)
-    yield client
-    client.close()
 
 
 def appended(raw: redis.Redis, settings: Settings) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import msgspec
@@ -38,19 +38,6 @@ from sumbatch.store import Store
 from tests.support import make_store, wait_until
 
 PAIRS = [(1, 5), (9, 10), (12, 13)]
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
-
-
-@pytest.fixture
-def raw(settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(settings.client_url, decode_responses=True)
-    yield client
-    client.close()
 
 
 def body_of(pairs: list[tuple[int, int]]) -> dict[str, Any]:

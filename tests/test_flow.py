@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from starlette.testclient import TestClient
 
 from consumers.projector import Projector
 from consumers.worker import Worker
-from sumbatch.api import create_app
 from sumbatch.config import Settings
 from sumbatch.events import GroupFinished, TaskCompleted, TaskStarted
 from sumbatch.replay import differences
 from tests.support import log_events, make_store, wait_until
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
 
 
 def submit(client: TestClient, pairs: list[tuple[int, int]]) -> dict[str, Any]:

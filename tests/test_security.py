@@ -31,13 +31,6 @@ TOKEN = "s3cret"
 TASKS = {"tasks": [{"paramA": 1, "paramB": 2}, {"paramA": 3, "paramB": 4}]}
 
 
-@pytest.fixture
-def raw(settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(settings.client_url, decode_responses=True)
-    yield client
-    client.close()
-
-
 def appended(raw: redis.Redis, settings: Settings) -> tuple[int, int]:
     keys = Keys(settings.namespace)
     return int(raw.xlen(keys.events)), int(raw.xlen(keys.work))
