@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 
-from sumbatch.outage import REDIS_DOWN, Outage
+from sumbatch.outage import Outage
 from sumbatch.projection import fold
 from sumbatch.store import Store, decode_entries
 
@@ -58,7 +58,7 @@ class Projector:
                     last_trim = time.monotonic()
                     await self.store.trim_events(self.position, int(time.time() * 1000))
                 outage.ok()
-            except REDIS_DOWN as exc:
+            except Exception as exc:  # OOM, BUSY, a bad event too: back off, try again
                 self._loaded = False
                 await asyncio.sleep(outage.failed(exc))
 

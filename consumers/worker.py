@@ -19,6 +19,8 @@ import time
 from collections.abc import Awaitable, Callable
 from importlib import import_module
 
+import msgspec
+
 from sumbatch.config import Settings
 from sumbatch.events import (
     AnyEvent,
@@ -191,25 +193,35 @@ class Worker:
     async def _accept(self, entries: list[Entry]) -> None:
         if not entries:
             return
-        items: list[TaskSubmitted] = []
-        for _, fields in entries:
-            event = from_fields(fields)
-            assert isinstance(event, TaskSubmitted), event
-            items.append(event)
-        decisions = await self.store.begin(items, [eid for eid, _ in entries])
+        good: list[tuple[str, TaskSubmitted]] = []
+        for entry_id, fields in entries:
+            try:
+                item: AnyEvent | None = from_fields(fields)
+            except msgspec.ValidationError:
+                item = None
+            if isinstance(item, TaskSubmitted):
+                good.append((entry_id, item))
+            else:
+                # Not a task we can run: keep it for inspection, never block the batch.
+                log.error("unreadable work entry %s (%s); dead-lettered", entry_id, fields)
+                await self.store.dead_letter_entry(entry_id, fields)
+        if not good:
+            return
+        items = [item for _, item in good]
+        decisions = await self.store.begin(items, [entry_id for entry_id, _ in good])
         started: list[AnyEvent] = []
-        for (entry_id, _), item, decision in zip(entries, items, decisions, strict=True):
+        for (entry_id, item), decision in zip(good, decisions, strict=True):
             if decision[0] == 1:
                 self._record(entry_id, item, self._completed(item, int(decision[1]), True, 0))
             elif decision[0] == 2 and int(decision[1]) > self.settings.max_attempts:
                 # Delivered again and again, never ended: its runs keep killing workers.
                 attempts = int(decision[1]) - 1
-                error = f"gave up after {attempts} runs that never finished (worker lost)"
-                self._record(entry_id, item, self._failed(item, attempts, error))
+                gave_up = f"gave up after {attempts} runs that never finished (worker lost)"
+                self._record(entry_id, item, self._failed(item, attempts, gave_up))
             elif decision[0] == 2:
                 attempt = int(decision[1])
                 delay = self.settings.delay.draw(self.rng)
-                error = None
+                error: str | None = None
                 if delay == 0 and not inspect.iscoroutinefunction(self.handler):
                     error = self._run_inline(entry_id, item, attempt)
                     if error is None:
@@ -226,10 +238,10 @@ class Worker:
         TaskCompleted names the attempt). Returns the error if it failed: the async
         path then logs the start and retries it."""
         try:
-            result = self.handler(item.param_a, item.param_b)
+            result = int(self.handler(item.param_a, item.param_b))  # type: ignore[arg-type]
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
-        self._record(entry_id, item, self._completed(item, int(result), False, attempt))  # type: ignore[arg-type]
+        self._record(entry_id, item, self._completed(item, result, False, attempt))
         return None
 
     async def _run(

@@ -128,7 +128,8 @@ def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
         after = "0-0" if args.from_start else "$"
         try:
             while True:
-                entries = await store.read_events(after, 1000, block_ms=0)
+                # A bounded block, below the client's socket timeout, in a loop.
+                entries = await store.read_events(after, 1000, block_ms=5000)
                 for entry in entries:
                     print(_describe(entry), flush=True)
                 if entries:

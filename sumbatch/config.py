@@ -64,13 +64,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             delay=read("SUMBATCH_DELAY", parse_delay, Delay(3.0, 10.0)),
             host=read("SUMBATCH_HOST", str, "127.0.0.1"),
             port=read("SUMBATCH_PORT", int, 5000),
-            workers=read("SUMBATCH_WORKERS", int, 2),
-            worker_concurrency=read("SUMBATCH_WORKER_CONCURRENCY", int, 10_000),
-            claim_timeout=read("SUMBATCH_CLAIM_TIMEOUT", float, 30.0),
-            max_attempts=read("SUMBATCH_MAX_ATTEMPTS", int, 3),
+            workers=read("SUMBATCH_WORKERS", _at_least(0), 2),
+            worker_concurrency=read("SUMBATCH_WORKER_CONCURRENCY", _at_least(1), 10_000),
+            claim_timeout=read("SUMBATCH_CLAIM_TIMEOUT", _positive_float, 30.0),
+            # Attempts are counted in one byte per task (saturating at 255).
+            max_attempts=read("SUMBATCH_MAX_ATTEMPTS", _between(1, 254), 3),
             retry_base=read("SUMBATCH_RETRY_BASE", float, 1.0),
-            max_tasks_per_group=read("SUMBATCH_MAX_TASKS", int, 10_000),
-            max_body_bytes=read("SUMBATCH_MAX_BODY_BYTES", int, 2_000_000),
+            max_tasks_per_group=read("SUMBATCH_MAX_TASKS", _at_least(1), 10_000),
+            max_body_bytes=read("SUMBATCH_MAX_BODY_BYTES", _at_least(1), 2_000_000),
             data_dir=read("SUMBATCH_DATA_DIR", str, ".sumbatch-data"),
             embedded_port=read("SUMBATCH_EMBEDDED_PORT", int, EMBEDDED_PORT_DEFAULT),
             handler=read("SUMBATCH_HANDLER", str, ""),
@@ -82,6 +83,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             durable=read("SUMBATCH_DURABLE", _bool, False),
             fsync=read("SUMBATCH_FSYNC", _fsync, "everysec"),
         )
+
+
+def _between(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError(f"expected {low} to {high}")
+        return value
+
+    return parse
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    return _between(low, 2**63)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("expected a positive number")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -115,9 +115,11 @@ return out
 """
 )
 
-# Count one more run of a task (a retry in the same worker). KEYS: attempts.
-# ARGV: index. Returns the attempt number.
+# Count one more run of a task (a retry in the same worker), unless its group is gone
+# (expired: a late run must not bring its keys back). KEYS: attempts, ledger.
+# ARGV: index. Returns the attempt number, or 0.
 NEXT_ATTEMPT = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 return redis.call('BITFIELD', KEYS[1], 'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' .. ARGV[1], 1)[1]
 """
 

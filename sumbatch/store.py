@@ -5,13 +5,14 @@ doubled live in two files.
 
 Streams, in brief: the event log is append-only; the work stream is read by the
 ``workers`` consumer group, whose pending-entries list (PEL) holds what was handed out
-and not yet acknowledged. An entry leaves the PEL only inside the completion script,
-together with the result event, so a crash at any point leaves it pending for
-XAUTOCLAIM, never lost.
+and not yet acknowledged. An entry leaves the PEL inside the completion script,
+together with the result event (or in the begin script when its task has already
+ended), so a crash at any point leaves it pending for XAUTOCLAIM, never lost.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -39,6 +40,7 @@ from sumbatch.events import (
 from sumbatch.projection import GroupView, TaskView, Views, task_view
 
 Redis = aioredis.Redis
+log = logging.getLogger("sumbatch.store")
 Entry = tuple[str, dict[str, str]]
 
 _group_view_decoder = msgspec.json.Decoder(GroupView)
@@ -221,8 +223,18 @@ class Store:
         args: list[str | bytes] = [WORKER_GROUP, self._prefixes, _json.encode(payload)]
         return cast(list[Any], await self._begin(keys=[self.keys.work], args=args))
 
+    async def dead_letter_entry(self, entry_id: str, fields: dict[str, str]) -> None:
+        """Move an unreadable work entry to the dead-letter stream, acknowledged."""
+        pipe = self.redis.pipeline(transaction=True)
+        rest = {k: v for k, v in fields.items() if k != "type"}
+        entry: dict[Any, Any] = {"type": "UnreadableWorkEntry", "workEntryId": entry_id, **rest}
+        pipe.xadd(self.keys.dead_letters, entry)
+        pipe.xack(self.keys.work, WORKER_GROUP, entry_id)
+        await pipe.execute()
+
     async def next_attempt(self, group_task_id: str, index: int) -> int:
-        keys = [self.keys.attempts(group_task_id)]
+        """The next attempt number of a task, counted in Redis (0 if its group is gone)."""
+        keys = [self.keys.attempts(group_task_id), self.keys.ledger(group_task_id)]
         return int(await self._next_attempt(keys=keys, args=[index]))
 
     async def append(self, events: Sequence[AnyEvent]) -> None:
@@ -399,4 +411,15 @@ def open_store(settings: Settings, **options: Any) -> Store:
 
 
 def decode_entries(entries: Iterable[Entry]) -> list[tuple[str, AnyEvent]]:
-    return [(entry_id, from_fields(fields)) for entry_id, fields in entries]
+    """Decode log entries; one that is not an event we know (written by hand, or by
+    another version) is skipped with an error in the log, so it cannot stall the
+    projector. Replay skips it the same way."""
+    decoded = []
+    for entry_id, fields in entries:
+        try:
+            decoded.append((entry_id, from_fields(fields)))
+        except msgspec.ValidationError as exc:
+            log.error(
+                "skipping log entry %s that is no known event (%s): %s", entry_id, exc, fields
+            )
+    return decoded

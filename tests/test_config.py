@@ -56,3 +56,21 @@ def test_retry_policy() -> None:
     assert all(0 <= w <= 4.0 for w in waits)
     assert max(waits) > 2.0  # full jitter spreads over the whole window
     assert retry_backoff(30, 1.0, rng, cap=5.0) <= 5.0
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SUMBATCH_MAX_ATTEMPTS", "0"),
+        ("SUMBATCH_MAX_ATTEMPTS", "255"),  # attempts are counted in one byte
+        ("SUMBATCH_CLAIM_TIMEOUT", "0"),
+        ("SUMBATCH_WORKER_CONCURRENCY", "0"),
+        ("SUMBATCH_MAX_TASKS", "0"),
+        ("SUMBATCH_RESULT_TTL", "-1"),
+        ("SUMBATCH_FSYNC", "sometimes"),
+        ("SUMBATCH_DURABLE", "maybe"),
+    ],
+)
+def test_settings_out_of_range_are_refused(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"{name}='{value}' is not valid"):
+        Settings.from_env({name: value})

@@ -207,3 +207,22 @@ def test_replay_matches_the_projection_and_rebuilds_it(
 
     asyncio.run(check())
     assert client.get(f"/grouptasks/{created['groupTaskId']}").json()["results"] == [7, 11]
+
+
+def test_an_entry_in_the_log_that_is_no_event_is_skipped(
+    client: TestClient, settings: Settings
+) -> None:
+    async def scenario() -> None:
+        store = make_store(settings)
+        try:
+            await store.redis.xadd(store.keys.events, {"type": "FromTheFuture", "x": "1"})
+            created = submit(client, [(2, 3)])
+            await Worker(settings, store).run_until_idle()
+            await Projector(store).run_until_idle()
+            view = await store.group_view(created["groupTaskId"])
+            assert view is not None and view.results == [5]
+            assert (await differences(store))[1] == []
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(scenario())

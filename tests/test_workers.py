@@ -217,3 +217,48 @@ def test_a_failing_task_is_retried_then_ends_as_failure_and_the_group_finishes(
 
     asyncio.run(scenario())
     assert calls == Counter({(1, 2): 2, (-1, 2): 3})
+
+
+def test_an_unreadable_work_entry_is_dead_lettered_and_blocks_nothing(settings: Settings) -> None:
+    async def scenario() -> None:
+        store = make_store(settings)
+        try:
+            await store.ensure_worker_group()
+            await store.redis.xadd(store.keys.work, {"type": "Nonsense", "x": "1"})
+            gid, _ = await submit(store, [(1, 2), (3, 4)])
+            await Worker(settings, store).run_until_idle()
+            await Projector(store).run_until_idle()
+            view = await store.group_view(gid)
+            assert view is not None and view.results == [3, 7]
+            [(_, dead)] = await store.redis.xrange(store.keys.dead_letters)
+            assert dead["type"] == "UnreadableWorkEntry" and dead["x"] == "1"
+            pending = await store.redis.xpending(store.keys.work, WORKER_GROUP)
+            assert pending["pending"] == 0
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_result_that_is_no_integer_fails_that_task_only(settings: Settings) -> None:
+    def odd(a: int, b: int) -> int:
+        return "many" if a == 13 else a + b  # type: ignore[return-value]
+
+    async def scenario() -> None:
+        store = make_store(settings)
+        try:
+            gid, _ = await submit(store, [(1, 2), (13, 1), (3, 4)])
+            await Worker(settings, store, handler=odd).run_until_idle()
+            await Projector(store).run_until_idle()
+            view = await store.group_view(gid)
+            assert view is not None
+            assert (view.results, view.states, view.tasks_failed) == (
+                [3, None, 7],
+                ["D", "F", "D"],
+                1,
+            )
+            assert "invalid literal for int()" in view.errors[1]
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(scenario())
