@@ -283,9 +283,11 @@ class Worker:
             await self._log_quietly(self._started(item, attempt))
 
     async def _next_attempt(self, item: TaskSubmitted, attempt: int) -> int:
-        """Counted in Redis, so runs add up across workers; locally if Redis is away."""
+        """Counted in Redis, so runs add up across workers; locally if Redis is away.
+        Never less than one more than ours: a group that expired counts nothing (0)."""
         try:
-            return await self.store.next_attempt(item.group_task_id, item.index)
+            counted = await self.store.next_attempt(item.group_task_id, item.index)
+            return max(counted, attempt + 1)
         except Exception as exc:
             log.warning("could not count attempt %d of %s: %s", attempt + 1, item.task_id, exc)
             return attempt + 1
