@@ -152,7 +152,8 @@ class Worker:
 
     async def _keep_claims(self) -> None:
         renew_every = self.settings.claim_timeout / 4
-        sweep_every = max(0.2, self.settings.claim_timeout / 4)
+        # Often enough that entries handed back by a stopping worker move on quickly.
+        sweep_every = max(0.2, min(2.0, self.settings.claim_timeout / 4))
         trim_every = 5.0
         last_sweep = last_trim = time.monotonic()
         outage = Outage(log, f"worker {self.name} claims")
