@@ -175,7 +175,7 @@ async def group(request: Request) -> Response:
 async def get_group(request: Request) -> Response:
     gid = ids.parse_uuid(request.path_params["group_task_id"])
     store: Store = request.state.store
-    view = None if gid is None else await store.group_view(gid)
+    view = None if gid is None else await store.group_summary(gid)
     if view is None:
         return error(404, "no such groupTaskId")
     return JSONResponse(GroupStatus.of(view))

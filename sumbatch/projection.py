@@ -43,16 +43,32 @@ ENDED = frozenset("DCFX")
 TERMINAL: frozenset[str] = frozenset({"FAILURE", "SUCCESS", "REVOKED"})
 
 
-class GroupView(msgspec.Struct, rename="camel", kw_only=True):
+class GroupSummary(msgspec.Struct, rename="camel", kw_only=True):
+    """What GET /grouptasks/{id} needs of a group view: decoding only this part of a
+    stored view skips the per-task details, which big groups make long."""
+
     group_task_id: str
     tasks_total: int
     tasks_completed: int = 0
     tasks_failed: int = 0
     tasks_revoked: int = 0
     cancelled: bool = False
+    # By submission index; None until that task succeeded.
+    results: list[int | None] = msgspec.field(default_factory=list)
+
+    @property
+    def processed(self) -> bool:
+        return self.tasks_completed >= self.tasks_total
+
+    @property
+    def succeeded(self) -> bool:
+        """No task failed or was revoked: ``results`` has every task's sum in the end."""
+        return self.tasks_failed == 0 and self.tasks_revoked == 0
+
+
+class GroupView(GroupSummary, kw_only=True):
     # Per task, by submission index.
     states: list[str] = msgspec.field(default_factory=list)
-    results: list[int | None] = msgspec.field(default_factory=list)
     attempts: list[int] = msgspec.field(default_factory=list)
     errors: dict[int, str] = msgspec.field(default_factory=dict)
 
@@ -65,15 +81,6 @@ class GroupView(msgspec.Struct, rename="camel", kw_only=True):
             results=[None] * tasks_total,
             attempts=[0] * tasks_total,
         )
-
-    @property
-    def processed(self) -> bool:
-        return self.tasks_completed >= self.tasks_total
-
-    @property
-    def succeeded(self) -> bool:
-        """No task failed or was revoked: ``results`` has every task's sum in the end."""
-        return self.tasks_failed == 0 and self.tasks_revoked == 0
 
 
 class TaskView(msgspec.Struct, kw_only=True):

@@ -37,13 +37,14 @@ from sumbatch.events import (
     from_fields,
     to_flat,
 )
-from sumbatch.projection import GroupView, TaskView, Views, task_view
+from sumbatch.projection import GroupSummary, GroupView, TaskView, Views, task_view
 
 Redis = aioredis.Redis
 log = logging.getLogger("sumbatch.store")
 Entry = tuple[str, dict[str, str]]
 
 _group_view_decoder = msgspec.json.Decoder(GroupView)
+_group_summary_decoder = msgspec.json.Decoder(GroupSummary)
 _json = msgspec.json.Encoder()
 
 
@@ -388,6 +389,12 @@ class Store:
             return None
         blob = await self.redis.get(self.keys.group_view(group_task_id))
         return None if blob is None else _group_view_decoder.decode(blob)
+
+    async def group_summary(self, group_task_id: str) -> GroupSummary | None:
+        if not ids.is_group_id(group_task_id):
+            return None
+        blob = await self.redis.get(self.keys.group_view(group_task_id))
+        return None if blob is None else _group_summary_decoder.decode(blob)
 
     async def task_view(self, task_id: str) -> TaskView | None:
         where = ids.split_task_id(task_id)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import msgspec
 
-from sumbatch.projection import TERMINAL, GroupView, TaskView
+from sumbatch.projection import TERMINAL, GroupSummary, TaskView
 
 INT64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
@@ -37,7 +37,7 @@ class GroupStatus(msgspec.Struct, rename="camel"):
     grouptask_cancelled: bool
 
     @classmethod
-    def of(cls, view: GroupView) -> GroupStatus:
+    def of(cls, view: GroupSummary) -> GroupStatus:
         return cls(
             group_task_id=view.group_task_id,
             grouptask_processed=view.processed,
