@@ -25,6 +25,7 @@ from sumbatch import ids
 from sumbatch.config import Settings
 from sumbatch.events import WORKER_GROUP, GroupSubmitted, TaskSubmitted
 from sumbatch.openapi import openapi_schema
+from sumbatch.outage import REDIS_DOWN
 from sumbatch.projection import GroupView
 from sumbatch.store import Store, open_store
 from sumbatch.wire import Cancelled, GroupCreated, GroupIn, GroupStatus, TaskIn, TaskStatus
@@ -274,6 +275,3 @@ def create_app(settings: Settings) -> Starlette:
             Exception: _internal,
         },
     )
-
-
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)

@@ -2,7 +2,9 @@
 
 Events are tagged msgspec Structs. In a stream entry they are flat field/value
 pairs with ``type`` first and every value as plain text, so ``redis-cli XRANGE``
-reads like a log line. ``to_fields``/``from_fields`` are the only codec.
+reads like a log line. ``to_flat`` (XADD arguments, compiled per type for the hot
+path) and ``from_fields`` are the codec; ``to_fields`` is the plain reference the
+tests hold ``to_flat`` to.
 
 All keys of one namespace share the hash tag ``{<namespace>}``: every atomic step
 (submission, completion, projection commit) touches several of them at once, and a

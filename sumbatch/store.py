@@ -344,13 +344,9 @@ class Store:
 
     async def load_views(self, group_ids: Iterable[str]) -> Views:
         gids = list(group_ids)
-        views = Views()
-        if gids:
-            raw = await self.redis.mget([self.keys.group_view(g) for g in gids])
-            for gid, blob in zip(gids, raw, strict=True):
-                if blob is not None:
-                    views.groups[gid] = _group_view_decoder.decode(blob)
-        return views
+        if not gids:
+            return Views()
+        return _views(gids, await self.redis.mget([self.keys.group_view(g) for g in gids]))
 
     async def commit_views(self, expected: str | None, position: str, views: Views) -> bool:
         """Processed groups start to expire; the rest live on."""
@@ -371,11 +367,8 @@ class Store:
         for gid in group_ids:
             pipe.exists(self.keys.ledger(gid))
         position, blobs, *exists = await pipe.execute()
-        views = Views()
-        for gid, blob in zip(group_ids, blobs, strict=True):
-            if blob is not None:
-                views.groups[gid] = _group_view_decoder.decode(blob)
-        return position, views, {gid: bool(n) for gid, n in zip(group_ids, exists, strict=True)}
+        live = {gid: bool(n) for gid, n in zip(group_ids, exists, strict=True)}
+        return position, _views(group_ids, blobs), live
 
     async def forget_position(self) -> None:
         """Make the projector fold the log again from its start (``sumbatch replay``).
@@ -384,16 +377,18 @@ class Store:
         a view afresh, so the views converge to the fold of the log."""
         await self.redis.delete(self.keys.projector_position)
 
-    async def group_view(self, group_task_id: str) -> GroupView | None:
+    async def _view_blob(self, group_task_id: str) -> str | None:
+        """A group's stored view; an id that cannot be a group's never reaches Redis."""
         if not ids.is_group_id(group_task_id):
             return None
-        blob = await self.redis.get(self.keys.group_view(group_task_id))
+        return cast(str | None, await self.redis.get(self.keys.group_view(group_task_id)))
+
+    async def group_view(self, group_task_id: str) -> GroupView | None:
+        blob = await self._view_blob(group_task_id)
         return None if blob is None else _group_view_decoder.decode(blob)
 
     async def group_summary(self, group_task_id: str) -> GroupSummary | None:
-        if not ids.is_group_id(group_task_id):
-            return None
-        blob = await self.redis.get(self.keys.group_view(group_task_id))
+        blob = await self._view_blob(group_task_id)
         return None if blob is None else _group_summary_decoder.decode(blob)
 
     async def task_view(self, task_id: str) -> TaskView | None:
@@ -402,6 +397,14 @@ class Store:
             return None
         group = await self.group_view(where[0])
         return None if group is None else task_view(group, task_id, where[1])
+
+
+def _views(group_ids: Sequence[str], blobs: Sequence[str | bytes | None]) -> Views:
+    views = Views()
+    for gid, blob in zip(group_ids, blobs, strict=True):
+        if blob is not None:
+            views.groups[gid] = _group_view_decoder.decode(blob)
+    return views
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
