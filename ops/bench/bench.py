@@ -19,7 +19,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import ceiling  # noqa: E402
+from common import free_port, peak_rss_kib  # noqa: E402
 
 from sumbatch.embedded import EmbeddedServer  # noqa: E402
 
@@ -59,20 +59,6 @@ class Row:
     @property
     def ratio(self) -> float | None:
         return None if not self.reference else self.value / self.reference
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def peak_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
 
 
 def wait_ready(base: str, path: str = "/readyz", timeout: float = 30) -> None:

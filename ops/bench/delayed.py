@@ -14,30 +14,15 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import httpx2 as httpx
+from common import free_port, peak_rss_kib
 
 from sumbatch.embedded import EmbeddedServer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
 
 
 def main() -> None:
@@ -84,7 +69,7 @@ def main() -> None:
                     time.sleep(0.05)
                 elapsed = time.perf_counter() - start
             expected = [a + b for a, b in pairs]
-            worker_rss = [rss_kib(w.pid) for w in workers]
+            worker_rss = [peak_rss_kib(w.pid) for w in workers]
             print(
                 json.dumps(
                     {

@@ -22,7 +22,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
+
+from common import free_port
 
 from sumbatch.api import Submission
 from sumbatch.config import Settings
@@ -57,13 +58,6 @@ class Result:
     recovery_s: float  # kill -> last orphan completed elsewhere
     expected_s: str  # the window the policy predicts, delay included
     group_processed: bool
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def entry_ms(entry_id: str) -> int:
