@@ -44,6 +44,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_retention: int = 86_400
     # Seconds a stopping worker lets in-flight tasks run before handing them back.
     shutdown_grace: float = 30.0
+    # Seconds one run of a task may take; past it the run is cancelled and counts as a
+    # failed attempt (a hung handler must not hold its entry forever).
+    task_timeout: float = 300.0
     # When set, POST and DELETE need "Authorization: Bearer <token>".
     api_token: str = ""
     # Answer a POST only once its events are fsynced (WAITAOF, or appendfsync always).
@@ -79,6 +82,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             cache_ttl=read("SUMBATCH_CACHE_TTL", _positive_int, 86_400),
             log_retention=read("SUMBATCH_LOG_RETENTION", _positive_int, 86_400),
             shutdown_grace=read("SUMBATCH_SHUTDOWN_GRACE", float, 30.0),
+            task_timeout=read("SUMBATCH_TASK_TIMEOUT", _positive_float, 300.0),
             api_token=read("SUMBATCH_API_TOKEN", str, ""),
             durable=read("SUMBATCH_DURABLE", _bool, False),
             fsync=read("SUMBATCH_FSYNC", _fsync, "everysec"),

@@ -209,6 +209,19 @@ class Keys:
         """TaskFailed events of tasks that ran out of attempts, for inspection or rerun."""
         return f"{self.tag}:dead"
 
+    @property
+    def cancellations(self) -> str:
+        """Pub/sub channel: the cancel script publishes a group's id once it has
+        revoked its tasks, so workers stop those runs at once (best effort: a run
+        nobody stops meets the fence at its end and writes nothing)."""
+        return f"{self.tag}:cancelled"
+
+    @property
+    def rejected(self) -> str:
+        """Log entries the projector could not apply, each with its entry id and the
+        reason, for an operator to inspect."""
+        return f"{self.tag}:rejected"
+
     def cache(self, param_a: int, param_b: int) -> str:
         """A computed sum, with its own TTL."""
         return f"{self.cache_prefix}{param_a}:{param_b}"

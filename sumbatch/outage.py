@@ -1,15 +1,45 @@
-"""How consumers live through Redis being away: back off, say so once, say when it's
-back. The delay policy is a pure function."""
+"""What counts as Redis being away or refusing for a while, and how consumers live
+through it: back off, say so once, say when it's back. The classification and the
+delay policy are pure functions."""
 
 from __future__ import annotations
 
 import logging
 import random
 
+from redis.exceptions import BusyLoadingError, ClusterDownError, OutOfMemoryError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, ResponseError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+# The server cannot be reached, or did not answer in time.
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+# The server answered, but refuses writes for now: out of memory, loading its data,
+# a replica (READONLY, MASTERDOWN), a cluster slot moving or uncovered (TRYAGAIN,
+# CLUSTERDOWN). redis-py maps these prefixes to classes and strips them from the text.
+REFUSED = (OutOfMemoryError, BusyLoadingError, ReadOnlyError, TryAgainError, ClusterDownError)
+# Refusals redis-py leaves as a plain ResponseError, prefix kept: a script past
+# busy-reply-threshold, min-replicas-to-write unmet.
+_REFUSED_PREFIXES = ("BUSY ", "NOREPLICAS ", "MASTERDOWN ", "LOADING ", "TRYAGAIN ")
+
+
+def refusal(exc: BaseException) -> str | None:
+    """The server's word for a transient refusal (``OOM``, ``READONLY``...), or None
+    when ``exc`` is not one."""
+    if isinstance(exc, REFUSED):
+        code = getattr(exc, "status_code", None)
+        return str(code) if code else type(exc).__name__
+    if isinstance(exc, ResponseError):
+        text = str(exc)
+        if text.startswith(_REFUSED_PREFIXES):
+            return text.split(" ", 1)[0]
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Redis away or refusing for now: worth retrying later with the same request."""
+    return isinstance(exc, REDIS_DOWN) or refusal(exc) is not None
 
 
 def reconnect_delay(
@@ -20,6 +50,10 @@ def reconnect_delay(
 
 
 class Outage:
+    """A loop's run of failed tries. Redis away or refusing is logged once as such;
+    anything else is a bug or bad data, logged once with its traceback. Both back off,
+    so no loop spins."""
+
     def __init__(self, log: logging.Logger, what: str) -> None:
         self.log = log
         self.what = what
@@ -30,7 +64,15 @@ class Outage:
         """Record a failure; returns how long to wait before trying again."""
         self.failures += 1
         if self.failures == 1:
-            self.log.warning("%s: redis unavailable (%s); retrying with backoff", self.what, exc)
+            if is_transient(exc):
+                self.log.warning(
+                    "%s: redis unavailable (%s: %s); retrying with backoff",
+                    self.what, refusal(exc) or type(exc).__name__, exc,
+                )  # fmt: skip
+            else:
+                self.log.error(
+                    "%s: unexpected error; retrying with backoff", self.what, exc_info=exc
+                )
         return reconnect_delay(self.failures, self.rng)
 
     def ok(self) -> None:

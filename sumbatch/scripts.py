@@ -185,11 +185,14 @@ return recorded
 """
 )
 
-# Cancel a group: append GroupCancelled and revoke every task no worker has started.
-# Started tasks run to their end. KEYS: events, ledger, ended, attempts, group log.
-# ARGV: group id, result ttl, GroupCancelled json, task id prefix (ids.py), prefixes.
-# Returns -1 unknown group, -2 already finished (nothing to cancel), 0 cancelled
-# before, else 1 + the number of tasks revoked.
+# Cancel a group: append GroupCancelled and revoke every task that has not ended,
+# running ones included (their late outcome meets the fence and writes nothing), then
+# tell the workers on the cancellations channel, so they stop those runs.
+# KEYS: events, ledger, ended, attempts, group log.
+# ARGV: group id, result ttl, GroupCancelled json, task id prefix (ids.py), prefixes,
+#       cancellations channel.
+# Returns -1 unknown group, -2 finished without being cancelled (nothing to cancel),
+# 0 cancelled before, else 1 + the number of tasks revoked.
 CANCEL = (
     _LIB
     + """
@@ -197,15 +200,13 @@ if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
 if redis.call('HEXISTS', KEYS[2], 'cancelled') == 1 then return 0 end
 local progress = redis.call('HMGET', KEYS[2], 'finished', 'total')
 if progress[1] == progress[2] then return -2 end
+local total = tonumber(progress[2])
+local ended = redis.call('GET', KEYS[3]) or ''
 redis.call('HSET', KEYS[2], 'cancelled', 1)
 append(KEYS[1], KEYS[5], cjson.decode(ARGV[3]))
-local total = tonumber(redis.call('HGET', KEYS[2], 'total'))
-local ended = redis.call('GET', KEYS[3]) or ''
-local attempts = redis.call('GET', KEYS[4]) or ''
 local revoked = 0
 for index = 0, total - 1 do
-  local started = (string.byte(attempts, index + 1) or 0) > 0
-  if not started and not bit_set(ended, index) then
+  if not bit_set(ended, index) then
     redis.call('SETBIT', KEYS[3], index, 1)
     revoked = revoked + 1
     append(KEYS[1], KEYS[5], {'type', 'TaskRevoked',
@@ -215,8 +216,34 @@ for index = 0, total - 1 do
 end
 if revoked > 0 then
   tasks_ended(KEYS[1], cjson.decode(ARGV[5]), ARGV[1], revoked, 0, revoked, ARGV[2])
+  redis.call('PUBLISH', ARGV[6], ARGV[1])
 end
 return 1 + revoked
+"""
+)
+
+# Acknowledge work entries whose task has ended (revoked by a cancel, or finished
+# elsewhere) or whose group is gone; leave the others pending.
+# KEYS: work. ARGV: group, prefixes json, items json: [entry id, group id, index].
+# Returns the entry ids acknowledged.
+RELEASE_ENDED = (
+    _LIB
+    + """
+local P = cjson.decode(ARGV[2])
+local released = {}
+local ended = {}  -- per group id: its fence bitmap, or false if the group is gone
+for _, item in ipairs(cjson.decode(ARGV[3])) do
+  local entry, gid, index = item[1], item[2], item[3]
+  if ended[gid] == nil then
+    ended[gid] = redis.call('EXISTS', P.ledger .. gid) == 1
+      and (redis.call('GET', P.ended .. gid) or '')
+  end
+  if not ended[gid] or bit_set(ended[gid], index) then
+    redis.call('XACK', KEYS[1], ARGV[1], entry)
+    released[#released + 1] = entry
+  end
+end
+return released
 """
 )
 

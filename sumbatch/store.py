@@ -97,6 +97,7 @@ class Store:
         self._append = redis.register_script(scripts.APPEND)
         self._complete = redis.register_script(scripts.COMPLETE)
         self._cancel = redis.register_script(scripts.CANCEL)
+        self._release_ended = redis.register_script(scripts.RELEASE_ENDED)
         self._renew = redis.register_script(scripts.RENEW)
         self._commit = redis.register_script(scripts.COMMIT)
         self._trim_work = redis.register_script(scripts.TRIM_WORK)
@@ -180,6 +181,7 @@ class Store:
             _json.encode(fields),
             group_task_id[:-8],
             self._prefixes,
+            self.keys.cancellations,
         ]
         return int(await self._cancel(keys=keys, args=args))
 
@@ -223,6 +225,19 @@ class Store:
         ]
         args: list[str | bytes] = [WORKER_GROUP, self._prefixes, _json.encode(payload)]
         return cast(list[Any], await self._begin(keys=[self.keys.work], args=args))
+
+    async def release_ended(
+        self, items: Sequence[TaskSubmitted], entry_ids: Sequence[str]
+    ) -> list[str]:
+        """Acknowledge the entries whose task has ended (a cancel revoked it, or it
+        finished elsewhere) or whose group is gone; returns those entry ids. The others
+        stay pending: their run goes on."""
+        payload = [
+            (entry_id, item.group_task_id, item.index)
+            for entry_id, item in zip(entry_ids, items, strict=True)
+        ]
+        args: list[str | bytes] = [WORKER_GROUP, self._prefixes, _json.encode(payload)]
+        return cast(list[str], await self._release_ended(keys=[self.keys.work], args=args))
 
     async def dead_letter_entry(self, entry_id: str, fields: dict[str, str]) -> None:
         """Move an unreadable work entry to the dead-letter stream, acknowledged."""
