@@ -7,9 +7,15 @@ from __future__ import annotations
 import logging
 import random
 
-from redis.exceptions import BusyLoadingError, ClusterDownError, OutOfMemoryError
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, ResponseError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # The server cannot be reached, or did not answer in time.
