@@ -5,6 +5,10 @@ step as the views, compare-and-set on the position it started from. A crash at a
 point leaves views and position consistent: the next run re-reads from the stored
 position, so nothing is lost or counted twice, and a second projector running beside
 it only wastes work.
+
+An entry the fold cannot apply (written by hand, or by another version) is set
+aside: logged with its id and the reason, copied to the rejected stream in the same
+commit, and the position moves past it.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ import logging
 import time
 
 from sumbatch.outage import Outage
-from sumbatch.projection import fold
-from sumbatch.store import Store, decode_entries
+from sumbatch.projection import fold_entries, group_ids
+from sumbatch.store import Store
 
 log = logging.getLogger("sumbatch.projector")
 
@@ -26,24 +30,29 @@ class Projector:
         self.batch = batch
         self.should_exit = False
         self.position: str | None = None
+        self.set_aside = 0  # entries set aside by this process
         self._loaded = False
 
     async def step(self, block_ms: int | None) -> int:
-        """Apply the next batch of events; returns how many were applied."""
+        """Fold the next batch of log entries; returns how many the views now include
+        (applied or set aside), 0 when there were none or another projector moved the
+        position first."""
         if not self._loaded:
             self.position = await self.store.position()
             self._loaded = True
         entries = await self.store.read_events(self.position or "0-0", self.batch, block_ms)
         if not entries:
             return 0
-        events = [event for _, event in decode_entries(entries)]
-        group_ids = {event.group_task_id for event in events}
-        views = fold(events, await self.store.load_views(group_ids))
+        views = await self.store.load_views(group_ids(entries))
+        set_aside = fold_entries(entries, views)
         new_position = entries[-1][0]
-        if not await self.store.commit_views(self.position, new_position, views):
+        if not await self.store.commit_views(self.position, new_position, views, set_aside):
             log.warning("position moved under us (another projector?); reloading")
             self._loaded = False
             return 0
+        for entry in set_aside:
+            log.error("set aside log entry %s: %s (%s)", entry.entry_id, entry.reason, entry.fields)
+        self.set_aside += len(set_aside)
         self.position = new_position
         return len(entries)
 
@@ -58,7 +67,7 @@ class Projector:
                     last_trim = time.monotonic()
                     await self.store.trim_events(self.position, int(time.time() * 1000))
                 outage.ok()
-            except Exception as exc:  # OOM, BUSY, a bad event too: back off, try again
+            except Exception as exc:  # Redis away or refusing, or a bug: back off, retry
                 self._loaded = False
                 await asyncio.sleep(outage.failed(exc))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -23,11 +25,11 @@ from starlette.routing import Route
 
 from sumbatch import ids
 from sumbatch.config import Settings
-from sumbatch.events import WORKER_GROUP, GroupSubmitted, TaskSubmitted
+from sumbatch.events import GroupSubmitted, TaskSubmitted
 from sumbatch.openapi import openapi_schema
-from sumbatch.outage import REDIS_DOWN
+from sumbatch.outage import REDIS_DOWN, refusal
 from sumbatch.projection import GroupView
-from sumbatch.store import Store, open_store
+from sumbatch.store import NotDurable, Store, open_store
 from sumbatch.wire import Cancelled, GroupCreated, GroupIn, GroupStatus, TaskIn, TaskStatus
 
 log = logging.getLogger("sumbatch.api")
@@ -36,7 +38,11 @@ _encoder = msgspec.json.Encoder()
 _group_decoder = msgspec.json.Decoder(GroupIn)
 _created_decoder = msgspec.json.Decoder(GroupCreated)
 MAX_IDEMPOTENCY_KEY = 255
-# Below the API's socket timeout, so a slow fsync answers "not confirmed", never a retry.
+# Seconds any one call to Redis may take before the API answers 503: a hung server
+# (SIGSTOP, a stalled host) must not hold requests for the client's whole patience.
+REDIS_TIMEOUT = 1.0
+# How long durable mode waits for the fsync; the socket timeout is raised above it, so
+# a slow fsync answers "not confirmed", never a timeout.
 FSYNC_TIMEOUT_MS = 2000
 
 
@@ -90,6 +96,38 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+class _Duplicate(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Duplicate(key)
+        seen[key] = value
+    return seen
+
+
+def _duplicate_key(body: bytes, tasks: int) -> str | None:
+    """A key given twice in one object (msgspec, like most parsers, keeps the last one
+    silently; an ambiguous body is refused instead). The body already decoded to a
+    valid submission, so its only keys are ``tasks``, ``paramA`` and ``paramB``: with
+    no escapes in it, counting them is exact and cheap; otherwise parse it again."""
+    if (
+        b"\\" not in body
+        and body.count(b'"tasks"') == 1
+        and body.count(b'"paramA"') == tasks
+        and body.count(b'"paramB"') == tasks
+    ):
+        return None
+    try:
+        json.loads(body, object_pairs_hook=_no_duplicates)
+    except _Duplicate as exc:
+        return str(exc)
+    return None
+
+
 def _authorised(request: Request, settings: Settings) -> bool:
     if not settings.api_token:
         return True
@@ -120,6 +158,9 @@ async def create_group(request: Request) -> Response:
         return error(422, f"invalid request: {exc}")
     except msgspec.DecodeError as exc:
         return error(400, f"malformed JSON: {exc}")
+    duplicate = _duplicate_key(body, len(submitted.tasks))
+    if duplicate is not None:
+        return error(400, f"malformed JSON: duplicate key `{duplicate}`")
     if len(submitted.tasks) > settings.max_tasks_per_group:
         return error(413, f"at most {settings.max_tasks_per_group} tasks per group - at `$.tasks`")
     submission = Submission.of(submitted.tasks)
@@ -134,6 +175,12 @@ async def create_group(request: Request) -> Response:
             f"{body_hash} {answer.decode()}",
         )
     store: Store = request.state.store
+    if settings.durable and store.durable is None:
+        try:  # Redis was away when the API started
+            await store.check_durable()
+        except NotDurable as exc:
+            log.error("%s", exc)
+            return error(503, f"{exc}", {"Retry-After": "60"})
     group = GroupView.submitted(created.group_task_id, len(submitted.tasks))
     fsync_ms = FSYNC_TIMEOUT_MS if settings.durable else None
     written = await store.submit([submission.event], submission.work, group, idempotency, fsync_ms)
@@ -197,12 +244,7 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     store: Store = request.state.store
-    groups = (
-        await store.redis.xinfo_groups(store.keys.work)
-        if await store.redis.exists(store.keys.work)
-        else []
-    )
-    if not any(g["name"] == WORKER_GROUP for g in groups):
+    if not await store.workers_ready():
         return error(503, "the workers' consumer group does not exist yet", {"Retry-After": "1"})
     return JSONResponse({"status": "ready"})
 
@@ -216,18 +258,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error(exc.status_code, exc.detail, dict(exc.headers or {}))
 
 
-async def _redis_down(request: Request, exc: Exception) -> Response:
-    return error(503, "storage unavailable, retry later", {"Retry-After": "1"})
-
-
-# Redis refusing for a while (out of memory, a long script, a failover) is not the
-# client's fault: 503, try again.
-TRANSIENT = ("OOM", "BUSY", "READONLY", "MASTERDOWN", "NOREPLICAS", "LOADING", "TRYAGAIN")
-
-
-async def _redis_refused(request: Request, exc: Exception) -> Response:
-    if str(exc).startswith(TRANSIENT):
-        return error(503, f"storage refused the request ({str(exc).split()[0]}); retry later",
+async def _redis_error(request: Request, exc: Exception) -> Response:
+    """Redis away, or refusing for now (out of memory, read-only, loading, busy, a
+    failover): not the client's fault, so 503 and try again. Anything else is ours."""
+    if isinstance(exc, REDIS_DOWN) and not refusal(exc):
+        return error(503, "storage unavailable, retry later", {"Retry-After": "1"})
+    name = refusal(exc)
+    if name is not None:
+        return error(503, f"storage refused the request ({name}); retry later",
                      {"Retry-After": "1"})  # fmt: skip
     return await _internal(request, exc)
 
@@ -240,14 +278,25 @@ async def _internal(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        store = open_store(settings, socket_timeout=5)
-        if settings.durable:
-            log.info("durable mode: a POST is answered once WAITAOF confirms it is fsynced")
+        store = open_store(
+            settings,
+            socket_connect_timeout=REDIS_TIMEOUT,
+            socket_timeout=REDIS_TIMEOUT + (FSYNC_TIMEOUT_MS / 1000 if settings.durable else 0),
+            # One retry for a pooled connection the server closed (it restarted); none
+            # for a timeout: a hung server gets its 503 after one REDIS_TIMEOUT.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
         try:
             try:
                 await store.ensure_worker_group()
+                if settings.durable:
+                    mode = await store.check_durable()
+                    log.info("durable mode: a POST is answered once it is fsynced (%s)", mode)
             except REDIS_DOWN as exc:
                 log.warning("redis unavailable at start (%s); /readyz will say so", exc)
+            except NotDurable as exc:
+                log.error("%s", exc)
+                raise
             yield {
                 "settings": settings,
                 "store": store,
@@ -269,9 +318,7 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
         exception_handlers={
             HTTPException: _http_error,
-            RedisConnectionError: _redis_down,
-            RedisTimeoutError: _redis_down,
-            ResponseError: _redis_refused,
+            RedisError: _redis_error,
             Exception: _internal,
         },
     )

@@ -29,6 +29,10 @@ def task_ids(group_id: str, count: int) -> list[str]:
     return [f"{prefix}{index + 1:08x}" for index in range(count)]
 
 
+def task_id(group_id: str, index: int) -> str:
+    return f"{group_id[:-8]}{index + 1:08x}"
+
+
 def parse_uuid(text: str) -> str | None:
     """The canonical form of a UUID, or None: nothing else becomes part of a key."""
     try:

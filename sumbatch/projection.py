@@ -1,5 +1,10 @@
-"""Group and task status as a pure fold of events. No I/O: the projector, the API's
-read path and ``sumbatch replay`` all run this same code.
+"""Group and task status as a pure fold of events. No I/O: the projector and
+``sumbatch replay`` run this same code; the API reads the views they store.
+
+The log can hold entries the fold cannot apply (written by hand, or by another
+version): ``fold_entries`` checks each event against the group it names and sets
+aside what it cannot apply, with the reason, so that one bad entry never stalls the
+projector.
 
 One view per group holds its tasks too, by submission index, so a status read is one
 GET and the projector writes one key per group it touched, however many events.
@@ -7,12 +12,13 @@ GET and the projector writes one key per group it touched, however many events.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import msgspec
 
+from sumbatch import ids
 from sumbatch.events import (
     AnyEvent,
     GroupCancelled,
@@ -25,7 +31,10 @@ from sumbatch.events import (
     TaskRevoked,
     TaskStarted,
     TaskSubmitted,
+    from_fields,
 )
+
+Entry = tuple[str, dict[str, str]]
 
 TaskState = Literal["PENDING", "STARTED", "RETRY", "FAILURE", "SUCCESS", "REVOKED"]
 
@@ -119,7 +128,8 @@ class Views:
 
 def apply(views: Views, event: AnyEvent) -> None:
     """Fold one event into ``views``. Events of absent groups are ignored; a second
-    outcome for an ended task changes nothing."""
+    outcome for an ended task changes nothing. An index outside its group is the
+    caller's to prevent (``problem``)."""
     if isinstance(event, GroupSubmitted):
         views.groups[event.group_task_id] = GroupView.submitted(
             event.group_task_id, event.tasks_total
@@ -160,6 +170,63 @@ def apply(views: Views, event: AnyEvent) -> None:
         case _:
             # A late event for an ended task: the fence already made it a no-op.
             pass
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """A log entry the fold could not apply, and why."""
+
+    entry_id: str
+    reason: str
+    fields: dict[str, str]
+
+
+def problem(views: Views, event: AnyEvent) -> str | None:
+    """Why ``event`` cannot be applied to ``views``, or None when it can. ``views``
+    must hold the group the event names, if it exists."""
+    gid = event.group_task_id
+    if isinstance(event, GroupSubmitted):
+        if ids.parse_uuid(gid) != gid or not ids.is_group_id(gid):
+            return f"groupTaskId {gid!r} is not a group id"
+        if event.tasks_total < 1:
+            return f"tasksTotal {event.tasks_total} is not a positive count"
+        if not len(event.params_a.split()) == len(event.params_b.split()) == event.tasks_total:
+            return "paramsA and paramsB do not hold tasksTotal values each"
+        return None
+    group = views.groups.get(gid)
+    if group is None:
+        return f"unknown group {gid} (never submitted, or expired)"
+    index: int | None = getattr(event, "index", None)
+    if index is not None:
+        if not 0 <= index < group.tasks_total:
+            return f"index {index} is outside the group's {group.tasks_total} tasks"
+        if event.task_id != ids.task_id(gid, index):  # type: ignore[union-attr]
+            return "taskId does not match groupTaskId and index"
+    return None
+
+
+def group_ids(entries: Iterable[Entry]) -> set[str]:
+    """The groups some entries name, read off their fields: the views to load before
+    ``fold_entries``."""
+    return {gid for _, fields in entries if (gid := fields.get("groupTaskId"))}
+
+
+def fold_entries(entries: Sequence[Entry], views: Views) -> list[SetAside]:
+    """Decode, check and fold log entries into ``views`` (which must hold the groups
+    of ``group_ids(entries)`` that exist); returns the entries set aside."""
+    set_aside = []
+    for entry_id, fields in entries:
+        try:
+            event = from_fields(fields)
+        except msgspec.ValidationError as exc:
+            set_aside.append(SetAside(entry_id, f"not an event: {exc}", fields))
+            continue
+        reason = problem(views, event)
+        if reason is None:
+            apply(views, event)
+        else:
+            set_aside.append(SetAside(entry_id, reason, fields))
+    return set_aside
 
 
 def fold(events: Iterable[AnyEvent], views: Views | None = None) -> Views:

@@ -18,7 +18,45 @@ per task, BITFIELD u8).
 from __future__ import annotations
 
 _LIB = """
--- Append to the log and to the group's audit stream, with the same entry id.
+-- A key's type, 'none' when it does not exist.
+local function key_type(key)
+  return redis.call('TYPE', key)['ok']
+end
+
+-- Whether a key is of type t or absent. Checked before a script's first write: a key
+-- of another type (written by hand) would fail a command half-way through a script,
+-- and Lua does not roll back what was already written.
+local function is_or_none(key, t)
+  local found = key_type(key)
+  return found == t or found == 'none'
+end
+
+-- A group's write side, checked before any write: 'gone' (its ledger expired or never
+-- was), 'bad' (a key of the wrong type or a ledger that is not counters), or the
+-- ledger's total as a number.
+local function group_state(P, gid)
+  local ledger = P.ledger .. gid
+  local t = key_type(ledger)
+  if t == 'none' then return 'gone' end
+  if t ~= 'hash' then return 'bad' end
+  local c = redis.call('HMGET', ledger, 'total', 'finished', 'failed', 'revoked')
+  for k = 1, 4 do
+    if not tonumber(c[k]) then return 'bad' end
+  end
+  if not (is_or_none(P.ended .. gid, 'string') and is_or_none(P.attempts .. gid, 'string')
+      and is_or_none(P.log .. gid, 'stream')) then
+    return 'bad'
+  end
+  return tonumber(c[1])
+end
+
+-- Whether a task index is a number within a group of `total` tasks.
+local function index_ok(index, total)
+  return type(index) == 'number' and index >= 0 and index < total and index % 1 == 0
+end
+
+-- Append to the log and to the group's audit stream, with the same entry id. The
+-- audit stream only ever gets ids from the log, so they always go up.
 local function append(events, log, fields)
   local id = redis.call('XADD', events, '*', unpack(fields))
   redis.call('XADD', log, id, unpack(fields))
@@ -50,6 +88,11 @@ local function bit_set(bitmap, i)
 end
 """
 
+# Every script checks all it can before its first write, and nothing after that can
+# fail: a script that errors half-way keeps what it wrote (no rollback), which could
+# log an outcome without counting it. Shared streams are checked with is_or_none,
+# group keys with group_state; items that fail a check are refused, not half-done.
+
 # A group's events, work entries and first view, or nothing; with an Idempotency-Key,
 # a repeated POST gets the first answer back instead.
 # KEYS: events, work, ledger, group log, idempotency key, group view.
@@ -58,18 +101,24 @@ end
 SUBMIT = (
     _LIB
     + """
-if ARGV[2] ~= '' then
-  local earlier = redis.call('GET', KEYS[5])
-  if earlier then
-    -- A write, so that a WAITAOF on this connection covers the first submission too
-    -- (the AOF is fsynced in order).
-    redis.call('EXPIRE', KEYS[5], ARGV[3])
-    return earlier
-  end
-  redis.call('SET', KEYS[5], ARGV[2], 'EX', ARGV[3])
-end
+local earlier = ARGV[2] ~= '' and is_or_none(KEYS[5], 'string')
+  and redis.call('GET', KEYS[5])
 -- A client library's retry of this very call (same ids) must not append twice.
-if redis.call('EXISTS', KEYS[3]) == 1 then return false end
+local again = redis.call('EXISTS', KEYS[3]) == 1
+if not earlier and not again then
+  if not (is_or_none(KEYS[1], 'stream') and is_or_none(KEYS[2], 'stream')
+      and is_or_none(KEYS[5], 'string') and key_type(KEYS[4]) == 'none') then
+    return redis.error_reply('ERR a sumbatch key has the wrong type (written by hand?)')
+  end
+end
+if earlier then
+  -- A write, so that a WAITAOF on this connection covers the first submission too
+  -- (the AOF is fsynced in order).
+  redis.call('EXPIRE', KEYS[5], ARGV[3])
+  return earlier
+end
+if ARGV[2] ~= '' then redis.call('SET', KEYS[5], ARGV[2], 'EX', ARGV[3]) end
+if again then return false end
 for _, fields in ipairs(cjson.decode(ARGV[5])) do append(KEYS[1], KEYS[4], fields) end
 for _, fields in ipairs(cjson.decode(ARGV[6])) do
   redis.call('XADD', KEYS[2], '*', unpack(fields))
@@ -84,31 +133,43 @@ return false
 # the prefixes ``Keys.prefixes()`` sends (all share the hash tag of KEYS).
 # KEYS: work. ARGV: group, prefixes json, items json: [entry id, group id, index,
 # cache suffix] per item.  Returns per item: {0} ended already or expired
-# (acknowledged here), {1, result} cache hit, or {2, attempt} run it (attempts
-# counted across every worker).
+# (acknowledged here), {1, result} cache hit, {2, attempt} run it (attempts counted
+# across every worker), or {3} refused: its group's keys are not what sumbatch wrote,
+# or its index is outside the group (left pending, untouched).
 BEGIN = (
     _LIB
     + """
 local P = cjson.decode(ARGV[2])
+local items = cjson.decode(ARGV[3])
 local out = {}
-local ended = {}  -- per group id: its fence bitmap, or false if the group is gone
-for n, item in ipairs(cjson.decode(ARGV[3])) do
-  local entry, gid, index, cache = item[1], item[2], item[3], item[4]
-  if ended[gid] == nil then
-    ended[gid] = redis.call('EXISTS', P.ledger .. gid) == 1
-      and (redis.call('GET', P.ended .. gid) or '')
+local state, ended = {}, {}  -- per group id: group_state, and its fence bitmap
+for n, item in ipairs(items) do
+  local gid, index = item[2], item[3]
+  if state[gid] == nil then
+    state[gid] = group_state(P, gid)
+    if type(state[gid]) == 'number' then
+      ended[gid] = redis.call('GET', P.ended .. gid) or ''
+    end
   end
-  if not ended[gid] or bit_set(ended[gid], index) then
-    redis.call('XACK', KEYS[1], ARGV[1], entry)
+  local total = state[gid]
+  if total == 'gone' then
+    out[n] = {0}
+  elseif total == 'bad' or not index_ok(index, total) then
+    out[n] = {3}
+  elseif bit_set(ended[gid], index) then
     out[n] = {0}
   else
-    local cached = redis.call('GET', P.cache .. cache)
-    if cached then
-      out[n] = {1, cached}
-    else
-      out[n] = {2, redis.call('BITFIELD', P.attempts .. gid,
-        'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' .. index, 1)[1]}
-    end
+    local cached = redis.call('GET', P.cache .. item[4])
+    out[n] = cached and {1, cached} or {2}
+  end
+end
+-- Every check done: now the writes.
+for n, item in ipairs(items) do
+  if out[n][1] == 0 then
+    redis.call('XACK', KEYS[1], ARGV[1], item[1])
+  elseif out[n][1] == 2 then
+    out[n][2] = redis.call('BITFIELD', P.attempts .. item[2],
+      'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' .. item[3], 1)[1]
   end
 end
 return out
@@ -124,15 +185,24 @@ return redis.call('BITFIELD', KEYS[1], 'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' ..
 """
 
 # Append progress events (started, retried) to the log and their group's audit
-# stream, unless the group is gone (expired): a late run must not bring its keys back.
+# stream, unless the group is gone (expired: a late run must not bring its keys back)
+# or its keys are not what sumbatch wrote.
 # KEYS: events. ARGV: prefixes json, items json: [group id, event fields] per event.
 APPEND = (
     _LIB
     + """
 local P = cjson.decode(ARGV[1])
+if not is_or_none(KEYS[1], 'stream') then
+  return redis.error_reply('ERR the event log key is not a stream (written by hand?)')
+end
+local items = cjson.decode(ARGV[2])
+local live = {}
+for _, item in ipairs(items) do
+  if live[item[1]] == nil then live[item[1]] = type(group_state(P, item[1])) == 'number' end
+end
 local appended = 0
-for _, item in ipairs(cjson.decode(ARGV[2])) do
-  if redis.call('EXISTS', P.ledger .. item[1]) == 1 then
+for _, item in ipairs(items) do
+  if live[item[1]] then
     append(KEYS[1], P.log .. item[1], item[2])
     appended = appended + 1
   end
@@ -144,28 +214,58 @@ return appended
 # The completion fence. Per item, atomically: if the task has not ended yet, mark it
 # ended, append its outcome (and a dead-letter note), cache a computed sum, copy a
 # failure to the dead-letter stream; then count the ended tasks per group, ending the
-# groups whose last task this was; and acknowledge every work entry.
+# groups whose last task this was; and acknowledge every work entry. Items whose
+# group's keys are not what sumbatch wrote, or whose index is outside the group, are
+# refused: left pending, untouched.
 # KEYS: events, work, dead letters.
 # ARGV: group, result ttl, cache ttl, prefixes json, items json: per item
 #   [entry id, index, group id, state, cache it (1/0), result, cache suffix,
 #    outcome, after], outcome one event and after a list of events.
-# Returns the number of outcomes recorded.
+# Returns {outcomes recorded, {refused entry ids}}.
 COMPLETE = (
     _LIB
     + """
 local P = cjson.decode(ARGV[4])
+if not (is_or_none(KEYS[1], 'stream') and is_or_none(KEYS[2], 'stream')
+    and is_or_none(KEYS[3], 'stream')) then
+  return redis.error_reply('ERR a sumbatch stream key is not a stream (written by hand?)')
+end
+local items = cjson.decode(ARGV[5])
+local state, ended = {}, {}  -- per group id: group_state, and its fence bitmap
+local refused = {}
+local todo = {}
+for _, item in ipairs(items) do
+  local entry, index, gid = item[1], item[2], item[3]
+  if state[gid] == nil then
+    state[gid] = group_state(P, gid)
+    if type(state[gid]) == 'number' then
+      ended[gid] = redis.call('GET', P.ended .. gid) or ''
+    end
+  end
+  local total = state[gid]
+  if total == 'bad' or (total ~= 'gone' and not index_ok(index, total)) then
+    refused[#refused + 1] = entry
+  else
+    todo[#todo + 1] = item
+  end
+end
+-- Every check done: now the writes.
 local recorded = 0
-local live = {}  -- per group id: whether its ledger exists, asked once per call
 local groups, counts = {}, {}  -- groups in first-seen order; per group {ended, failed}
 local acks = {}
-for _, item in ipairs(cjson.decode(ARGV[5])) do
-  local entry, index, gid, state, cache_it, result, cache, outcome, after = unpack(item)
-  if live[gid] == nil then live[gid] = redis.call('EXISTS', P.ledger .. gid) == 1 end
-  if live[gid] and redis.call('SETBIT', P.ended .. gid, index, 1) == 0 then
+for _, item in ipairs(todo) do
+  local entry, index, gid, state_, cache_it, result, cache, outcome, after = unpack(item)
+  if state[gid] ~= 'gone' and redis.call('SETBIT', P.ended .. gid, index, 1) == 0 then
     recorded = recorded + 1
     local log = P.log .. gid
     local id = append(KEYS[1], log, outcome)
-    if state == 'FAILURE' then redis.call('XADD', KEYS[3], id, unpack(outcome)) end
+    if state_ == 'FAILURE' then
+      -- Its own ids ('*'): other writers add to this stream too.
+      local copy = {unpack(outcome)}
+      copy[#copy + 1] = 'eventId'
+      copy[#copy + 1] = id
+      redis.call('XADD', KEYS[3], '*', unpack(copy))
+    end
     for _, fields in ipairs(after) do append(KEYS[1], log, fields) end
     if cache_it == '1' then redis.call('SET', P.cache .. cache, result, 'EX', ARGV[3]) end
     if not counts[gid] then
@@ -173,15 +273,15 @@ for _, item in ipairs(cjson.decode(ARGV[5])) do
       groups[#groups + 1] = gid
     end
     counts[gid][1] = counts[gid][1] + 1
-    if state == 'FAILURE' then counts[gid][2] = counts[gid][2] + 1 end
+    if state_ == 'FAILURE' then counts[gid][2] = counts[gid][2] + 1 end
   end
   acks[#acks + 1] = entry
 end
 for _, gid in ipairs(groups) do
   tasks_ended(KEYS[1], P, gid, counts[gid][1], counts[gid][2], 0, ARGV[2])
 end
-redis.call('XACK', KEYS[2], ARGV[1], unpack(acks))
-return recorded
+if #acks > 0 then redis.call('XACK', KEYS[2], ARGV[1], unpack(acks)) end
+return {recorded, refused}
 """
 )
 
@@ -196,12 +296,16 @@ return recorded
 CANCEL = (
     _LIB
     + """
-if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
+local P = cjson.decode(ARGV[5])
+local total = group_state(P, ARGV[1])
+if total == 'gone' then return -1 end
+if total == 'bad' or not is_or_none(KEYS[1], 'stream') then
+  return redis.error_reply('ERR this group has keys sumbatch did not write')
+end
 if redis.call('HEXISTS', KEYS[2], 'cancelled') == 1 then return 0 end
-local progress = redis.call('HMGET', KEYS[2], 'finished', 'total')
-if progress[1] == progress[2] then return -2 end
-local total = tonumber(progress[2])
+if tonumber(redis.call('HGET', KEYS[2], 'finished')) == total then return -2 end
 local ended = redis.call('GET', KEYS[3]) or ''
+-- Every check done: now the writes.
 redis.call('HSET', KEYS[2], 'cancelled', 1)
 append(KEYS[1], KEYS[5], cjson.decode(ARGV[3]))
 local revoked = 0
@@ -215,7 +319,7 @@ for index = 0, total - 1 do
   end
 end
 if revoked > 0 then
-  tasks_ended(KEYS[1], cjson.decode(ARGV[5]), ARGV[1], revoked, 0, revoked, ARGV[2])
+  tasks_ended(KEYS[1], P, ARGV[1], revoked, 0, revoked, ARGV[2])
   redis.call('PUBLISH', ARGV[6], ARGV[1])
 end
 return 1 + revoked
@@ -231,18 +335,22 @@ RELEASE_ENDED = (
     + """
 local P = cjson.decode(ARGV[2])
 local released = {}
-local ended = {}  -- per group id: its fence bitmap, or false if the group is gone
+local state, ended = {}, {}
 for _, item in ipairs(cjson.decode(ARGV[3])) do
   local entry, gid, index = item[1], item[2], item[3]
-  if ended[gid] == nil then
-    ended[gid] = redis.call('EXISTS', P.ledger .. gid) == 1
-      and (redis.call('GET', P.ended .. gid) or '')
+  if state[gid] == nil then
+    state[gid] = group_state(P, gid)
+    if type(state[gid]) == 'number' then
+      ended[gid] = redis.call('GET', P.ended .. gid) or ''
+    end
   end
-  if not ended[gid] or bit_set(ended[gid], index) then
-    redis.call('XACK', KEYS[1], ARGV[1], entry)
+  local total = state[gid]
+  if total == 'gone' or (type(total) == 'number' and index_ok(index, total)
+      and bit_set(ended[gid], index)) then
     released[#released + 1] = entry
   end
 end
+if #released > 0 then redis.call('XACK', KEYS[1], ARGV[1], unpack(released)) end
 return released
 """
 )
@@ -267,17 +375,28 @@ return lost
 """
 
 # Write views and the position they include, only if nobody moved the position since
-# they were read (compare-and-set), so two projectors never both apply an event.
-# KEYS: position, view keys... ARGV: expected position ('' = none), new position, then
-# per view: ttl seconds (0 = none), json.
+# they were read (compare-and-set), so two projectors never both apply an event; and
+# copy the log entries the fold set aside to the rejected stream, in the same step, so
+# each is copied once.
+# KEYS: position, rejected stream, view keys... ARGV: expected position ('' = none),
+# new position, rejected entries json (flat fields each), max rejected kept, then per
+# view: ttl seconds (0 = none), json.
 COMMIT = """
 if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
-for k = 2, #KEYS do
+local rejected = cjson.decode(ARGV[3])
+local t = redis.call('TYPE', KEYS[2])['ok']
+local copy = #rejected > 0 and (t == 'stream' or t == 'none')
+for k = 3, #KEYS do
   local ttl, value = ARGV[2 * k - 1], ARGV[2 * k]
   if ttl == '0' then
     redis.call('SET', KEYS[k], value)
   else
     redis.call('SET', KEYS[k], value, 'EX', ttl)
+  end
+end
+if copy then
+  for _, fields in ipairs(rejected) do
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
   end
 end
 redis.call('SET', KEYS[1], ARGV[2])

@@ -12,10 +12,11 @@ ended), so a crash at any point leaves it pending for XAUTOCLAIM, never lost.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import msgspec
 import redis.asyncio as aioredis
@@ -34,10 +35,9 @@ from sumbatch.events import (
     TaskDeadLettered,
     TaskFailed,
     TaskSubmitted,
-    from_fields,
     to_flat,
 )
-from sumbatch.projection import GroupSummary, GroupView, TaskView, Views, task_view
+from sumbatch.projection import GroupSummary, GroupView, SetAside, TaskView, Views, task_view
 
 Redis = aioredis.Redis
 log = logging.getLogger("sumbatch.store")
@@ -46,6 +46,8 @@ Entry = tuple[str, dict[str, str]]
 _group_view_decoder = msgspec.json.Decoder(GroupView)
 _group_summary_decoder = msgspec.json.Decoder(GroupSummary)
 _json = msgspec.json.Encoder()
+# Entries kept in the rejected stream (about: trimmed with MAXLEN ~).
+REJECTED_KEPT = 10_000
 
 
 def connect(url: str, **options: Any) -> Redis:
@@ -71,6 +73,14 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class Completed:
+    recorded: int  # outcomes that ended their task (the others had ended before)
+    # Entries refused and left pending: their group's keys are not what sumbatch
+    # wrote (a hand-made key), or their index is outside the group.
+    refused: list[str]
+
+
+@dataclass(frozen=True)
 class Submitted:
     earlier: str | None  # the first answer to this Idempotency-Key, if it was used before
     fsynced: bool | None  # None: not asked
@@ -85,11 +95,49 @@ class Retention:
     log: int = 86_400
 
 
+class NotDurable(Exception):
+    """The server cannot confirm writes on disk as durable mode needs; the message
+    names the setting to change."""
+
+
+DurableMode = Literal["waitaof", "always"]
+
+
+def _durable_mode(
+    has_waitaof: bool, aof_off: bool, config: dict[str, str] | None
+) -> DurableMode:
+    """Pure: what the server's answers say durable mode can rely on."""
+    if aof_off or (config is not None and config.get("appendonly") == "no"):
+        raise NotDurable("durable mode needs the server's AOF: set appendonly yes")
+    fsync = None if config is None else config.get("appendfsync")
+    if fsync == "no":
+        raise NotDurable(
+            "durable mode needs a server that fsyncs: appendfsync is no; set appendfsync "
+            "everysec or always (SUMBATCH_FSYNC for the embedded server)"
+        )
+    if has_waitaof:
+        return "waitaof"
+    if fsync == "always":
+        return "always"
+    if config is None:
+        raise NotDurable(
+            "durable mode: the server has no WAITAOF (before Redis 7.2) and CONFIG is not "
+            "allowed, so appendfsync always cannot be checked; use Redis 7.2+ or Valkey"
+        )
+    raise NotDurable(
+        f"durable mode: the server has no WAITAOF (before Redis 7.2) and runs appendfsync "
+        f"{fsync}; set appendfsync always (SUMBATCH_FSYNC=always for the embedded server), "
+        "or use Redis 7.2+ or Valkey"
+    )
+
+
 class Store:
     """Log, work and view I/O for one namespace."""
 
     def __init__(self, redis: Redis, keys: Keys, retention: Retention | None = None) -> None:
         self.redis = redis
+        # How durable mode confirms a write; None until check_durable() ran.
+        self.durable: DurableMode | None = None
         self.keys = keys
         self.retention = retention or Retention()
         self._submit = redis.register_script(scripts.SUBMIT)
@@ -140,28 +188,40 @@ class Store:
             _json.encode(to_flat(list(events))),
             _json.encode(to_flat(list(work))),
         ]
-        if fsync_timeout_ms is None:
+        if fsync_timeout_ms is None or self.durable == "always":
+            # appendfsync always: the server fsyncs before it answers.
             earlier = await self._submit(keys=keys, args=args)
-            return Submitted(None if earlier is None else str(earlier), fsynced=None)
+            return Submitted(
+                None if earlier is None else str(earlier),
+                fsynced=None if fsync_timeout_ms is None else True,
+            )
         pipe = self.redis.pipeline(transaction=False)
         await self._submit(keys=keys, args=args, client=pipe)
         pipe.execute_command("WAITAOF", 1, 0, fsync_timeout_ms)
         earlier, waited = await pipe.execute(raise_on_error=False)
         if isinstance(earlier, Exception):
             raise earlier
-        return Submitted(
-            None if earlier is None else str(earlier), fsynced=await self._fsynced(waited)
-        )
+        # An error from WAITAOF (AOF switched off since the start) confirms nothing.
+        fsynced = not isinstance(waited, Exception) and int(waited[0]) >= 1
+        return Submitted(None if earlier is None else str(earlier), fsynced=fsynced)
 
-    async def _fsynced(self, waited: Any) -> bool:
-        """WAITAOF's answer, or, where the server has no WAITAOF (before Redis 7.2) or
-        AOF is off, whether it fsyncs every write anyway."""
-        if not isinstance(waited, Exception):
-            return int(waited[0]) >= 1
-        if isinstance(waited, ResponseError):
-            config = await self.redis.config_get("appendfsync")
-            return bool(config.get("appendfsync") == "always")
-        raise waited
+    async def check_durable(self) -> DurableMode:
+        """How this server can confirm that a write is on disk, as durable mode needs:
+        WAITAOF (Redis 7.2+, Valkey), or ``appendfsync always`` before that. Raises
+        NotDurable, naming the setting to change, when it can't; the answer is kept
+        in ``self.durable``."""
+        try:
+            await self.redis.execute_command("WAITAOF", 1, 0, 1)  # type: ignore[no-untyped-call]
+            has_waitaof, aof_off = True, False
+        except ResponseError as exc:
+            has_waitaof, aof_off = False, "appendonly" in str(exc)
+        config: dict[str, str] | None
+        try:
+            config = {str(k): str(v) for k, v in (await self.redis.config_get("append*")).items()}
+        except ResponseError:  # CONFIG refused or renamed (managed Redis)
+            config = None
+        self.durable = _durable_mode(has_waitaof, aof_off, config)
+        return self.durable
 
     async def cancel(self, group_task_id: str) -> int:
         """-1 unknown group, -2 already finished, 0 cancelled before, else 1 + the
@@ -193,6 +253,13 @@ class Store:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    async def workers_ready(self) -> bool:
+        """Whether the workers' consumer group exists (the server answers, too)."""
+        if not await self.redis.exists(self.keys.work):
+            return False
+        groups = await self.redis.xinfo_groups(self.keys.work)
+        return any(g["name"] == WORKER_GROUP for g in groups)
 
     async def read_work(self, consumer: str, count: int, block_ms: int) -> list[Entry]:
         reply: Any = await self.redis.xreadgroup(
@@ -261,7 +328,7 @@ class Store:
                 keys=[self.keys.events], args=[self._prefixes, _json.encode(payload)]
             )
 
-    async def complete(self, outcomes: Sequence[Outcome]) -> int:
+    async def complete(self, outcomes: Sequence[Outcome]) -> Completed:
         items = []
         for outcome in outcomes:
             event = outcome.event
@@ -303,7 +370,8 @@ class Store:
             self._prefixes,
             _json.encode(items),
         ]
-        return int(await self._complete(keys=keys, args=args))
+        recorded, refused = await self._complete(keys=keys, args=args)
+        return Completed(int(recorded), [str(entry_id) for entry_id in refused])
 
     async def renew(self, consumer: str, entry_ids: Sequence[str], idle_ms: int = 0) -> list[str]:
         """Keep our claim on ``entry_ids`` (or, with ``idle_ms``, hand them back as if
@@ -363,11 +431,25 @@ class Store:
             return Views()
         return _views(gids, await self.redis.mget([self.keys.group_view(g) for g in gids]))
 
-    async def commit_views(self, expected: str | None, position: str, views: Views) -> bool:
-        """Processed groups start to expire; the rest live on."""
+    async def commit_views(
+        self,
+        expected: str | None,
+        position: str,
+        views: Views,
+        set_aside: Sequence[SetAside] = (),
+    ) -> bool:
+        """Write views and the position they include, compare-and-set on ``expected``,
+        and copy the entries the fold set aside to the rejected stream, all in one
+        step. Processed groups start to expire; the rest live on."""
         ttl = str(self.retention.results)
-        keys = [self.keys.projector_position]
-        args: list[str | bytes] = [expected or "", position]
+        keys = [self.keys.projector_position, self.keys.rejected]
+        rejected = [
+            ["entryId", s.entry_id, "reason", s.reason, *itertools.chain(*s.fields.items())]
+            for s in set_aside
+        ]
+        args: list[str | int | bytes] = [
+            expected or "", position, _json.encode(rejected), REJECTED_KEPT
+        ]
         for gid, group in views.groups.items():
             keys.append(self.keys.group_view(gid))
             args += (ttl if group.processed else "0", _json.encode(group))
@@ -415,10 +497,16 @@ class Store:
 
 
 def _views(group_ids: Sequence[str], blobs: Sequence[str | bytes | None]) -> Views:
+    """Decoded views; a blob that is no view (written by hand) counts as absent, so
+    the events of its group are set aside rather than stall the projector."""
     views = Views()
     for gid, blob in zip(group_ids, blobs, strict=True):
-        if blob is not None:
+        if blob is None:
+            continue
+        try:
             views.groups[gid] = _group_view_decoder.decode(blob)
+        except msgspec.DecodeError as exc:
+            log.error("the stored view of group %s is no view (%s); ignored", gid, exc)
     return views
 
 
@@ -433,18 +521,3 @@ def open_store(settings: Settings, **options: Any) -> Store:
         results=settings.result_ttl, cache=settings.cache_ttl, log=settings.log_retention
     )
     return Store(connect(settings.client_url, **options), Keys(settings.namespace), retention)
-
-
-def decode_entries(entries: Iterable[Entry]) -> list[tuple[str, AnyEvent]]:
-    """Decode log entries; one that is not an event we know (written by hand, or by
-    another version) is skipped with an error in the log, so it cannot stall the
-    projector. Replay skips it the same way."""
-    decoded = []
-    for entry_id, fields in entries:
-        try:
-            decoded.append((entry_id, from_fields(fields)))
-        except msgspec.ValidationError as exc:
-            log.error(
-                "skipping log entry %s that is no known event (%s): %s", entry_id, exc, fields
-            )
-    return decoded

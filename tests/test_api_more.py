@@ -206,11 +206,12 @@ def test_revoked_entries_are_acknowledged_without_running(
     assert (info["pending"], info["lag"]) == (0, 0)
 
 
-def test_a_started_task_runs_to_its_end_after_cancel(
+def test_cancel_revokes_a_started_task_too_and_its_late_finish_writes_nothing(
     client: TestClient, raw: redis.Redis, settings: Settings
 ) -> None:
     """One worker slot: the first task is running (blocked) when the group is
-    cancelled; it still ends as SUCCESS, the others end as REVOKED, unrun."""
+    cancelled. Every task ends REVOKED at once, the running one included; when its
+    run returns after all, the fence keeps its result out of the log."""
     created = submit(client, PAIRS)
     gid, tids = created["groupTaskId"], created["taskIds"]
     calls: list[tuple[int, int]] = []
@@ -236,14 +237,14 @@ def test_a_started_task_runs_to_its_end_after_cancel(
         await wait_until(first_started, what="the first task to start")
         response = await asyncio.to_thread(client.delete, f"/grouptasks/{gid}")
         cancelled.update(status=response.status_code, body=response.json())
+        assert kinds(raw, settings)["GroupFinished"] == 1  # in the same step as the cancel
         gate.set()
 
-        async def all_done() -> bool:
+        async def all_acked() -> bool:
             (info,) = await store.redis.xinfo_groups(store.keys.work)
-            finished = kinds(raw, settings)["GroupFinished"] == 1
-            return finished and info["pending"] == 0 and info["lag"] == 0
+            return bool(info["pending"] == 0 and info["lag"] == 0)
 
-        await wait_until(all_done, what="the group to finish and every entry to be acked")
+        await wait_until(all_acked, what="every entry to be acknowledged")
         worker.should_exit = True
         await asyncio.wait_for(running, 10)
         await Projector(store).run_until_idle()
@@ -252,23 +253,38 @@ def test_a_started_task_runs_to_its_end_after_cancel(
 
     assert cancelled == {
         "status": 202,
-        "body": {"groupTaskId": gid, "grouptaskCancelled": True, "tasksRevoked": 2},
+        "body": {"groupTaskId": gid, "grouptaskCancelled": True, "tasksRevoked": 3},
     }
     assert calls == [PAIRS[0]]
-    first = client.get(f"/tasks/{tids[0]}").json()
-    assert (first["taskState"], first["result"], first["taskSucceeded"]) == ("SUCCESS", 6, True)
-    for tid in tids[1:]:
-        assert client.get(f"/tasks/{tid}").json()["taskState"] == "REVOKED"
+    for tid in tids:
+        task = client.get(f"/tasks/{tid}").json()
+        assert (task["taskState"], task["result"], task["resultReady"]) == ("REVOKED", None, True)
     group = client.get(f"/grouptasks/{gid}").json()
     assert group["grouptaskProcessed"] is True
     assert group["grouptaskCancelled"] is True
     assert group["grouptaskSucceeded"] is False
-    assert (group["results"], group["tasksCompleted"], group["tasksRevoked"]) == ([6], 3, 2)
+    assert (group["results"], group["tasksCompleted"], group["tasksRevoked"]) == ([], 3, 3)
     log = events(raw, settings)
     assert [e.task_id for e in log if isinstance(e, TaskStarted)] == [tids[0]]
-    assert [e.task_id for e in log if isinstance(e, TaskCompleted)] == [tids[0]]
+    assert [e for e in log if isinstance(e, TaskCompleted)] == []
     (finished,) = [e for e in log if isinstance(e, GroupFinished)]
-    assert (finished.tasks_revoked, finished.succeeded) == (2, False)
+    assert (finished.tasks_revoked, finished.succeeded) == (3, False)
+
+
+def test_cancel_after_the_cancelled_group_finished_is_still_202_with_nothing_revoked(
+    client: TestClient, raw: redis.Redis, settings: Settings
+) -> None:
+    """DELETE is idempotent: a cancel finishes the group at once (every task revoked),
+    and a repeated DELETE answers as the first did, revoking nothing; only a group that
+    finished without a cancel answers 409."""
+    gid = submit(client, PAIRS)["groupTaskId"]
+    assert client.delete(f"/grouptasks/{gid}").status_code == 202
+    project(settings)
+    assert client.get(f"/grouptasks/{gid}").json()["grouptaskProcessed"] is True
+    before = appended(raw, settings)
+    again = client.delete(f"/grouptasks/{gid}")
+    assert (again.status_code, again.json()["tasksRevoked"]) == (202, 0)
+    assert appended(raw, settings) == before
 
 
 # -- Idempotency-Key ------------------------------------------------------------
@@ -376,8 +392,9 @@ def test_a_task_that_always_fails_is_dead_lettered_and_its_group_finishes(
     failed = from_fields(failed_fields)
     assert isinstance(failed, TaskFailed)
     assert (failed.task_id, failed.attempts) == (bad_id, settings.max_attempts)
-    # The dead-letter stream holds exactly the TaskFailed event, under the same id.
-    assert entries(raw, keys.dead_letters) == [(failed_id, failed_fields)]
+    # The dead-letter stream holds exactly the TaskFailed event, naming its log entry.
+    [(_, dead_fields)] = entries(raw, keys.dead_letters)
+    assert dead_fields == {**failed_fields, "eventId": failed_id}
     assert failed_fields == to_fields(failed)
     dead = [e for e in (from_fields(f) for _, f in log) if isinstance(e, TaskDeadLettered)]
     assert dead == [

@@ -27,7 +27,7 @@ async def assert_exactly_once(store: Store, groups: list[tuple[str, list[str]]])
     assert finished == Counter(gid for gid, _ in groups)
     pending = await store.redis.xpending(store.keys.work, WORKER_GROUP)
     assert pending["pending"] == 0
-    _, diffs = await differences(store)
+    diffs = (await differences(store)).differences
     assert diffs == []
 
 

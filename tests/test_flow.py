@@ -142,7 +142,8 @@ def test_replay_check_ignores_views_that_expired(client: TestClient, settings: S
             gid = created["groupTaskId"]
             # What expiry does: the view and the ledger go, the log stays.
             await store.redis.delete(store.keys.group_view(gid), store.keys.ledger(gid))
-            assert await differences(store) == (3, [])
+            check = await differences(store)
+            assert (check.events, check.differences) == (3, [])
         finally:
             await store.redis.aclose()
 
@@ -160,7 +161,7 @@ def test_replay_check_is_not_fooled_by_a_projector_at_work(
     async def check() -> None:
         store = make_store(settings)
         try:
-            base, _ = await differences(store)
+            base = (await differences(store)).events
             # More work lands between the check's fold and its reads.
             original = store.event_range
 
@@ -175,7 +176,8 @@ def test_replay_check_is_not_fooled_by_a_projector_at_work(
 
             moved: list[bool] = []
             store.event_range = slow_range  # type: ignore[method-assign]
-            count, diffs = await differences(store)
+            check = await differences(store)
+            count, diffs = check.events, check.differences
             assert moved and diffs == []
             assert count == base + 3
         finally:
@@ -193,15 +195,16 @@ def test_replay_matches_the_projection_and_rebuilds_it(
     async def check() -> None:
         store = make_store(settings)
         try:
-            count, diffs = await differences(store)
-            assert (count, diffs) == (4, [])  # submitted, 2 completed, finished
+            check = await differences(store)
+            assert (check.events, check.differences) == (4, [])  # submitted, 2 completed, finished
             # Damage a view; the check must see it and the rebuild must mend it.
             await store.redis.delete(store.keys.group_view(created["groupTaskId"]))
-            _, diffs = await differences(store)
+            diffs = (await differences(store)).differences
             assert len(diffs) == 1 and diffs[0].startswith(f"group {created['groupTaskId']}")
             await store.forget_position()
             await Projector(store).run_until_idle()
-            assert await differences(store) == (4, [])
+            check = await differences(store)
+            assert (check.events, check.differences) == (4, [])
         finally:
             await store.redis.aclose()
 
@@ -221,7 +224,7 @@ def test_an_entry_in_the_log_that_is_no_event_is_skipped(
             await Projector(store).run_until_idle()
             view = await store.group_view(created["groupTaskId"])
             assert view is not None and view.results == [5]
-            assert (await differences(store))[1] == []
+            assert (await differences(store)).differences == []
         finally:
             await store.redis.aclose()
 

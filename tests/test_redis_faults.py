@@ -250,7 +250,7 @@ async def assert_log_exactly_once(store: Store, acked: list[Acked]) -> None:
     assert finished == Counter(submitted)
     pending = await store.redis.xpending(store.keys.work, WORKER_GROUP)
     assert pending["pending"] == 0
-    _, diffs = await differences(store)
+    diffs = (await differences(store)).differences
     assert diffs == []
     present = set(submitted)
     for group in acked:

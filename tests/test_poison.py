@@ -1,0 +1,247 @@
+"""Hostile input that comes through Redis: log entries written by hand, a dead-letter
+stream with ids from the future, group keys of the wrong type. None of them may stall
+the pipeline or leave a group unfinished, and each is set aside where an operator
+can see it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+import redis
+from starlette.testclient import TestClient
+
+from consumers.projector import Projector
+from consumers.worker import Worker
+from sumbatch import ids
+from sumbatch.config import Settings
+from sumbatch.events import GroupFinished, Keys
+from sumbatch.replay import differences
+from sumbatch.store import Store
+from tests.support import log_events, make_store, processes, wait_until
+
+
+def submit(client: TestClient, pairs: list[tuple[int, int]]) -> dict[str, Any]:
+    response = client.post(
+        "/grouptasks", json={"tasks": [{"paramA": a, "paramB": b} for a, b in pairs]}
+    )
+    assert response.status_code == 200, response.text
+    created: dict[str, Any] = response.json()
+    return created
+
+
+def completed(gid: str, position: int, **overrides: str) -> dict[str, str]:
+    """A TaskCompleted entry as a hand would write it with XADD."""
+    fields = {
+        "type": "TaskCompleted",
+        "taskId": ids.task_id(gid, position) if 0 <= position < 2**32 - 1 else gid,
+        "groupTaskId": gid,
+        "index": str(position),
+        "result": "1",
+        "fromCache": "false",
+        "attempt": "1",
+        "worker": "a-hand",
+    }
+    fields.update(overrides)
+    return fields
+
+
+def poison(gid: str) -> dict[str, dict[str, str]]:
+    """One malformed entry of each kind, against the live group ``gid``."""
+    stranger = ids.new_group_id()
+    missing = completed(gid, 0)
+    del missing["result"]
+    return {
+        "index past the end": completed(gid, 99999),
+        "negative index": completed(gid, -1),
+        "unknown group": completed(stranger, 0),
+        "unknown type": {"type": "TaskExploded", "groupTaskId": gid},
+        "no type": {"groupTaskId": gid, "index": "0"},
+        "index not a number": completed(gid, 0, index="first"),
+        "result not a number": completed(gid, 0, result="lots"),
+        "fromCache not a bool": completed(gid, 0, fromCache="maybe"),
+        "missing field": missing,
+        "task id of another task": completed(gid, 0, taskId=ids.task_id(gid, 1)),
+        "submission of no tasks": {
+            "type": "GroupSubmitted", "groupTaskId": stranger, "tasksTotal": "0",
+            "paramsA": "", "paramsB": "",
+        },
+        "submission with fewer params than tasks": {
+            "type": "GroupSubmitted", "groupTaskId": stranger, "tasksTotal": "1000000000",
+            "paramsA": "1", "paramsB": "2",
+        },
+        "submission of a non-group id": {
+            "type": "GroupSubmitted", "groupTaskId": "{x}:events", "tasksTotal": "1",
+            "paramsA": "1", "paramsB": "2",
+        },
+    }  # fmt: skip
+
+
+def test_malformed_log_entries_are_set_aside_and_later_groups_still_finish(
+    client: TestClient, settings: Settings, raw: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each kind of bad entry, written into a live log between two groups' events:
+    the projector sets each aside (logged with its id and reason, copied to the
+    rejected stream), moves past it, and later groups are processed. The bad entries
+    change no view: the group they name ends exactly as its real events say."""
+    keys = Keys(settings.namespace)
+    first = submit(client, [(1, 2), (3, 4)])
+    gid = first["groupTaskId"]
+    bad = {kind: raw.xadd(keys.events, fields) for kind, fields in poison(gid).items()}
+    later = submit(client, [(5, 6)])
+
+    async def scenario() -> None:
+        store = make_store(settings)
+        try:
+            await Worker(settings, store).run_until_idle()
+            with caplog.at_level(logging.ERROR, logger="sumbatch.projector"):
+                projector = Projector(store)
+                await projector.run_until_idle()
+            assert projector.set_aside == len(bad)
+            check = await differences(store)
+            assert check.differences == []
+            assert {s.entry_id for s in check.set_aside} == set(bad.values())
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(scenario())
+
+    for created, results in ((first, [3, 7]), (later, [11])):
+        group = client.get(f"/grouptasks/{created['groupTaskId']}").json()
+        assert group["grouptaskProcessed"] is True, group
+        assert (group["results"], group["tasksCompleted"]) == (results, len(results))
+    assert [client.get(f"/tasks/{t}").json()["result"] for t in first["taskIds"]] == [3, 7]
+
+    rejected = raw.xrange(keys.rejected)
+    assert {fields["entryId"]: fields["reason"] for _, fields in rejected}.keys() == set(
+        bad.values()
+    )
+    by_id = {fields["entryId"]: fields for _, fields in rejected}
+    assert "outside the group" in by_id[bad["index past the end"]]["reason"]
+    assert "outside the group" in by_id[bad["negative index"]]["reason"]
+    assert "unknown group" in by_id[bad["unknown group"]]["reason"]
+    assert "not an event" in by_id[bad["unknown type"]]["reason"]
+    assert by_id[bad["unknown type"]]["type"] == "TaskExploded"  # the entry as written
+    for entry_id in bad.values():
+        assert entry_id in caplog.text
+
+
+def test_the_projector_process_survives_a_bad_entry_in_a_live_log(
+    client: TestClient, settings: Settings, raw: redis.Redis, tmp_path: Any
+) -> None:
+    """The reproduction from the issue: a real projector process, a bad entry between
+    two groups; the second group is processed and the process logged the entry once."""
+    keys = Keys(settings.namespace)
+    with processes(tmp_path) as procs:
+        projector = procs.start(settings, "projector")
+        procs.start(settings, "worker")
+        first = submit(client, [(1, 1)])
+        bad_id = raw.xadd(keys.events, completed(first["groupTaskId"], 99999))
+        second = submit(client, [(2, 2)])
+
+        def processed() -> bool:
+            answer = client.get(f"/grouptasks/{second['groupTaskId']}").json()
+            return bool(answer["grouptaskProcessed"])
+
+        asyncio.run(wait_until(_async(processed), what="the later group to be processed"))
+        assert projector.poll() is None
+    text = (tmp_path / "projector-0.log").read_text()
+    assert text.count(bad_id) == 1, text
+    assert "redis unavailable" not in text
+
+
+def _async(predicate: Any) -> Any:
+    async def check() -> bool:
+        return bool(predicate())
+
+    return check
+
+
+def test_a_failed_task_finishes_its_group_when_the_dead_letter_stream_is_ahead(
+    client: TestClient, settings: Settings, raw: redis.Redis
+) -> None:
+    """The dead-letter stream is also written with '*' ids (unreadable work entries):
+    an entry id there at or past the log's next id once made the completion script
+    fail after it had logged the TaskFailed, so the group never finished. Forced here
+    with an id from the far future."""
+    keys = Keys(settings.namespace)
+    raw.xadd(keys.dead_letters, {"type": "Marker"}, id="99999999999999-0")
+    created = submit(client, [(13, 1), (2, 2)])
+
+    def unlucky(a: int, b: int) -> int:
+        if a == 13:
+            raise RuntimeError("unlucky")
+        return a + b
+
+    async def scenario() -> None:
+        store = make_store(settings)
+        try:
+            await Worker(settings, store, handler=unlucky).run_until_idle()
+            await Projector(store).run_until_idle()
+            finished = [e for e in await log_events(store) if isinstance(e, GroupFinished)]
+            assert [(e.group_task_id, e.tasks_failed) for e in finished] == [
+                (created["groupTaskId"], 1)
+            ]
+            pending = await store.redis.xpending(store.keys.work, "workers")
+            assert pending["pending"] == 0
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(scenario())
+    group = client.get(f"/grouptasks/{created['groupTaskId']}").json()
+    assert (group["grouptaskProcessed"], group["tasksFailed"]) == (True, 1)
+    dead = [fields for _, fields in raw.xrange(keys.dead_letters) if fields["type"] == "TaskFailed"]
+    assert [d["taskId"] for d in dead] == [created["taskIds"][0]]
+    # The group's ledger started to expire with the group: nothing is left behind.
+    assert raw.ttl(keys.ledger(created["groupTaskId"])) > 0
+
+
+@pytest.mark.parametrize("key", ["ended", "attempts", "log"])
+def test_a_group_key_of_the_wrong_type_is_refused_before_any_write(
+    client: TestClient, settings: Settings, raw: redis.Redis, key: str
+) -> None:
+    """A hand-made key of the wrong type where a script writes: the scripts check
+    before their first write, so they refuse that group's entries whole (left
+    pending, nothing logged for them) and every other group in the same batches
+    finishes, each task counted once."""
+    keys = Keys(settings.namespace)
+    spoiled = submit(client, [(1, 1), (2, 2)])
+    fine = submit(client, [(3, 3), (4, 4)])
+    sgid = spoiled["groupTaskId"]
+    target = {"ended": keys.ended, "attempts": keys.attempts, "log": keys.group_log}[key](sgid)
+    raw.delete(target)
+    raw.hset(target, "hand", "made")
+
+    async def scenario(store: Store) -> None:
+        worker = Worker(settings, store)
+        running = asyncio.create_task(worker.run())
+
+        async def fine_done() -> bool:
+            return any(
+                isinstance(e, GroupFinished) and e.group_task_id == fine["groupTaskId"]
+                for e in await log_events(store)
+            )
+
+        try:
+            await wait_until(fine_done, within=20, what="the other group to finish")
+        finally:
+            worker.should_exit = True
+            await asyncio.wait_for(running, 10)
+        events = await log_events(store)
+        assert not [
+            e for e in events if e.group_task_id == sgid and type(e).__name__ != "GroupSubmitted"
+        ]
+        completed_fine = [e for e in events if type(e).__name__ == "TaskCompleted"]
+        assert sorted(e.index for e in completed_fine) == [0, 1]
+
+    async def main() -> None:
+        store = make_store(settings)
+        try:
+            await scenario(store)
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(main())
+    assert raw.type(target) == "hash"  # untouched
