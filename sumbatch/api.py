@@ -275,6 +275,22 @@ async def _internal(request: Request, exc: Exception) -> Response:
     return error(500, "internal error")
 
 
+async def durable_problem(settings: Settings) -> str | None:
+    """Why durable mode cannot run on the configured server, or None (also when Redis
+    cannot be reached: then the first POST checks). For a clean refusal at start,
+    before the app is served."""
+    store = open_store(settings, socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=5)
+    try:
+        await store.check_durable()
+    except NotDurable as exc:
+        return str(exc)
+    except REDIS_DOWN:
+        return None
+    finally:
+        await store.redis.aclose()
+    return None
+
+
 def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TypeVar
 
+import redis
+
 from sumbatch.config import Settings
 from sumbatch.events import AnyEvent, from_fields
 from sumbatch.store import Store, open_store
@@ -54,6 +56,18 @@ def wait_until_sync(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+def has_waitaof(url: str) -> bool:
+    """Whether the server knows WAITAOF (Redis 7.2+, Valkey): durable mode's check."""
+    client = redis.Redis.from_url(url)
+    try:
+        client.execute_command("WAITAOF", 0, 0, 1)
+    except redis.ResponseError as exc:
+        return "unknown command" not in str(exc)
+    finally:
+        client.close()
+    return True
 
 
 def make_store(settings: Settings) -> Store:

@@ -570,3 +570,39 @@ def test_a_declared_content_length_over_the_limit_is_413(
     assert response.status_code == 413
     assert response.json() == {"error": f"body larger than {limit} bytes", "status": 413}
     assert kinds(raw, settings)["GroupSubmitted"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        (b'{"tasks": [{"paramA": 1, "paramA": 2, "paramB": 3}]}', "paramA"),
+        (b'{"tasks": [{"paramA": 1, "paramB": 3, "paramB": 4}]}', "paramB"),
+        (b'{"tasks": [{"paramA": 1, "paramB": 2}], "tasks": [{"paramA": 5, "paramB": 6}]}',
+         "tasks"),
+        # The same key spelled with an escape: still the same key.
+        (b'{"tasks": [{"paramA": 1, "param\\u0041": 2, "paramB": 3}]}', "paramA"),
+        (b'{"tasks": [{"paramA": 1, "paramB": 2}, {"paramB": 3, "paramA": 4, "paramA": 4}]}',
+         "paramA"),
+    ],
+    ids=["paramA", "paramB", "tasks", "escaped", "second-task"],
+)  # fmt: skip
+def test_a_key_given_twice_is_400_and_appends_nothing(
+    client: TestClient, raw: redis.Redis, settings: Settings, body: bytes, key: str
+) -> None:
+    """msgspec, like most JSON parsers, would keep the last value silently; a body
+    that can be read two ways is refused instead."""
+    response = client.post(
+        "/grouptasks", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == f"malformed JSON: duplicate key `{key}`"
+    assert appended(raw, settings) == (0, 0)
+
+
+def test_escapes_in_a_body_without_duplicates_are_accepted(client: TestClient) -> None:
+    body = b'{"t\\u0061sks": [{"param\\u0041": 1, "paramB": 2}, {"paramA": 3, "paramB": 4}]}'
+    response = client.post(
+        "/grouptasks", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 200, response.text
+    assert len(response.json()["taskIds"]) == 2

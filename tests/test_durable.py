@@ -1,0 +1,181 @@
+"""Durable mode (SUMBATCH_DURABLE): at start the API checks what the server can
+promise, and refuses to start, naming the setting, when it can't; a POST answered
+503 ("not confirmed on disk") and retried with the same Idempotency-Key gets the
+first answer once the write is confirmed. Each test runs its own server, and its
+expectations follow what that server is (with WAITAOF, or before Redis 7.2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import redis
+from starlette.testclient import TestClient
+
+from sumbatch.api import create_app
+from sumbatch.config import Settings
+from sumbatch.embedded import EmbeddedServer
+from sumbatch.events import Keys
+from sumbatch.store import NotDurable, _durable_mode
+from sumbatch.tasks import Delay
+from tests.support import ROOT, env_for, free_port, has_waitaof
+
+BODY = {"tasks": [{"paramA": 1, "paramB": 2}]}
+
+
+@pytest.fixture
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[EmbeddedServer]:
+    fsync = getattr(request, "param", "everysec")
+    own = EmbeddedServer(tmp_path / "data", free_port(), appendfsync=fsync)
+    own.start()
+    try:
+        yield own
+    finally:
+        own.stop()
+
+
+def durable_settings(url: str) -> Settings:
+    return Settings(
+        redis_url=url, namespace=f"d{uuid.uuid4().hex[:12]}", delay=Delay(0, 0), durable=True
+    )
+
+
+def api_start(settings: Settings, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``sumbatch api`` in durable mode, for as long as it takes to refuse; a test
+    that expects it to start uses a TestClient instead."""
+    env = env_for(settings)
+    env["SUMBATCH_DURABLE"] = "true"
+    return subprocess.run(
+        [sys.executable, "-m", "sumbatch", "api", "--port", str(free_port())],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("server", ["no"], indirect=True)
+def test_a_server_that_never_fsyncs_is_refused_at_start(
+    server: EmbeddedServer, tmp_path: Path
+) -> None:
+    done = api_start(durable_settings(server.url), tmp_path)
+    assert done.returncode != 0
+    assert "appendfsync is no" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_server_without_aof_is_refused_at_start(server: EmbeddedServer, tmp_path: Path) -> None:
+    admin = redis.Redis.from_url(server.url)
+    admin.config_set("appendonly", "no")
+    admin.close()
+    done = api_start(durable_settings(server.url), tmp_path)
+    assert done.returncode != 0
+    assert "appendonly yes" in done.stderr, done.stderr
+
+
+def test_this_server_in_its_default_fsync_is_used_or_refused_by_what_it_can_promise(
+    server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """appendfsync everysec: with WAITAOF every POST waits for its fsync (200);
+    without (Redis before 7.2, such as Debian's 7.0) the API refuses to start and
+    says to set appendfsync always."""
+    settings = durable_settings(server.url)
+    if has_waitaof(server.url):
+        with TestClient(create_app(settings)) as client:
+            assert client.post("/grouptasks", json=BODY).status_code == 200
+    else:
+        done = api_start(settings, tmp_path)
+        assert done.returncode != 0
+        assert "set appendfsync always" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("server", ["always"], indirect=True)
+def test_appendfsync_always_is_durable_on_any_server(server: EmbeddedServer) -> None:
+    with TestClient(create_app(durable_settings(server.url))) as client:
+        answer = client.post("/grouptasks", json=BODY)
+        assert answer.status_code == 200, answer.text
+        gid = answer.json()["groupTaskId"]
+        assert client.get(f"/grouptasks/{gid}").status_code == 200
+
+
+def test_without_config_access_waitaof_alone_decides(
+    server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """A managed Redis often forbids CONFIG. With WAITAOF durable mode needs no
+    CONFIG; without it, appendfsync cannot be checked, and the API refuses to start."""
+    admin = redis.Redis.from_url(server.url)
+    admin.acl_setuser(
+        "app", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+        commands=["+@all", "-config"],
+    )  # fmt: skip
+    admin.close()
+    url = server.url.replace("redis://", "redis://app:pw@")
+    settings = durable_settings(url)
+    if has_waitaof(server.url):
+        with TestClient(create_app(settings)) as client:
+            assert client.post("/grouptasks", json=BODY).status_code == 200
+    else:
+        done = api_start(settings, tmp_path)
+        assert done.returncode != 0
+        assert "CONFIG is not allowed" in done.stderr, done.stderr
+
+
+def test_a_503_retried_with_the_same_key_gets_the_first_answer_once_confirmed(
+    server: EmbeddedServer,
+) -> None:
+    """The server stops fsyncing after the API started (appendfsync no): WAITAOF
+    confirms nothing, so the POST is a 503, and so is its retry. Once the server
+    fsyncs again, the same retry gets the group created by the first POST: 200 with
+    Idempotent-Replayed, and one group in the log."""
+    if not has_waitaof(server.url):
+        pytest.skip("needs WAITAOF (Redis 7.2+ or Valkey): without it durable mode runs "
+                    "on appendfsync always, which a running server is not asked again")  # fmt: skip
+    settings = durable_settings(server.url)
+    admin = redis.Redis.from_url(server.url, decode_responses=True)
+    headers = {"idempotency-key": "order-77"}
+    with TestClient(create_app(settings)) as client:
+        admin.config_set("appendfsync", "no")
+        first = client.post("/grouptasks", json=BODY, headers=headers)
+        again = client.post("/grouptasks", json=BODY, headers=headers)
+        admin.config_set("appendfsync", "everysec")
+        confirmed = client.post("/grouptasks", json=BODY, headers=headers)
+    keys = Keys(settings.namespace)
+    submitted = [f for _, f in admin.xrange(keys.events) if f["type"] == "GroupSubmitted"]
+    admin.close()
+    for refused in (first, again):
+        assert (refused.status_code, refused.headers["retry-after"]) == (503, "1")
+        assert "not confirmed on disk" in refused.json()["error"]
+    assert confirmed.status_code == 200, confirmed.text
+    assert confirmed.headers["idempotent-replayed"] == "true"
+    assert [f["groupTaskId"] for f in submitted] == [confirmed.json()["groupTaskId"]]
+
+
+@pytest.mark.parametrize(
+    ("waitaof", "aof_off", "config", "answer"),
+    [
+        (True, False, {"appendonly": "yes", "appendfsync": "everysec"}, "waitaof"),
+        (True, False, {"appendonly": "yes", "appendfsync": "always"}, "waitaof"),
+        (True, False, None, "waitaof"),
+        (False, False, {"appendonly": "yes", "appendfsync": "always"}, "always"),
+        (False, False, {"appendonly": "yes", "appendfsync": "everysec"}, "set appendfsync always"),
+        (True, False, {"appendonly": "yes", "appendfsync": "no"}, "appendfsync is no"),
+        (False, False, {"appendonly": "no", "appendfsync": "always"}, "appendonly yes"),
+        (True, True, None, "appendonly yes"),
+        (False, False, None, "CONFIG is not allowed"),
+    ],
+)
+def test_what_durable_mode_relies_on(
+    waitaof: bool, aof_off: bool, config: dict[str, str] | None, answer: str
+) -> None:
+    if answer in ("waitaof", "always"):
+        assert _durable_mode(waitaof, aof_off, config) == answer
+    else:
+        with pytest.raises(NotDurable, match=answer):
+            _durable_mode(waitaof, aof_off, config)
+
+
+def test_settings_can_say_durable() -> None:
+    assert Settings.from_env({"SUMBATCH_DURABLE": "true"}).durable is True
+    assert msgspec.structs.replace(Settings(), durable=True).durable
