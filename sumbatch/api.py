@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -270,6 +270,12 @@ async def _redis_error(request: Request, exc: Exception) -> Response:
     return await _internal(request, exc)
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # The client left mid-body, or the server's body timeout cut it off: nothing was
+    # appended, and it is not a server error.
+    return error(408, "the request body did not arrive in time")
+
+
 async def _internal(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return error(500, "internal error")
@@ -335,6 +341,7 @@ def create_app(settings: Settings) -> Starlette:
         exception_handlers={
             HTTPException: _http_error,
             RedisError: _redis_error,
+            ClientDisconnect: _client_gone,
             Exception: _internal,
         },
     )

@@ -1,8 +1,15 @@
-"""The OpenAPI 3.1 document the API serves at /openapi.json, built from the wire types
-so that it cannot drift from what the API validates."""
+"""The OpenAPI 3.1 document the API serves at /openapi.json.
+
+Bodies come from the wire types, the limits from the settings and the API's own
+constants, the version from the installed package: nothing here restates a value the
+code already holds. tests/test_openapi.py checks that every route the app serves is
+described, method by method, and that the document is valid OpenAPI 3.1."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import tomllib
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -11,6 +18,23 @@ from sumbatch.config import Settings
 from sumbatch.wire import Cancelled, ErrorBody, GroupCreated, GroupIn, GroupStatus, TaskStatus
 
 _REF = "#/components/schemas/{name}"
+_PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+def package_version() -> str:
+    """The installed distribution's version; from a source tree that was never
+    installed (PYTHONPATH=.), the pyproject.toml beside the package, which is where
+    the installed version comes from too."""
+    try:
+        return importlib.metadata.version("sumbatch")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        project = tomllib.loads(_PYPROJECT.read_text(encoding="utf-8"))["project"]
+        return str(project["version"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        # A version the spec accepts, and that says plainly it is not known.
+        return "0+unknown"
 
 
 def _json(name: str) -> dict[str, Any]:
@@ -22,22 +46,60 @@ def _answer(description: str, name: str) -> dict[str, Any]:
 
 
 def openapi_schema(settings: Settings) -> dict[str, Any]:
+    # Imported here, not at the top: api imports this module while it loads, so a
+    # top-level import of api would find it half-initialised whichever loads first.
+    from sumbatch.api import MAX_IDEMPOTENCY_KEY
+
     _, components = msgspec.json.schema_components(
         [GroupIn, GroupCreated, GroupStatus, TaskStatus, Cancelled, ErrorBody], ref_template=_REF
     )
     group_in = components["GroupIn"]
     group_in["properties"]["tasks"]["maxItems"] = settings.max_tasks_per_group
+    components["Health"] = {
+        "title": "Health",
+        "type": "object",
+        "properties": {"status": {"type": "string", "enum": ["ok"]}},
+        "required": ["status"],
+    }
+    components["Ready"] = {
+        "title": "Ready",
+        "type": "object",
+        "properties": {"status": {"type": "string", "enum": ["ready"]}},
+        "required": ["status"],
+    }
+    retry_after = {
+        "Retry-After": {
+            "description": "seconds to wait before trying again",
+            "required": True,
+            "schema": {"type": "integer", "minimum": 0},
+        }
+    }
     errors = {
         code: _answer(text, "ErrorBody")
         for code, text in [
-            ("400", "not JSON"),
+            (
+                "400",
+                "not JSON, or JSON with a key twice in one object; an Idempotency-Key that "
+                f"is empty or longer than {MAX_IDEMPOTENCY_KEY} characters",
+            ),
             ("404", "unknown or malformed id"),
             ("409", "the group has already finished"),
-            ("413", "body or group too large"),
+            (
+                "413",
+                f"body over {settings.max_body_bytes} bytes, or more than "
+                f"{settings.max_tasks_per_group} tasks",
+            ),
             ("415", "not application/json"),
-            ("422", "JSON of the wrong shape"),
-            ("503", "storage unavailable; see Retry-After"),
+            ("422", "JSON of the wrong shape, or an Idempotency-Key reused with another body"),
         ]
+    }
+    errors["503"] = {
+        **_answer(
+            "storage unavailable or refusing for now (or, in durable mode, a write not "
+            "confirmed on disk in time); try again after Retry-After",
+            "ErrorBody",
+        ),
+        "headers": retry_after,
     }
 
     if settings.api_token:
@@ -54,7 +116,7 @@ def openapi_schema(settings: Settings) -> dict[str, Any]:
     security: list[dict[str, list[str]]] = [{"bearer": []}] if settings.api_token else []
     return {
         "openapi": "3.1.0",
-        "info": {"title": "sumbatch", "version": "0.1.0"},
+        "info": {"title": "sumbatch", "version": package_version()},
         "paths": {
             "/grouptasks": {
                 "post": {
@@ -65,12 +127,27 @@ def openapi_schema(settings: Settings) -> dict[str, Any]:
                             "name": "Idempotency-Key",
                             "in": "header",
                             "required": False,
-                            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                            "description": "the same key with the same body answers the "
+                            "first answer again and creates nothing",
+                            "schema": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": MAX_IDEMPOTENCY_KEY,
+                            },
                         }
                     ],
                     "requestBody": {"required": True, "content": _json("GroupIn")},
                     "responses": {
-                        "200": _answer("the group is in the log", "GroupCreated"),
+                        "200": {
+                            **_answer("the group is in the log", "GroupCreated"),
+                            "headers": {
+                                "Idempotent-Replayed": {
+                                    "description": "present when this is the answer "
+                                    "to an earlier request with the same Idempotency-Key",
+                                    "schema": {"type": "string", "enum": ["true"]},
+                                }
+                            },
+                        },
                         **pick("400", *guarded, "413", "415", "422", "503"),
                     },
                 }
@@ -102,6 +179,39 @@ def openapi_schema(settings: Settings) -> dict[str, Any]:
                         **pick("404", "503"),
                     },
                 },
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness: answers while the process lives; touches no storage",
+                    "responses": {"200": _answer("the process is alive", "Health")},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: storage answers and the workers' consumer group exists",
+                    "responses": {
+                        "200": _answer("ready to take work", "Ready"),
+                        "503": {
+                            **_answer(
+                                "storage unavailable, or the workers' consumer group does "
+                                "not exist yet; try again after Retry-After",
+                                "ErrorBody",
+                            ),
+                            "headers": retry_after,
+                        },
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {
+                        "200": {
+                            "description": "the OpenAPI 3.1 description of this API",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
             },
         },
         "components": {

@@ -6,6 +6,7 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+
+from sumbatch.config import Settings
+from sumbatch.http import Limits
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
@@ -150,3 +154,167 @@ def test_dockerfile_runs_sumbatch_as_non_root() -> None:
     assert "sumbatch" in start[-1], f"Dockerfile starts {start[-1]!r}"
     users = [args for keyword, args in instructions if keyword == "USER"]
     assert users and users[-1].split(":")[0] not in {"root", "0"}, "image runs as root"
+
+
+# -- settings reach the app services -------------------------------------------------
+
+# Settings compose owns instead of passing them on, and where it uses each instead.
+COMPOSE_OWNS = {
+    "SUMBATCH_HOST": ("api", "ports"),
+    "SUMBATCH_PORT": ("api", "ports"),
+    "SUMBATCH_WORKERS": ("worker", "deploy"),
+    "SUMBATCH_FSYNC": ("redis", "command"),
+}
+# The embedded server's, which compose does not run (the redis service is its own).
+EMBEDDED_ONLY = {"SUMBATCH_DATA_DIR", "SUMBATCH_EMBEDDED_PORT"}
+# Fixed to the redis service (test_app_service_redis_url_points_at_redis_service).
+FIXED = {"REDIS_URL"}
+INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+class _Recording(Mapping[str, str]):
+    """An empty environment that remembers every name looked up in it."""
+
+    def __init__(self) -> None:
+        self.read: set[str] = set()
+
+    def __getitem__(self, name: str) -> str:
+        self.read.add(name)
+        raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        self.read.add(str(name))
+        return False
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+@cache
+def _variables_read() -> frozenset[str]:
+    """Every variable the processes' settings are read from, found by reading them."""
+    env = _Recording()
+    Settings.from_env(env)
+    Limits.from_env(env)
+    return frozenset(env.read)
+
+
+def _passed_on() -> set[str]:
+    return set(_variables_read()) - set(COMPOSE_OWNS) - EMBEDDED_ONLY - FIXED
+
+
+def _interpolate(value: str, host: Mapping[str, str]) -> str:
+    """Compose's `${VAR}`, `${VAR:-default}` and `${VAR-default}`."""
+
+    def one(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2) or ""
+        given = host.get(name)
+        if given is None or (given == "" and ":-" in match.group(0)):
+            return default
+        return given
+
+    return INTERPOLATION.sub(one, value)
+
+
+def test_the_recording_environment_sees_what_settings_read() -> None:
+    read = _variables_read()
+    assert {
+        "REDIS_URL",
+        "SUMBATCH_DURABLE",
+        "SUMBATCH_API_TOKEN",
+        "SUMBATCH_HEADER_TIMEOUT",
+    } <= read
+    assert all(name == "REDIS_URL" or name.startswith("SUMBATCH_") for name in read), read
+
+
+@pytest.mark.parametrize("name", sorted(APP_SERVICES))
+def test_every_setting_reaches_each_app_service(name: str) -> None:
+    env = _environment(_service(name))
+    missing = sorted(_passed_on() - set(env))
+    assert not missing, f"{name} does not pass on {missing}"
+    for variable in _passed_on():
+        match = INTERPOLATION.fullmatch(env[variable] or "")
+        assert match and match.group(1) == variable, (
+            f"{name}: {variable}={env[variable]!r} does not come from ${{{variable}}}"
+        )
+
+
+def test_app_services_share_one_environment() -> None:
+    environments = {name: _environment(_service(name)) for name in APP_SERVICES}
+    assert len({tuple(sorted(env.items())) for env in environments.values()}) == 1, environments
+
+
+@pytest.mark.parametrize("variable", sorted(COMPOSE_OWNS))
+def test_settings_compose_owns_are_used_where_it_says(variable: str) -> None:
+    service, key = COMPOSE_OWNS[variable]
+    assert "${" + variable in yaml.safe_dump(_service(service).get(key)), (
+        f"{variable} is not used in {service}.{key}"
+    )
+    for name in APP_SERVICES:
+        assert variable not in _environment(_service(name)), f"{name} gets {variable} too"
+
+
+def test_empty_means_the_default_for_every_setting_passed_on() -> None:
+    """`${VAR:-}` hands an unset variable to the container as an empty string: each
+    must then read as its default, not as an error or an empty value."""
+    for variable in sorted(_passed_on()):
+        assert Settings.from_env({variable: ""}) == Settings.from_env({}), variable
+        assert Limits.from_env({variable: ""}) == Limits.from_env({}), variable
+
+
+@pytest.mark.parametrize("name", sorted(APP_SERVICES))
+def test_host_settings_arrive_in_the_app_services(name: str) -> None:
+    """The environment each app container gets, interpolated as compose would, read
+    by the same code the process runs."""
+    declared = _environment(_service(name))
+
+    def container(host: Mapping[str, str]) -> dict[str, str]:
+        return {k: _interpolate(v or "", host) for k, v in declared.items()}
+
+    defaults = Settings.from_env(container({}))
+    assert defaults == Settings(redis_url="redis://redis:6379/0")
+    assert Limits.from_env(container({})) == Limits()
+    host = {
+        "SUMBATCH_DURABLE": "true",
+        "SUMBATCH_API_TOKEN": "s3cret",
+        "SUMBATCH_MAX_TASKS": "7",
+        "SUMBATCH_LOG_LEVEL": "DEBUG",
+        "SUMBATCH_NAMESPACE": "other",
+        "SUMBATCH_HEADER_TIMEOUT": "3",
+        "REDIS_URL": "redis://elsewhere:1/0",
+    }
+    settings = Settings.from_env(container(host))
+    assert (settings.durable, settings.api_token, settings.max_tasks_per_group) == (
+        True,
+        "s3cret",
+        7,
+    )
+    assert (settings.log_level, settings.namespace) == ("DEBUG", "other")
+    assert Limits.from_env(container(host)).header_timeout == 3.0
+    # The compose network's Redis, whatever the host's shell points its own tools at.
+    assert settings.redis_url == "redis://redis:6379/0"
+
+
+def test_published_address_and_worker_replicas_follow_the_settings() -> None:
+    (published,) = _service("api")["ports"]
+    assert _interpolate(published, {}) == "0.0.0.0:5000:5000"
+    host = {"SUMBATCH_HOST": "127.0.0.1", "SUMBATCH_PORT": "8080"}
+    assert _interpolate(published, host) == "127.0.0.1:8080:5000"
+    replicas = str(_service("worker")["deploy"]["replicas"])
+    assert int(_interpolate(replicas, {})) == Settings().workers
+    assert _interpolate(replicas, {"SUMBATCH_WORKERS": "5"}) == "5"
+    redis_command = " ".join(_command(_service("redis")))
+    assert _interpolate(redis_command, {}).endswith(f"--appendfsync {Settings().fsync}")
+    assert _interpolate(redis_command, {"SUMBATCH_FSYNC": "always"}).endswith(
+        "--appendfsync always"
+    )
+
+
+def test_workers_stop_grace_outlasts_their_shutdown_grace() -> None:
+    grace = _service("worker")["stop_grace_period"]
+    match = re.fullmatch(r"(\d+)s", str(grace))
+    assert match, f"stop_grace_period {grace!r}: expected seconds, as `45s`"
+    assert int(match.group(1)) > Settings().shutdown_grace
