@@ -8,6 +8,7 @@ import ssl
 import subprocess
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -24,7 +25,8 @@ from sumbatch import ids
 from sumbatch.api import create_app
 from sumbatch.config import Settings
 from sumbatch.embedded import EmbeddedServer, find_server
-from sumbatch.events import Keys
+from sumbatch.events import GroupFinished, GroupSubmitted, Keys, TaskCompleted, from_fields
+from sumbatch.store import Entry
 from tests.support import free_port, make_store, wait_until_sync
 
 TOKEN = "s3cret"
@@ -296,6 +298,29 @@ def start_tls_server(tmp_path: Path, cert: Path, key: Path) -> tuple[EmbeddedSer
     return server, tls_port
 
 
+def assert_the_log_holds_the_flow(
+    client: redis.Redis, settings: Settings, group: dict[str, Any]
+) -> None:
+    """The event log on ``client`` holds exactly what the flow writes: the group's
+    submission, one outcome per task (each with its result), its end, and nothing else
+    but progress notes (TaskStarted, at most one per task: it ran once). Derived from
+    the events present, so it holds whether or not a worker logs TaskStarted."""
+    key = Keys(settings.namespace).events
+    events = [from_fields(fields) for _, fields in cast(list[Entry], client.xrange(key))]
+    gid = group["groupTaskId"]
+    assert {e.group_task_id for e in events} == {gid}
+    kinds = Counter(type(e).__name__ for e in events)
+    started = kinds.pop("TaskStarted", 0)
+    tasks = len(TASKS["tasks"])
+    assert kinds == {"GroupSubmitted": 1, "TaskCompleted": tasks, "GroupFinished": 1}, kinds
+    assert started <= tasks
+    assert isinstance(events[0], GroupSubmitted) and isinstance(events[-1], GroupFinished)
+    sums = [t["paramA"] + t["paramB"] for t in TASKS["tasks"]]
+    completed = sorted((e.index, e.result) for e in events if isinstance(e, TaskCompleted))
+    assert completed == list(enumerate(sums)), completed
+    assert client.xlen(key) == 1 + started + tasks + 1
+
+
 def test_the_flow_runs_over_tls(tmp_path: Path, settings: Settings) -> None:
     cert, key = self_signed(tmp_path)
     server, tls_port = start_tls_server(tmp_path, cert, key)
@@ -312,9 +337,14 @@ def test_the_flow_runs_over_tls(tmp_path: Path, settings: Settings) -> None:
         # And the data went to that server, not to the session one.
         secure = redis.Redis.from_url(url, decode_responses=True)
         try:
-            assert secure.xlen(Keys(settings.namespace).events) == 6
+            assert_the_log_holds_the_flow(secure, settings, group)
         finally:
             secure.close()
+        session = redis.Redis.from_url(settings.redis_url or "")
+        try:
+            assert session.exists(Keys(settings.namespace).events) == 0
+        finally:
+            session.close()
     finally:
         server.stop()
         wait_until_sync(lambda: server.process is None or server.process.poll() is not None)
@@ -392,6 +422,12 @@ def test_the_flow_runs_over_tls_through_a_terminating_proxy(
         group, _ = run_flow(msgspec.structs.replace(settings, redis_url=url))
         assert_processed(group)
         assert proxy.connections >= 2  # the API's, and the worker's and projector's
+        # What went through the proxy is the whole flow, in the server behind it.
+        behind = redis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            assert_the_log_holds_the_flow(behind, settings, group)
+        finally:
+            behind.close()
         # Without the CA the certificate is refused: the URL's CA is what is used.
         untrusting = redis.Redis.from_url(f"rediss://127.0.0.1:{proxy.port}/0")
         with pytest.raises(redis.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):

@@ -75,6 +75,39 @@ async def wait_for(what: str, within: float, predicate: Any) -> Any:
         await asyncio.sleep(0.02)
 
 
+def local_ports(pid: int) -> set[int]:
+    """The local ports of the TCP sockets process ``pid`` holds (from Linux /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target.removeprefix("socket:[").removesuffix("]"))
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        path = Path(f"/proc/{pid}/net/{table}")
+        for line in path.read_text().splitlines()[1:] if path.exists() else []:
+            columns = line.split()
+            if columns[9] in inodes:
+                ports.add(int(columns[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def blocked_in_xreadgroup(store: Store, workers: list[subprocess.Popen[bytes]]) -> bool:
+    """Whether every one of ``workers`` has a connection blocked in XREADGROUP."""
+    for worker in workers:
+        if worker.poll() is not None:
+            raise SystemExit(f"worker {worker.pid} exited with {worker.returncode}")
+    blocked = {
+        int(c["addr"].rsplit(":", 1)[1])
+        for c in await store.redis.client_list()
+        if c["cmd"] == "xreadgroup" and "b" in c["flags"]
+    }
+    return all(local_ports(worker.pid) & blocked for worker in workers)
+
+
 async def measure(url: str, claim_timeout: float, tasks: int, logs: Path) -> Result:
     namespace = f"recovery-{uuid.uuid4().hex[:8]}"
     settings = Settings(redis_url=url, namespace=namespace)
@@ -109,10 +142,11 @@ async def measure(url: str, claim_timeout: float, tasks: int, logs: Path) -> Res
         start("projector", "projector")
 
         async def both_reading() -> bool:
-            consumers = await store.redis.xinfo_consumers(store.keys.work, WORKER_GROUP)
-            return len(consumers) == 2
+            # Not XINFO CONSUMERS: before Redis 7.2 it lists a consumer only once it has
+            # been served an entry, so it would never list a worker that waits for work.
+            return await blocked_in_xreadgroup(store, [children["w1"], children["w2"]])
 
-        await wait_for("both workers to read", 30, both_reading)
+        await wait_for("both workers to block in XREADGROUP", 30, both_reading)
         rand = random.randrange
         sub = Submission.of([TaskIn(rand(10**9), rand(10**9)) for _ in range(tasks)])
         gid = sub.created.group_task_id
@@ -202,6 +236,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as data:
         server = EmbeddedServer(data, free_port())
+        print(f"server: {server.binary} (SUMBATCH_REDIS_SERVER picks another)", flush=True)
         server.start()
         try:
             results = [
