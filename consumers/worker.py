@@ -4,7 +4,17 @@ Flow per work entry: the begin script says skip (already ended), cache hit, or r
 (with the attempt number); runs sleep the simulated delay without blocking the
 others; outcomes go through the completion fence in batches. While a task runs its
 entry stays in our pending list and we renew our claim on it, so only a dead or stuck
-worker's entries are taken over (XAUTOCLAIM after ``claim_timeout``).
+worker's entries are taken over (XAUTOCLAIM after ``claim_timeout``). A run is cut off
+after ``task_timeout`` (a failed attempt), so no run holds its entry forever.
+
+Cancels: the cancel script revokes a group's unended tasks and publishes its id; we
+stop our runs of that group's tasks at once. Pub/sub is best effort: a run nobody
+stops finishes, meets the fence and writes nothing.
+
+No loop spins on an error that is no outage: a batch the server rejects for another
+reason is split until the outcomes or entries at fault are alone; those are logged and
+left pending (the claim and attempt machinery takes them up again later), the rest go
+through.
 """
 
 from __future__ import annotations
@@ -16,8 +26,10 @@ import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
 from importlib import import_module
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
@@ -31,13 +43,15 @@ from sumbatch.events import (
     TaskSubmitted,
     from_fields,
 )
-from sumbatch.outage import REDIS_DOWN, Outage
+from sumbatch.outage import REDIS_DOWN, Outage, is_transient
 from sumbatch.store import Entry, Outcome, Store
 from sumbatch.tasks import compute, retry_backoff, should_retry
 
 log = logging.getLogger("sumbatch.worker")
 
 Handler = Callable[[int, int], "int | Awaitable[int]"]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def load_handler(spec: str) -> Handler:
@@ -47,6 +61,22 @@ def load_handler(spec: str) -> Handler:
     module, _, name = spec.partition(":")
     handler: Handler = getattr(import_module(module), name)
     return handler
+
+
+@dataclass
+class Apart(Generic[T, R]):
+    """What became of a batch split to isolate the items at fault."""
+
+    done: list[tuple[Sequence[T], R]] = field(default_factory=list)  # parts, with results
+    failed: list[T] = field(default_factory=list)  # items that failed alone
+    errors: int = 0  # calls that failed with an error that is no outage
+
+
+def describe(exc: BaseException) -> str:
+    """An error as the log keeps it: any text a handler raised, lone surrogates
+    included, made encodable, so that it can never keep its outcome from landing."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def consumer_name() -> str:
@@ -62,6 +92,7 @@ class Worker:
         handler: Handler | None = None,
         name: str | None = None,
         read_count: int = 500,
+        watch_cancels: bool = True,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -71,7 +102,13 @@ class Worker:
         self.rng = random.Random()
         self.should_exit = False
         self.claim_ms = int(settings.claim_timeout * 1000)
+        # False: rely on the fence alone, as a worker of an older version does.
+        self.watch_cancels = watch_cancels
         self._running: dict[str, asyncio.Task[None]] = {}  # entry id -> its task
+        # What each running entry is, and the running entries of each group, so that
+        # a cancel finds its group's runs without a scan.
+        self._items: dict[str, TaskSubmitted] = {}
+        self._by_group: dict[str, set[str]] = {}
         self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
         self._unflushed = 0
 
@@ -113,9 +150,10 @@ class Worker:
         """Make our unfinished entries claimable at once by any other worker, rather
         than after the claim timeout; their runs here are abandoned."""
         entry_ids = list(self._running)
-        for task in self._running.values():
-            task.cancel()
-        self._running.clear()
+        for entry_id in entry_ids:
+            task = self._forget(entry_id)
+            if task is not None:
+                task.cancel()
         await self.store.renew(self.name, entry_ids, idle_ms=self.claim_ms * 10)
         log.warning("handed back %d unfinished entries", len(entry_ids))
 
@@ -136,10 +174,13 @@ class Worker:
     def _start_helpers(self) -> list[asyncio.Task[None]]:
         # Renewal and sweeping run beside the blocking read, so a long XREADGROUP
         # BLOCK never delays a renewal past the claim timeout.
-        return [
+        helpers = [
             asyncio.create_task(self._flush_forever()),
             asyncio.create_task(self._keep_claims()),
         ]
+        if self.watch_cancels:
+            helpers.append(asyncio.create_task(self._watch_cancels()))
+        return helpers
 
     async def _read(self, block_ms: int) -> int:
         capacity = self.settings.worker_concurrency - len(self._running)
@@ -151,33 +192,43 @@ class Worker:
         return len(entries)
 
     async def _keep_claims(self) -> None:
-        renew_every = self.settings.claim_timeout / 4
         # Often enough that entries handed back by a stopping worker move on quickly.
         sweep_every = max(0.2, min(2.0, self.settings.claim_timeout / 4))
-        trim_every = 5.0
-        last_sweep = last_trim = time.monotonic()
-        outage = Outage(log, f"worker {self.name} claims")
+        steps: list[tuple[str, float, Callable[[], Awaitable[object]]]] = [
+            ("renewals", self.settings.claim_timeout / 4, self._renew),
+            ("sweeps", sweep_every, self._sweep_unless_stopping),
+            ("trims", 5.0, self._tidy),
+        ]
+        outages = [Outage(log, f"worker {self.name} {what}") for what, _, _ in steps]
+        due = [time.monotonic() + every for _, every, _ in steps]
         while True:
-            await asyncio.sleep(min(renew_every, sweep_every))
-            try:
-                await self._renew()
+            await asyncio.sleep(max(0.0, min(due) - time.monotonic()))
+            for n, (_, every, step) in enumerate(steps):
                 now = time.monotonic()
-                if now - last_sweep >= sweep_every and not self.should_exit:
-                    last_sweep = now
-                    await self._sweep()
-                if now - last_trim >= trim_every:
-                    last_trim = now
-                    await self.store.trim_work()
-                    # Dead workers' names, once they hold nothing: tidy XINFO CONSUMERS.
-                    await self.store.forget_idle_consumers(self.claim_ms * 10)
-                outage.ok()
-            except Exception as exc:  # this loop must outlive any error (OOM, BUSY, ...)
-                await asyncio.sleep(outage.failed(exc))
+                if now < due[n]:
+                    continue
+                try:
+                    await step()
+                    outages[n].ok()
+                    due[n] = now + every
+                except Exception as exc:  # this loop must outlive any error (OOM, a bug)
+                    # Each step backs off on its own: a trim that keeps failing must not
+                    # hold up renewals, and no step is retried faster than its period.
+                    due[n] = now + max(every, outages[n].failed(exc))
+
+    async def _sweep_unless_stopping(self) -> None:
+        if not self.should_exit:
+            await self._sweep()
+
+    async def _tidy(self) -> None:
+        await self.store.trim_work()
+        # Dead workers' names, once they hold nothing: tidy XINFO CONSUMERS.
+        await self.store.forget_idle_consumers(self.claim_ms * 10)
 
     async def _renew(self) -> None:
         """Reset the idle time of our running entries; drop runs another worker took."""
         for entry_id in await self.store.renew(self.name, list(self._running)):
-            running = self._running.pop(entry_id, None)
+            running = self._forget(entry_id)
             if running is not None:
                 log.warning("entry %s was taken over; dropping our run", entry_id)
                 running.cancel()
@@ -190,6 +241,57 @@ class Worker:
             log.info("claimed %d entries from dead or stuck workers", len(claimed))
             await self._accept(claimed)
         return len(claimed)
+
+    async def _watch_cancels(self) -> None:
+        """Stop our runs of the tasks a cancel revoked, as its message comes in."""
+        outage = Outage(log, f"worker {self.name} cancels")
+        while True:
+            try:
+                async with self.store.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self.store.keys.cancellations)
+                    # Cancels published while we were not subscribed are lost: ask
+                    # once about everything we run.
+                    await self._stop_ended(list(self._items))
+                    while True:
+                        # A timeout, not a read that blocks forever: a dead connection
+                        # is found by the client's health check between reads.
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=1.0
+                        )
+                        # Only after a read went well: a connection that fails at once
+                        # each time keeps backing off longer.
+                        outage.ok()
+                        if message is not None and message["type"] == "message":
+                            await self._stop_ended(self._entries_of([message["data"]]))
+            except Exception as exc:
+                await asyncio.sleep(outage.failed(exc))
+
+    def _entries_of(self, group_ids: Iterable[str]) -> list[str]:
+        return [eid for gid in group_ids for eid in self._by_group.get(gid, ())]
+
+    async def _stop_ended(self, entry_ids: list[str]) -> None:
+        """Stop the runs of those entries whose task has ended (revoked, or finished
+        elsewhere): the server acknowledges exactly those, so an entry whose task goes
+        on is never left running nowhere."""
+        known = [(eid, self._items[eid]) for eid in entry_ids if eid in self._items]
+        if not known:
+            return
+        try:
+            released = await self.store.release_ended(
+                [item for _, item in known], [eid for eid, _ in known]
+            )
+        except Exception as exc:
+            if is_transient(exc):
+                raise  # the listener backs off, and asks again once it is back
+            # Best effort: those runs go on, and their outcomes meet the fence.
+            log.error("could not stop runs of cancelled tasks", exc_info=exc)
+            return
+        for entry_id in released:
+            task = self._forget(entry_id)
+            if task is not None:
+                task.cancel()
+        if released:
+            log.info("stopped %d runs of cancelled tasks", len(released))
 
     async def _accept(self, entries: list[Entry]) -> None:
         if not entries:
@@ -208,11 +310,18 @@ class Worker:
                 await self.store.dead_letter_entry(entry_id, fields)
         if not good:
             return
-        items = [item for _, item in good]
-        decisions = await self.store.begin(items, [entry_id for entry_id, _ in good])
+        begun = await self._apart("begin", self._begin, good, retry_transient=False)
+        refused = [entry_id for entry_id, _ in begun.failed]
         started: list[AnyEvent] = []
-        for (entry_id, item), decision in zip(good, decisions, strict=True):
-            if decision[0] == 1:
+        decided = [
+            (entry_id, item, decision)
+            for part, decisions in begun.done
+            for (entry_id, item), decision in zip(part, decisions, strict=True)
+        ]
+        for entry_id, item, decision in decided:
+            if decision[0] == 3:
+                refused.append(entry_id)
+            elif decision[0] == 1:
                 self._record(entry_id, item, self._completed(item, int(decision[1]), True, 0))
             elif decision[0] == 2 and int(decision[1]) > self.settings.max_attempts:
                 # Delivered again and again, never ended: its runs keep killing workers.
@@ -228,10 +337,35 @@ class Worker:
                     if error is None:
                         continue
                 started.append(self._started(item, attempt))
-                self._running[entry_id] = asyncio.create_task(
-                    self._run(entry_id, item, attempt, delay, error)
-                )
+                self._track(entry_id, item, self._run(entry_id, item, attempt, delay, error))
+        if refused:
+            # Left pending and not run: claimed again after the claim timeout, when an
+            # operator may have repaired the group's keys.
+            log.error(
+                "%d work entries refused (their group's keys are not what sumbatch "
+                "wrote, or the task is outside its group); left pending: %s",
+                len(refused), ", ".join(refused[:10]),
+            )  # fmt: skip
         await self.store.append(started)
+
+    async def _begin(self, part: Sequence[tuple[str, TaskSubmitted]]) -> list[Any]:
+        return await self.store.begin([item for _, item in part], [eid for eid, _ in part])
+
+    def _track(self, entry_id: str, item: TaskSubmitted, run: Coroutine[Any, Any, None]) -> None:
+        self._running[entry_id] = asyncio.create_task(run)
+        self._items[entry_id] = item
+        self._by_group.setdefault(item.group_task_id, set()).add(entry_id)
+
+    def _forget(self, entry_id: str) -> asyncio.Task[None] | None:
+        """Stop tracking an entry's run; returns its task, if it was running."""
+        item = self._items.pop(entry_id, None)
+        if item is not None:
+            entries = self._by_group.get(item.group_task_id)
+            if entries is not None:
+                entries.discard(entry_id)
+                if not entries:
+                    del self._by_group[item.group_task_id]
+        return self._running.pop(entry_id, None)
 
     def _run_inline(self, entry_id: str, item: TaskSubmitted, attempt: int) -> str | None:
         """With no delay and a plain function, run the task here and now: no task
@@ -241,7 +375,7 @@ class Worker:
         try:
             result = int(self.handler(item.param_a, item.param_b))  # type: ignore[arg-type]
         except Exception as exc:
-            return f"{type(exc).__name__}: {exc}"
+            return describe(exc)
         self._record(entry_id, item, self._completed(item, result, False, attempt))
         return None
 
@@ -252,26 +386,34 @@ class Worker:
             await self._attempts(entry_id, item, attempt, delay, error)
         except BaseException:
             # Ended without an outcome (cancelled, or a bug): a sweep may claim it.
-            self._running.pop(entry_id, None)
+            self._forget(entry_id)
             raise
 
     async def _attempts(
         self, entry_id: str, item: TaskSubmitted, attempt: int, delay: float, error: str | None
     ) -> None:
+        timeout = self.settings.task_timeout
         while True:
             if error is None:
+                # The simulated delay is part of the run. A plain (sync) handler runs on
+                # the event loop and cannot be interrupted: only its awaits can be.
+                deadline = asyncio.timeout(timeout)
                 try:
-                    await asyncio.sleep(delay)
-                    result = self.handler(item.param_a, item.param_b)
-                    if inspect.isawaitable(result):
-                        result = await result
+                    async with deadline:
+                        await asyncio.sleep(delay)
+                        result = self.handler(item.param_a, item.param_b)
+                        if inspect.isawaitable(result):
+                            result = await result
                     completed = self._completed(item, int(result), False, attempt)
                     self._record(entry_id, item, completed)
                     return
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    error = f"{type(exc).__name__}: {exc}"
+                    if deadline.expired():
+                        error = f"TimeoutError: the run took longer than {timeout:g} s"
+                    else:
+                        error = describe(exc)
             if not should_retry(attempt, self.settings.max_attempts):
                 self._record(entry_id, item, self._failed(item, attempt, error))
                 return
@@ -358,18 +500,71 @@ class Worker:
             await asyncio.shield(self._flush(batch))
 
     async def _flush(self, batch: list[Outcome]) -> None:
-        outage = Outage(log, f"worker {self.name} completions")
-        while True:
-            try:
-                await self.store.complete(batch)  # fenced: safe to send again
-                outage.ok()
-                break
-            except Exception as exc:  # OOM or BUSY too: keep the outcomes, try again
-                await asyncio.sleep(outage.failed(exc))
+        # Redis away or refusing: the same batch again (fenced: safe to send twice),
+        # however long it takes, as outcomes must not be lost. Any other error: split.
+        flushed = await self._apart("completions", self.store.complete, batch, retry_transient=True)
+        refused = [outcome.entry_id for outcome in flushed.failed]
+        refused += [eid for _, completed in flushed.done for eid in completed.refused]
+        if refused:
+            # Not acknowledged: pending, they are claimed again after the claim timeout
+            # and run as a further attempt; past max_attempts they end as FAILURE.
+            log.error(
+                "%d outcomes could not be recorded; their entries stay pending: %s",
+                len(refused), ", ".join(refused[:10]),
+            )  # fmt: skip
         for outcome in batch:
-            self._running.pop(outcome.entry_id, None)
+            self._forget(outcome.entry_id)
             self._outcomes.task_done()
         self._unflushed -= len(batch)
+
+    async def _apart(
+        self,
+        what: str,
+        step: Callable[[Sequence[T]], Awaitable[R]],
+        batch: Sequence[T],
+        *,
+        retry_transient: bool,
+    ) -> Apart[T, R]:
+        """Run ``step`` on ``batch``; when it fails with an error that is no outage (bad
+        data, a bug), split the batch in halves, recursively, so that only the items at
+        fault fail: at most 2n - 1 calls, no retry of those, so nothing spins. The first
+        such error is logged with its traceback. Transient errors are retried with
+        backoff (``retry_transient``) or raised to the caller's loop."""
+        outage = Outage(log, f"worker {self.name} {what}")
+        apart: Apart[T, R] = Apart()
+
+        async def attempt(part: Sequence[T]) -> None:
+            while True:
+                try:
+                    result = await step(part)
+                except Exception as exc:
+                    if not is_transient(exc):
+                        if not apart.errors:
+                            log.error(
+                                "worker %s %s: rejected (%s); isolating the items at fault",
+                                self.name,
+                                what,
+                                exc,
+                                exc_info=exc,
+                            )
+                        apart.errors += 1
+                        break
+                    if not retry_transient:
+                        raise
+                    await asyncio.sleep(outage.failed(exc))
+                    continue
+                outage.ok()
+                apart.done.append((part, result))
+                return
+            if len(part) == 1:
+                apart.failed.append(part[0])
+                return
+            half = len(part) // 2
+            await attempt(part[:half])
+            await attempt(part[half:])
+
+        await attempt(batch)
+        return apart
 
     async def _drain(self) -> None:
         """Let in-flight tasks finish and their outcomes land."""

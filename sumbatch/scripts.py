@@ -56,10 +56,12 @@ local function index_ok(index, total)
 end
 
 -- Append to the log and to the group's audit stream, with the same entry id. The
--- audit stream only ever gets ids from the log, so they always go up.
+-- audit stream only ever gets ids from the log, so they go up; should someone have
+-- written it ahead by hand, the copy is skipped (pcall) rather than fail the step
+-- after its first write.
 local function append(events, log, fields)
   local id = redis.call('XADD', events, '*', unpack(fields))
-  redis.call('XADD', log, id, unpack(fields))
+  redis.pcall('XADD', log, id, unpack(fields))
   return id
 end
 

@@ -122,8 +122,15 @@ def test_workers_killed_at_random_moments_lose_and_double_nothing(
             nonlocal orphaning_kills
             for _ in range(kills):
                 await asyncio.sleep(rng.uniform(0.15, 0.5))  # a random moment
-                pending = await pending_by_consumer(store)
-                busy = sorted(name for name in workers if pending.get(name, 0) > 0)
+                # Then a worker holding entries, if one does within a second: on a
+                # loaded machine the moment alone often finds them all between reads.
+                busy: list[str] = []
+                waited = time.monotonic() + 1.0
+                while not busy and time.monotonic() < waited:
+                    pending = await pending_by_consumer(store)
+                    busy = sorted(name for name in workers if pending.get(name, 0) > 0)
+                    if not busy:
+                        await asyncio.sleep(0.01)
                 victim = rng.choice(busy or sorted(workers))
                 orphaning_kills += victim in busy
                 procs.kill9(workers.pop(victim))

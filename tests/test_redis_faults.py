@@ -493,6 +493,9 @@ def test_an_outage_answers_503_and_every_process_resumes_on_its_own(tmp_path: Pa
         tries = {proc.log.name: proc.failed_tries() for proc in consumers}
         print(f"\noutage: {', '.join(f'{k} {v:.2f}s' for k, v in timings.items())}")
         print(f"'{UNAVAILABLE}' lines per log: {counts}; failed tries when back: {tries}")
-        assert all(1 <= count <= 3 for count in counts.values()), counts
+        # Each loop logs an outage once: a worker runs six (reads, renewals, sweeps,
+        # trims, cancellations, completions), the projector one.
+        loops = {proc.log.name: 6 if proc in workers else 1 for proc in consumers}
+        assert all(1 <= counts[name] <= loops[name] for name in counts), (counts, loops)
         # Each process tried again and again, yet logged the outage only those few times.
         assert all(max(n) >= 2 for n in tries.values()), tries

@@ -1,0 +1,222 @@
+"""DELETE stops tasks that are running: the cancel script revokes them and publishes
+the group's id; workers stop those runs and acknowledge their entries at once. When
+the message is lost, the run ends on its own and the fence keeps its outcome out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import msgspec
+import redis
+from starlette.testclient import TestClient
+
+from consumers.worker import Worker
+from sumbatch.config import Settings
+from sumbatch.events import (
+    WORKER_GROUP,
+    GroupFinished,
+    Keys,
+    TaskCompleted,
+    TaskRevoked,
+    TaskStarted,
+    from_fields,
+)
+from sumbatch.store import Store
+from sumbatch.tasks import Delay
+from tests.support import Processes, log_events, make_store, wait_until, wait_until_sync
+from tests.test_workers import submit
+
+LONG = Delay(30.0, 30.0)  # far longer than any wait below
+
+
+def pending(raw: redis.Redis, settings: Settings) -> int:
+    summary: Any = raw.xpending(Keys(settings.namespace).work, WORKER_GROUP)
+    return int(summary["pending"])
+
+
+def group_events(raw: redis.Redis, settings: Settings, gid: str) -> list[Any]:
+    entries: Any = raw.xrange(Keys(settings.namespace).group_log(gid))
+    return [from_fields(fields) for _, fields in entries]
+
+
+def test_delete_stops_running_tasks_of_a_worker_process(
+    settings: Settings, client: TestClient, raw: redis.Redis, procs: Processes
+) -> None:
+    settings = msgspec.structs.replace(settings, delay=LONG)
+    procs.start(settings, "worker")
+    procs.start(settings, "projector")
+    pairs = [{"paramA": i, "paramB": i} for i in range(5)]
+    created = client.post("/grouptasks", json={"tasks": pairs}).json()
+    gid, tids = created["groupTaskId"], created["taskIds"]
+
+    def all_started() -> bool:
+        states = [client.get(f"/tasks/{tid}").json()["taskState"] for tid in tids]
+        return states == ["STARTED"] * 5
+
+    wait_until_sync(all_started, what="every task to be STARTED")
+    assert pending(raw, settings) == 5
+
+    asked = time.monotonic()
+    response = client.delete(f"/grouptasks/{gid}")
+    assert response.status_code == 202
+    assert response.json() == {"groupTaskId": gid, "grouptaskCancelled": True, "tasksRevoked": 5}
+    # The runs had 30 s to go: only a worker that stops them frees the entries now.
+    wait_until_sync(lambda: pending(raw, settings) == 0, 5.0, "the worker to drop the entries")
+    assert time.monotonic() - asked < 5.0
+
+    def processed() -> bool:
+        return bool(client.get(f"/grouptasks/{gid}").json()["grouptaskProcessed"])
+
+    wait_until_sync(processed, what="the projector to show the group processed")
+    group = client.get(f"/grouptasks/{gid}").json()
+    assert (group["grouptaskCancelled"], group["grouptaskSucceeded"]) == (True, False)
+    assert (group["tasksCompleted"], group["tasksRevoked"], group["results"]) == (5, 5, [])
+    for tid in tids:
+        task = client.get(f"/tasks/{tid}").json()
+        assert (task["taskState"], task["result"], task["resultReady"]) == ("REVOKED", None, True)
+    history = group_events(raw, settings, gid)
+    assert not any(isinstance(e, TaskCompleted) for e in history)
+    assert sum(isinstance(e, TaskRevoked) for e in history) == 5
+    assert sum(isinstance(e, GroupFinished) for e in history) == 1
+    assert all(p.poll() is None for p in procs.started)  # nothing crashed on the way
+
+
+def test_a_run_whose_cancel_message_is_lost_ends_and_writes_nothing(settings: Settings) -> None:
+    """A worker that does not listen (an older version, or one whose message was
+    lost) runs the revoked tasks to their end; their outcomes meet the fence: nothing
+    is written, and the entries are acknowledged."""
+    returned: list[int] = []
+
+    async def scenario() -> None:
+        store = make_store(settings)
+        gate = asyncio.Event()
+
+        async def gated(a: int, b: int) -> int:
+            await gate.wait()
+            returned.append(a + b)
+            return a + b
+
+        worker = Worker(settings, store, handler=gated, watch_cancels=False)
+        try:
+            await store.ensure_worker_group()
+            gid, _ = await submit(store, [(1, 2), (3, 4)])
+            running = asyncio.create_task(worker.run())
+
+            async def both_started() -> bool:
+                return sum(isinstance(e, TaskStarted) for e in await log_events(store)) == 2
+
+            await wait_until(both_started, what="both runs to start")
+            assert await store.cancel(gid) == 1 + 2
+            assert worker.busy  # nobody told it
+            gate.set()
+
+            async def done() -> bool:
+                summary = await store.redis.xpending(store.keys.work, WORKER_GROUP)
+                return not worker.busy and summary["pending"] == 0
+
+            await wait_until(done, within=10, what="the runs to end and be acknowledged")
+            worker.should_exit = True
+            await asyncio.wait_for(running, 10)
+            events = await log_events(store)
+            assert not any(isinstance(e, TaskCompleted) for e in events)
+            assert not await store.redis.exists(store.keys.cache(1, 2))
+            (finished,) = [e for e in events if isinstance(e, GroupFinished)]
+            assert (finished.tasks_revoked, finished.succeeded) == (2, False)
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(scenario())
+    assert sorted(returned) == [3, 7]  # the runs did end on their own
+
+
+def test_the_worker_listens_again_after_its_connection_is_killed(settings: Settings) -> None:
+    settings = msgspec.structs.replace(settings, delay=LONG)
+
+    async def scenario() -> None:
+        store = make_store(settings)
+        worker = Worker(settings, store)
+        channel = store.keys.cancellations
+        try:
+            await store.ensure_worker_group()
+            gid, _ = await submit(store, [(1, 2), (3, 4), (5, 6)])
+            running = asyncio.create_task(worker.run())
+
+            async def subscribed() -> bool:
+                [(_, count)] = await store.redis.pubsub_numsub(channel)
+                return count == 1
+
+            async def all_started() -> bool:
+                return sum(isinstance(e, TaskStarted) for e in await log_events(store)) == 3
+
+            await wait_until(all_started, what="the runs to start")
+            await wait_until(subscribed, what="the worker to subscribe")
+            killed = await store.redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            assert int(killed) >= 1
+            await wait_until(subscribed, what="the worker to subscribe again")
+
+            assert await store.cancel(gid) == 1 + 3
+            asked = time.monotonic()
+
+            async def stopped() -> bool:
+                summary = await store.redis.xpending(store.keys.work, WORKER_GROUP)
+                return not worker.busy and summary["pending"] == 0
+
+            await wait_until(stopped, within=5, what="the runs to stop")
+            assert time.monotonic() - asked < 5
+            worker.should_exit = True
+            await asyncio.wait_for(running, 10)
+            assert not any(isinstance(e, TaskCompleted) for e in await log_events(store))
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_cancel_of_another_group_leaves_our_runs_alone(settings: Settings) -> None:
+    """The message names one group: runs of other groups go on and complete."""
+
+    async def scenario() -> None:
+        store = make_store(settings)
+        gate = asyncio.Event()
+
+        async def gated(a: int, b: int) -> int:
+            await gate.wait()
+            return a + b
+
+        worker = Worker(settings, store, handler=gated)
+        try:
+            await store.ensure_worker_group()
+            doomed, _ = await submit(store, [(1, 1), (2, 2)])
+            kept, kept_tids = await submit(store, [(3, 3), (4, 4)])
+            running = asyncio.create_task(worker.run())
+
+            async def all_started() -> bool:
+                return sum(isinstance(e, TaskStarted) for e in await log_events(store)) == 4
+
+            await wait_until(all_started, what="the runs to start")
+            assert await store.cancel(doomed) == 1 + 2
+
+            async def doomed_dropped() -> bool:
+                summary = await store.redis.xpending(store.keys.work, WORKER_GROUP)
+                return summary["pending"] == 2 and len(worker._running) == 2
+
+            await wait_until(doomed_dropped, within=5, what="the cancelled runs to stop")
+            gate.set()
+            await wait_until(
+                lambda: _finished(store, kept), within=10, what="the other group to finish"
+            )
+            worker.should_exit = True
+            await asyncio.wait_for(running, 10)
+            events = await log_events(store)
+            assert sorted(e.task_id for e in events if isinstance(e, TaskCompleted)) == kept_tids
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(scenario())
+
+
+async def _finished(store: Store, gid: str) -> bool:
+    events = await log_events(store)
+    return any(isinstance(e, GroupFinished) and e.group_task_id == gid for e in events)
