@@ -9,11 +9,14 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlparse
 
-from sumbatch.config import ConfigError, Settings
+from sumbatch.config import PARENT_PID_ENV, ConfigError, Settings, parse_port, resolve_handler
+from sumbatch.outage import Outage, is_transient
 from sumbatch.store import Entry, Store, open_store
 
 log = logging.getLogger("sumbatch")
@@ -63,7 +66,8 @@ def _run_until_signal(consumer: Any, main: Callable[[], Awaitable[None]]) -> Non
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from consumers.worker import Worker
 
-    worker = Worker(settings, _store(settings), name=args.name)
+    handler = resolve_handler(settings.handler)
+    worker = Worker(settings, _store(settings), handler=handler, name=args.name)
     _run_until_signal(worker, worker.run)
     return 0
 
@@ -77,23 +81,21 @@ def cmd_projector(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
+    from sumbatch.api import create_app, durable_problem
+    from sumbatch.http import serve
 
-    from sumbatch.api import create_app
-
-    uvicorn.run(
-        create_app(settings),
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        log_level="info",
-        access_log=False,
-    )
+    if settings.durable and (problem := run_async(durable_problem(settings))):
+        print(f"sumbatch: {problem}", file=sys.stderr)
+        return 2
+    serve(create_app(settings), args.host or settings.host, args.port or settings.port, settings)
     return 0
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from sumbatch.supervisor import Supervisor
 
+    # Here, not in each worker: a handler that cannot load would make them crash-loop.
+    resolve_handler(settings.handler)
     workers = args.workers if args.workers is not None else settings.workers
     supervisor = Supervisor(settings, host=args.host, port=args.port, workers=workers)
     return supervisor.run()
@@ -123,25 +125,48 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
-    async def tail() -> None:
-        store = _store(settings)
-        after = "0-0" if args.from_start else "$"
-        try:
-            while True:
-                # A bounded block, below the client's socket timeout, in a loop.
-                entries = await store.read_events(after, 1000, block_ms=5000)
-                for entry in entries:
-                    print(_describe(entry), flush=True)
-                if entries:
-                    after = entries[-1][0]
-        finally:
-            await store.redis.aclose()
-
     try:
-        asyncio.run(tail())
+        asyncio.run(_tail(settings, from_start=args.from_start))
     except KeyboardInterrupt:
         pass
+    except BrokenPipeError:
+        # The reader left (`sumbatch tail | head`): end quietly, as `cat` does. Point
+        # stdout at /dev/null so the interpreter's last flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+async def _tail(settings: Settings, *, from_start: bool) -> None:
+    """Print events as they are appended. Across a Redis restart it reconnects with
+    backoff and goes on after the last id printed: nothing missed, nothing twice."""
+    store = _store(settings)
+    outage = Outage(log, "tail")
+    after = "0-0" if from_start else None
+    try:
+        while True:
+            try:
+                if after is None:
+                    # A real id rather than "$", so a reconnect cannot skip what was
+                    # appended while we were away.
+                    after = await _last_event_id(store)
+                # A bounded block, below the client's socket timeout, in a loop.
+                entries = await store.read_events(after, 1000, block_ms=5000)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                await asyncio.sleep(outage.failed(exc))
+                continue
+            outage.ok()
+            for entry in entries:
+                print(_describe(entry), flush=True)
+                after = entry[0]
+    finally:
+        await store.redis.aclose()
+
+
+async def _last_event_id(store: Store) -> str:
+    last = cast(list[Entry], await store.redis.xrevrange(store.keys.events, count=1))
+    return last[0][0] if last else "0-0"
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
@@ -152,11 +177,16 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         store = _store(settings)
         try:
             if args.check:
-                events, diffs = await differences(store)
-                for line in diffs:
+                check = await differences(store)
+                for line in check.differences:
                     print(line)
-                print(f"replayed {events} events: {len(diffs)} differences")
-                return 1 if diffs else 0
+                for entry in check.set_aside:
+                    print(f"set aside {entry.entry_id}: {entry.reason}")
+                print(
+                    f"replayed {check.events} events: {len(check.differences)} differences, "
+                    f"{len(check.set_aside)} entries set aside"
+                )
+                return 1 if check.differences else 0
             await store.forget_position()
             await Projector(store).run_until_idle()
             print(f"views rebuilt from the log, up to {await store.position()}")
@@ -186,6 +216,13 @@ def cmd_redis_cli(settings: Settings, args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def _port_arg(text: str) -> int:
+    try:
+        return parse_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: {exc}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="sumbatch",
@@ -198,13 +235,13 @@ def parser() -> argparse.ArgumentParser:
         "up", help="run everything: server (if no REDIS_URL), api, workers, projector"
     )
     up.add_argument("--host", default=None)
-    up.add_argument("--port", type=int, default=None)
+    up.add_argument("--port", type=_port_arg, default=None)
     up.add_argument("--workers", type=int, default=None, help="worker processes (SUMBATCH_WORKERS)")
     up.set_defaults(func=cmd_up)
 
     api = sub.add_parser("api", help="run the REST API")
     api.add_argument("--host", default=None)
-    api.add_argument("--port", type=int, default=None)
+    api.add_argument("--port", type=_port_arg, default=None)
     api.set_defaults(func=cmd_api)
 
     worker = sub.add_parser("worker", help="run one worker process")
@@ -233,14 +270,40 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("SUMBATCH_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
-    )
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
         print(f"sumbatch: {exc}", file=sys.stderr)
         return 2
-    result: int = args.func(settings, args)
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
+    )
+    parent = os.environ.pop(PARENT_PID_ENV, None)
+    if parent:
+        _exit_with_parent(int(parent), settings.shutdown_grace + 10)
+    try:
+        result: int = args.func(settings, args)
+    except ConfigError as exc:
+        print(f"sumbatch: {exc}", file=sys.stderr)
+        return 2
     return result
+
+
+def _exit_with_parent(parent: int, grace: float) -> None:
+    """For the children of `up`: when it dies, even by `kill -9`, we are reparented;
+    then stop as on its SIGTERM (finish or hand back work), and at once after
+    ``grace``. Polling getppid works wherever we run, unlike PR_SET_PDEATHSIG."""
+    if os.getppid() != parent:
+        log.warning("sumbatch up (pid %d) is already gone; exiting", parent)
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        log.warning("sumbatch up (pid %d) is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import math
 import os
+import re
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -13,6 +17,8 @@ from sumbatch.tasks import Delay, parse_delay
 T = TypeVar("T")
 
 EMBEDDED_PORT_DEFAULT = 6399
+# Set by `sumbatch up` for its children: its pid; they stop when it is gone.
+PARENT_PID_ENV = "SUMBATCH_PARENT_PID"
 
 
 class ConfigError(ValueError):
@@ -52,6 +58,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Answer a POST only once its events are fsynced (WAITAOF, or appendfsync always).
     durable: bool = False
     fsync: str = "everysec"
+    log_level: str = "INFO"
+    # Seconds a request's head may take to arrive, and a body may pause (then 408).
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
 
     @property
     def client_url(self) -> str:
@@ -61,32 +71,37 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         read = _Reader(env)
-        return cls(
-            redis_url=env.get("REDIS_URL") or None,
+        settings = cls(
+            redis_url=read("REDIS_URL", _redis_url, None, secret=True),
             namespace=read("SUMBATCH_NAMESPACE", str, "sumbatch"),
             delay=read("SUMBATCH_DELAY", parse_delay, Delay(3.0, 10.0)),
             host=read("SUMBATCH_HOST", str, "127.0.0.1"),
-            port=read("SUMBATCH_PORT", int, 5000),
+            port=read("SUMBATCH_PORT", parse_port, 5000),
             workers=read("SUMBATCH_WORKERS", _at_least(0), 2),
             worker_concurrency=read("SUMBATCH_WORKER_CONCURRENCY", _at_least(1), 10_000),
             claim_timeout=read("SUMBATCH_CLAIM_TIMEOUT", _positive_float, 30.0),
             # Attempts are counted in one byte per task (saturating at 255).
             max_attempts=read("SUMBATCH_MAX_ATTEMPTS", _between(1, 254), 3),
-            retry_base=read("SUMBATCH_RETRY_BASE", float, 1.0),
+            retry_base=read("SUMBATCH_RETRY_BASE", _non_negative_float, 1.0),
             max_tasks_per_group=read("SUMBATCH_MAX_TASKS", _at_least(1), 10_000),
             max_body_bytes=read("SUMBATCH_MAX_BODY_BYTES", _at_least(1), 2_000_000),
             data_dir=read("SUMBATCH_DATA_DIR", str, ".sumbatch-data"),
-            embedded_port=read("SUMBATCH_EMBEDDED_PORT", int, EMBEDDED_PORT_DEFAULT),
-            handler=read("SUMBATCH_HANDLER", str, ""),
+            embedded_port=read("SUMBATCH_EMBEDDED_PORT", parse_port, EMBEDDED_PORT_DEFAULT),
+            handler=read("SUMBATCH_HANDLER", _handler_spec, ""),
             result_ttl=read("SUMBATCH_RESULT_TTL", _positive_int, 86_400),
             cache_ttl=read("SUMBATCH_CACHE_TTL", _positive_int, 86_400),
             log_retention=read("SUMBATCH_LOG_RETENTION", _positive_int, 86_400),
-            shutdown_grace=read("SUMBATCH_SHUTDOWN_GRACE", float, 30.0),
+            shutdown_grace=read("SUMBATCH_SHUTDOWN_GRACE", _non_negative_float, 30.0),
             task_timeout=read("SUMBATCH_TASK_TIMEOUT", _positive_float, 300.0),
             api_token=read("SUMBATCH_API_TOKEN", str, ""),
             durable=read("SUMBATCH_DURABLE", _bool, False),
             fsync=read("SUMBATCH_FSYNC", _fsync, "everysec"),
+            log_level=read("SUMBATCH_LOG_LEVEL", _log_level, "INFO"),
+            header_timeout=read("SUMBATCH_HEADER_TIMEOUT", _positive_float, 10.0),
+            body_timeout=read("SUMBATCH_BODY_TIMEOUT", _positive_float, 10.0),
         )
+        _check_timeout_covers_delay(settings)
+        return settings
 
 
 def _between(low: int, high: int) -> Callable[[str], int]:
@@ -100,14 +115,86 @@ def _between(low: int, high: int) -> Callable[[str], int]:
 
 
 def _at_least(low: int) -> Callable[[str], int]:
-    return _between(low, 2**63)
+    return _between(low, 2**63 - 1)
+
+
+parse_port = _between(1, 65535)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _finite_float(text)
     if not value > 0:
         raise ValueError("expected a positive number")
     return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise ValueError("expected a number of seconds, 0 or more")
+    return value
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _redis_url(text: str) -> str:
+    # The URL may hold a password: the message names the scheme only.
+    scheme = urlsplit(text).scheme
+    if scheme not in REDIS_SCHEMES:
+        raise ValueError(f"scheme {scheme or '(none)'!r}; expected redis://, rediss:// or unix://")
+    return text
+
+
+HANDLER_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def _handler_spec(text: str) -> str:
+    if not HANDLER_SPEC.fullmatch(text):
+        raise ValueError("expected module:function, e.g. mypackage.tasks:add")
+    return text
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
+
+
+def _check_timeout_covers_delay(settings: Settings) -> None:
+    """A timeout at or below the longest simulated delay would fail every slow task."""
+    if settings.task_timeout <= settings.delay.high:
+        raise ConfigError(
+            f"SUMBATCH_TASK_TIMEOUT={settings.task_timeout:g} is not valid: it must be "
+            f"greater than the longest SUMBATCH_DELAY ({settings.delay.high:g} s)"
+        )
+
+
+def resolve_handler(spec: str) -> Callable[..., Any] | None:
+    """Import SUMBATCH_HANDLER's function, or None for the built-in sum; a spec that
+    cannot be imported or is not callable is a ConfigError, so it stops a process at
+    its start rather than in every task."""
+    if not spec:
+        return None
+    module_name, _, name = spec.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), name)
+    except Exception as exc:  # anything at import time: the module is unusable
+        raise ConfigError(
+            f"SUMBATCH_HANDLER={spec!r} is not valid: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not callable(found):
+        raise ConfigError(f"SUMBATCH_HANDLER={spec!r} is not valid: {name} is not callable")
+    handler: Callable[..., Any] = found
+    return handler
 
 
 def _positive_int(text: str) -> int:
@@ -136,11 +223,14 @@ class _Reader:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
 
-    def __call__(self, name: str, cast: Callable[[str], T], default: T) -> T:
+    def __call__(
+        self, name: str, cast: Callable[[str], T], default: T, *, secret: bool = False
+    ) -> T:
         raw = self.env.get(name)
         if raw is None or raw == "":
             return default
         try:
             return cast(raw)
         except ValueError as exc:
-            raise ConfigError(f"{name}={raw!r} is not valid: {exc}") from exc
+            shown = name if secret else f"{name}={raw!r}"
+            raise ConfigError(f"{shown} is not valid: {exc}") from exc

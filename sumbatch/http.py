@@ -24,8 +24,7 @@ still sending gets the answer rather than a connection reset."""
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -37,7 +36,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from sumbatch.config import ConfigError, Settings
+from sumbatch.config import Settings
 
 # Time a refused client gets to stop sending before the socket is closed on it.
 LINGER_SECONDS = 2.0
@@ -51,24 +50,8 @@ class Limits:
     max_header_bytes: int = 64 * 1024
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> Limits:
-        return cls(
-            header_timeout=_seconds(environ, "SUMBATCH_HEADER_TIMEOUT", cls.header_timeout),
-            body_timeout=_seconds(environ, "SUMBATCH_BODY_TIMEOUT", cls.body_timeout),
-        )
-
-
-def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
-    raw = environ.get(name)
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not value > 0 or value == float("inf"):
-        raise ConfigError(f"{name}={raw!r} is not valid: expected a positive number of seconds")
-    return value
+    def of(cls, settings: Settings) -> Limits:
+        return cls(header_timeout=settings.header_timeout, body_timeout=settings.body_timeout)
 
 
 def error_response(status: int, message: str, default_headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -235,10 +218,5 @@ def config(app: ASGIApp, host: str, port: int, limits: Limits, log_level: str) -
 
 
 def serve(app: ASGIApp, host: str, port: int, settings: Settings) -> None:
-    """Serve ``app`` until SIGINT/SIGTERM, as ``sumbatch api`` does.
-
-    The limits come from SUMBATCH_HEADER_TIMEOUT and SUMBATCH_BODY_TIMEOUT until
-    Settings carries them (then: ``Limits(settings.header_timeout,
-    settings.body_timeout)``)."""
-    limits = Limits.from_env(os.environ)
-    uvicorn.Server(config(app, host, port, limits, settings.log_level)).run()
+    """Serve ``app`` until SIGINT/SIGTERM, as ``sumbatch api`` does."""
+    uvicorn.Server(config(app, host, port, Limits.of(settings), settings.log_level)).run()

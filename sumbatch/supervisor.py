@@ -1,22 +1,53 @@
 """``sumbatch up``: start the embedded server when REDIS_URL is unset, then the API,
-the workers and the projector as child processes; restart a child that dies; on
-SIGTERM/SIGINT stop the children (they finish in-flight work), then the server."""
+the workers and the projector as child processes; restart a child (or the server)
+that dies, but give up on one that keeps dying at once; on SIGTERM/SIGINT stop the
+children (they finish in-flight work), then the server."""
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
+from typing import IO
 
-from sumbatch.config import Settings
-from sumbatch.embedded import EmbeddedServer, ServerNotFound
+import msgspec
+import redis
+
+from sumbatch.config import PARENT_PID_ENV, Settings
+from sumbatch.embedded import EmbeddedServer, ServerNotFound, locate_server, version_text
+from sumbatch.outage import REDIS_DOWN
 
 log = logging.getLogger("sumbatch.up")
+
+# A child that exits within QUICK_EXIT seconds of its start CRASH_LOOP times in a row
+# cannot start (bad credentials, a broken handler...): restarting it forever only
+# prints the same traceback forever.
+QUICK_EXIT = 10.0
+CRASH_LOOP = 5
+LOCK_FILE = "sumbatch.lock"
+
+
+class Refused(Exception):
+    """``up`` cannot start; the message says why. ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class CrashLoop(Exception):
+    pass
 
 
 @dataclass
@@ -25,18 +56,36 @@ class Child:
     argv: list[str]
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    started_at: float = 0.0
+    quick_exits: int = 0
+    # The tail of its stderr since its last start, to name its last error.
+    last_lines: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+
+    def last_error(self) -> str:
+        return next((line for line in reversed(self.last_lines) if line.strip()), "(nothing)")
 
 
 class Supervisor:
     def __init__(
-        self, settings: Settings, *, host: str | None, port: int | None, workers: int
+        self,
+        settings: Settings,
+        *,
+        host: str | None,
+        port: int | None,
+        workers: int,
+        quick_exit: float = QUICK_EXIT,
+        crash_loop: int = CRASH_LOOP,
     ) -> None:
         self.settings = settings
         self.host = host or settings.host
         self.port = port or settings.port
         self.workers = workers
+        self.quick_exit = quick_exit
+        self.crash_loop = crash_loop
         self.stopping = False
         self.server: EmbeddedServer | None = None
+        self.server_quick_exits = 0
+        self._lock: IO[str] | None = None
 
     def _children(self) -> list[Child]:
         me = [sys.executable, "-m", "sumbatch"]
@@ -52,48 +101,144 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         env = dict(os.environ)
-        if self.settings.redis_url is None:
-            try:
-                self.server = EmbeddedServer(
-                    self.settings.data_dir,
-                    self.settings.embedded_port,
-                    appendfsync=self.settings.fsync,
-                )
-                self.server.start()
-            except (ServerNotFound, RuntimeError, TimeoutError) as exc:
-                log.error("%s", exc)
-                return 1
-            env["REDIS_URL"] = self.server.url
-            log.info(
-                "embedded server %s on %s, data in %s",
-                self.server.binary,
-                self.server.url,
-                self.server.data_dir,
-            )
+        env[PARENT_PID_ENV] = str(os.getpid())
+        try:
+            self._preflight()
+            if self.settings.redis_url is None:
+                env["REDIS_URL"] = self._start_server()
+            self._check_durable(env.get("REDIS_URL") or self.settings.client_url)
+        except Refused as exc:
+            log.error("%s", exc)
+            self._release()
+            return exc.code
         children = self._children()
         try:
             for child in children:
                 self._spawn(child, env)
             log.info("API on http://%s:%d  (Ctrl-C to stop)", self.host, self.port)
             while not self.stopping:
+                self._watch_server()
                 for child in children:
-                    assert child.process is not None
-                    code = child.process.poll()
-                    if code is not None and not self.stopping:
-                        child.restarts += 1
-                        log.warning("%s exited with %s; restarting", child.name, code)
-                        time.sleep(min(5.0, 0.2 * child.restarts))
-                        self._spawn(child, env)
+                    self._watch(child, env)
                 time.sleep(0.2)
+        except CrashLoop as exc:
+            log.error("%s", exc)
+            return 1
         finally:
             self._stop(children)
         return 0
 
+    def _preflight(self) -> None:
+        """Refuse at once what would otherwise fail later in every child: a data dir
+        or a port another instance holds, credentials the server refuses."""
+        if self.settings.redis_url is None:
+            self._lock = lock_data_dir(Path(self.settings.data_dir))
+            check_port_free("127.0.0.1", self.settings.embedded_port, "SUMBATCH_EMBEDDED_PORT")
+        else:
+            check_credentials(self.settings.redis_url)
+        check_port_free(self.host, self.port, "the API port (--port, SUMBATCH_PORT)")
+
+    def _check_durable(self, url: str) -> None:
+        """Durable mode on a server that cannot promise it would stop the API at its
+        start: refuse here, once, naming the setting."""
+        if not self.settings.durable:
+            return
+        from sumbatch.api import durable_problem
+
+        settings = msgspec.structs.replace(self.settings, redis_url=url)
+        problem = asyncio.run(durable_problem(settings))
+        if problem:
+            raise Refused(problem, 2)
+
+    def _start_server(self) -> str:
+        try:
+            found = locate_server()
+        except ServerNotFound as exc:
+            raise Refused(str(exc)) from exc
+        log.info(
+            "embedded server: %s (%s): %s", found.path, version_text(found.version), found.reason
+        )
+        self.server = EmbeddedServer(
+            self.settings.data_dir,
+            self.settings.embedded_port,
+            appendfsync=self.settings.fsync,
+            binary=found.path,
+            die_with_parent=True,
+        )
+        try:
+            self.server.start()
+        except (RuntimeError, TimeoutError) as exc:
+            raise Refused(str(exc)) from exc
+        log.info("embedded server on %s, data in %s", self.server.url, self.server.data_dir)
+        return self.server.url
+
+    def _watch_server(self) -> None:
+        """The server is supervised like the children: restarted on its data dir."""
+        server = self.server
+        if server is None or server.running or self.stopping:
+            return
+        assert server.process is not None
+        log.warning(
+            "embedded server exited with %s; restarting it on %s",
+            server.process.returncode,
+            server.data_dir,
+        )
+        try:
+            server.start()
+        except (RuntimeError, TimeoutError) as exc:
+            log.warning("embedded server did not restart: %s", exc)
+        if server.running:
+            self.server_quick_exits = 0
+            log.info("embedded server is back on %s", server.url)
+            return
+        self.server_quick_exits += 1
+        if self.server_quick_exits >= self.crash_loop:
+            raise CrashLoop(
+                f"the embedded server failed to start {self.server_quick_exits} times in a "
+                f"row; stopping. Its last error: {_last_line(server.data_dir / 'server.log')} "
+                f"(see {server.data_dir / 'server.log'})"
+            )
+        self._pause(min(5.0, 0.2 * self.server_quick_exits))
+
+    def _watch(self, child: Child, env: dict[str, str]) -> None:
+        assert child.process is not None
+        code = child.process.poll()
+        if code is None or self.stopping:
+            return
+        lived = time.monotonic() - child.started_at
+        child.quick_exits = child.quick_exits + 1 if lived < self.quick_exit else 0
+        if child.quick_exits >= self.crash_loop:
+            raise CrashLoop(
+                f"{child.name} exited {child.quick_exits} times in a row within "
+                f"{self.quick_exit:g}s of its start (last exit code {code}); stopping. "
+                f"Its last error: {child.last_error()}"
+            )
+        child.restarts += 1
+        log.warning("%s exited with %s; restarting", child.name, code)
+        self._pause(min(5.0, 0.2 * max(1, child.quick_exits)))
+        if not self.stopping:
+            self._spawn(child, env)
+
+    def _pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def _spawn(self, child: Child, env: dict[str, str]) -> None:
         # Children ignore the terminal's Ctrl-C; we forward one SIGTERM in order.
         child.process = subprocess.Popen(
-            child.argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True
+            child.argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
+        child.started_at = time.monotonic()
+        child.last_lines.clear()
+        assert child.process.stderr is not None
+        threading.Thread(
+            target=_forward, args=(child.process.stderr, child.last_lines), daemon=True
+        ).start()
 
     def _stop(self, children: list[Child]) -> None:
         log.info("stopping")
@@ -112,6 +257,84 @@ class Supervisor:
                 log.warning("%s did not stop in %.0fs; killing", child.name, grace)
                 child.process.kill()
                 child.process.wait()
+        # Last: the children needed it to hand back their work.
+        self._release()
+        log.info("stopped")
+
+    def _release(self) -> None:
         if self.server is not None:
             self.server.stop()
-        log.info("stopped")
+        if self._lock is not None:
+            self._lock.close()
+
+
+def _forward(pipe: IO[bytes], last_lines: deque[str]) -> None:
+    """Copy a child's stderr to ours line by line, keeping its tail."""
+    with pipe:
+        for line in iter(pipe.readline, b""):
+            last_lines.append(line.decode(errors="replace").rstrip())
+            try:
+                sys.stderr.buffer.write(line)
+                sys.stderr.buffer.flush()
+            except (OSError, ValueError):
+                pass  # our stderr is gone; keep draining so the child never blocks
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return next((line for line in reversed(lines) if line.strip()), "(empty log)")
+
+
+def lock_data_dir(data_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on the data dir for as long as the returned file is open
+    (the kernel drops it when we die, however we die)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = (data_dir / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise Refused(
+            f"data dir {data_dir.resolve()} is in use by another sumbatch up (pid {holder}); "
+            "stop it, or set SUMBATCH_DATA_DIR and SUMBATCH_EMBEDDED_PORT for a second one"
+        ) from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            # As servers bind: a port in TIME_WAIT is free, one with a listener is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise Refused(f"{what}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def check_credentials(url: str) -> None:
+    """A server that refuses our credentials will refuse every child forever; one that
+    cannot be reached yet may come up, and the children wait for it."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        raise Refused(f"REDIS_URL: the server refuses these credentials: {exc}", 2) from None
+    except redis.ResponseError as exc:
+        if str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+            raise Refused(f"REDIS_URL: the server refuses these credentials: {exc}", 2) from None
+        raise
+    except REDIS_DOWN as exc:
+        log.warning("redis unavailable at start (%s); the children will keep trying", exc)
+    finally:
+        client.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from typing import NamedTuple
 
@@ -24,6 +25,8 @@ def parse_delay(text: str) -> Delay:
         high = float(high_text) if sep else low
     except ValueError:
         raise ValueError("expected seconds like '3-10', '0.5-1' or '0'") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("expected finite seconds")
     if low < 0 or high < low:
         raise ValueError("expected 0 <= low <= high")
     return Delay(low, high)

@@ -198,7 +198,6 @@ def _variables_read() -> frozenset[str]:
     """Every variable the processes' settings are read from, found by reading them."""
     env = _Recording()
     Settings.from_env(env)
-    Limits.from_env(env)
     return frozenset(env.read)
 
 
@@ -262,7 +261,6 @@ def test_empty_means_the_default_for_every_setting_passed_on() -> None:
     must then read as its default, not as an error or an empty value."""
     for variable in sorted(_passed_on()):
         assert Settings.from_env({variable: ""}) == Settings.from_env({}), variable
-        assert Limits.from_env({variable: ""}) == Limits.from_env({}), variable
 
 
 @pytest.mark.parametrize("name", sorted(APP_SERVICES))
@@ -276,7 +274,7 @@ def test_host_settings_arrive_in_the_app_services(name: str) -> None:
 
     defaults = Settings.from_env(container({}))
     assert defaults == Settings(redis_url="redis://redis:6379/0")
-    assert Limits.from_env(container({})) == Limits()
+    assert Limits.of(defaults) == Limits()
     host = {
         "SUMBATCH_DURABLE": "true",
         "SUMBATCH_API_TOKEN": "s3cret",
@@ -293,7 +291,7 @@ def test_host_settings_arrive_in_the_app_services(name: str) -> None:
         7,
     )
     assert (settings.log_level, settings.namespace) == ("DEBUG", "other")
-    assert Limits.from_env(container(host)).header_timeout == 3.0
+    assert Limits.of(settings).header_timeout == 3.0
     # The compose network's Redis, whatever the host's shell points its own tools at.
     assert settings.redis_url == "redis://redis:6379/0"
 

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import operator
 import random
 
 import pytest
 
-from sumbatch.config import ConfigError, Settings
+from sumbatch.config import ConfigError, Settings, resolve_handler
 from sumbatch.tasks import Delay, parse_delay, retry_backoff, should_retry
 
 
@@ -74,3 +75,75 @@ def test_retry_policy() -> None:
 def test_settings_out_of_range_are_refused(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=f"{name}='{value}' is not valid"):
         Settings.from_env({name: value})
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "1-inf", "nan-1", "0-nan", "infinity"])
+def test_parse_delay_rejects_non_finite(text: str) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        parse_delay(text)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SUMBATCH_PORT", "99999"),
+        ("SUMBATCH_PORT", "0"),
+        ("SUMBATCH_EMBEDDED_PORT", "65536"),
+        ("SUMBATCH_DELAY", "nan"),
+        ("SUMBATCH_DELAY", "inf"),
+        ("SUMBATCH_LOG_LEVEL", "LOUD"),
+        ("SUMBATCH_HANDLER", "nosuch"),
+        ("SUMBATCH_HANDLER", "a:b:c"),
+        ("SUMBATCH_SHUTDOWN_GRACE", "nan"),
+        ("SUMBATCH_CLAIM_TIMEOUT", "inf"),
+        ("SUMBATCH_RETRY_BASE", "-1"),
+    ],
+)
+def test_more_settings_out_of_range_are_refused(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"{name}='{value}' is not valid"):
+        Settings.from_env({name: value})
+
+
+def test_ports_at_the_edges_are_taken() -> None:
+    settings = Settings.from_env({"SUMBATCH_PORT": "65535", "SUMBATCH_EMBEDDED_PORT": "1"})
+    assert (settings.port, settings.embedded_port) == (65535, 1)
+
+
+def test_the_range_message_names_the_real_limit() -> None:
+    with pytest.raises(ConfigError, match=r"expected 1 to 9223372036854775807\b"):
+        Settings.from_env({"SUMBATCH_MAX_TASKS": str(2**63)})
+
+
+@pytest.mark.parametrize("url", ["redis://h:1/0", "rediss://u:p@h:1", "unix:///tmp/r.sock"])
+def test_redis_url_schemes_taken(url: str) -> None:
+    assert Settings.from_env({"REDIS_URL": url}).redis_url == url
+
+
+@pytest.mark.parametrize("url", ["http://x", "h:6379", "redis+sentinel://u:s3cret@h"])
+def test_redis_url_other_schemes_refused_without_echoing_it(url: str) -> None:
+    with pytest.raises(ConfigError, match="REDIS_URL is not valid") as refused:
+        Settings.from_env({"REDIS_URL": url})
+    assert "s3cret" not in str(refused.value)
+
+
+def test_log_level_is_a_setting() -> None:
+    assert Settings.from_env({}).log_level == "INFO"
+    assert Settings.from_env({"SUMBATCH_LOG_LEVEL": "debug"}).log_level == "DEBUG"
+
+
+def test_task_timeout_must_exceed_the_longest_delay() -> None:
+    with pytest.raises(ConfigError, match="SUMBATCH_TASK_TIMEOUT=10 is not valid"):
+        Settings.from_env({"SUMBATCH_TASK_TIMEOUT": "10", "SUMBATCH_DELAY": "3-10"})
+    taken = Settings.from_env({"SUMBATCH_TASK_TIMEOUT": "10.5", "SUMBATCH_DELAY": "3-10"})
+    assert taken.task_timeout == 10.5
+
+
+def test_resolve_handler() -> None:
+    assert resolve_handler("") is None
+    assert resolve_handler("operator:add") is operator.add
+    with pytest.raises(ConfigError, match="SUMBATCH_HANDLER='nosuch:fn' is not valid"):
+        resolve_handler("nosuch:fn")
+    with pytest.raises(ConfigError, match="has no attribute 'nope'"):
+        resolve_handler("operator:nope")
+    with pytest.raises(ConfigError, match="pi is not callable"):
+        resolve_handler("math:pi")

@@ -357,10 +357,12 @@ def test_kept_alive_connections_follow_uvicorns_keep_alive(served: Served) -> No
 
 
 def test_limits_from_the_environment() -> None:
-    assert Limits.from_env({}) == Limits()
-    read = Limits.from_env({"SUMBATCH_HEADER_TIMEOUT": "2.5", "SUMBATCH_BODY_TIMEOUT": "30"})
+    assert Limits.of(Settings.from_env({})) == Limits()
+    read = Limits.of(
+        Settings.from_env({"SUMBATCH_HEADER_TIMEOUT": "2.5", "SUMBATCH_BODY_TIMEOUT": "30"})
+    )
     assert (read.header_timeout, read.body_timeout) == (2.5, 30.0)
     for name in ("SUMBATCH_HEADER_TIMEOUT", "SUMBATCH_BODY_TIMEOUT"):
         for bad in ("0", "-1", "soon", "inf", "nan"):
             with pytest.raises(ConfigError, match=name):
-                Limits.from_env({name: bad})
+                Settings.from_env({name: bad})
