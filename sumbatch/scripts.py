@@ -50,6 +50,18 @@ local function group_state(P, gid)
   return tonumber(c[1])
 end
 
+-- A group an item names, checked once per script run: its group_state, and its
+-- fence bitmap when it is live. `seen` caches them by group id.
+local function group_of(P, seen, gid)
+  local g = seen[gid]
+  if g == nil then
+    g = {state = group_state(P, gid)}
+    if type(g.state) == 'number' then g.ended = redis.call('GET', P.ended .. gid) or '' end
+    seen[gid] = g
+  end
+  return g
+end
+
 -- Whether a task index is a number within a group of `total` tasks.
 local function index_ok(index, total)
   return type(index) == 'number' and index >= 0 and index < total and index % 1 == 0
@@ -144,21 +156,14 @@ BEGIN = (
 local P = cjson.decode(ARGV[2])
 local items = cjson.decode(ARGV[3])
 local out = {}
-local state, ended = {}, {}  -- per group id: group_state, and its fence bitmap
+local seen = {}
 for n, item in ipairs(items) do
-  local gid, index = item[2], item[3]
-  if state[gid] == nil then
-    state[gid] = group_state(P, gid)
-    if type(state[gid]) == 'number' then
-      ended[gid] = redis.call('GET', P.ended .. gid) or ''
-    end
-  end
-  local total = state[gid]
-  if total == 'gone' then
+  local g, index = group_of(P, seen, item[2]), item[3]
+  if g.state == 'gone' then
     out[n] = {0}
-  elseif total == 'bad' or not index_ok(index, total) then
+  elseif g.state == 'bad' or not index_ok(index, g.state) then
     out[n] = {3}
-  elseif bit_set(ended[gid], index) then
+  elseif bit_set(g.ended, index) then
     out[n] = {0}
   else
     local cached = redis.call('GET', P.cache .. item[4])
@@ -233,18 +238,12 @@ if not (is_or_none(KEYS[1], 'stream') and is_or_none(KEYS[2], 'stream')
   return redis.error_reply('ERR a sumbatch stream key is not a stream (written by hand?)')
 end
 local items = cjson.decode(ARGV[5])
-local state, ended = {}, {}  -- per group id: group_state, and its fence bitmap
+local seen = {}
 local refused = {}
 local todo = {}
 for _, item in ipairs(items) do
-  local entry, index, gid = item[1], item[2], item[3]
-  if state[gid] == nil then
-    state[gid] = group_state(P, gid)
-    if type(state[gid]) == 'number' then
-      ended[gid] = redis.call('GET', P.ended .. gid) or ''
-    end
-  end
-  local total = state[gid]
+  local entry, index = item[1], item[2]
+  local total = group_of(P, seen, item[3]).state
   if total == 'bad' or (total ~= 'gone' and not index_ok(index, total)) then
     refused[#refused + 1] = entry
   else
@@ -257,7 +256,7 @@ local groups, counts = {}, {}  -- groups in first-seen order; per group {ended, 
 local acks = {}
 for _, item in ipairs(todo) do
   local entry, index, gid, state_, cache_it, result, cache, outcome, after = unpack(item)
-  if state[gid] ~= 'gone' and redis.call('SETBIT', P.ended .. gid, index, 1) == 0 then
+  if seen[gid].state ~= 'gone' and redis.call('SETBIT', P.ended .. gid, index, 1) == 0 then
     recorded = recorded + 1
     local log = P.log .. gid
     local id = append(KEYS[1], log, outcome)
@@ -337,18 +336,12 @@ RELEASE_ENDED = (
     + """
 local P = cjson.decode(ARGV[2])
 local released = {}
-local state, ended = {}, {}
+local seen = {}
 for _, item in ipairs(cjson.decode(ARGV[3])) do
-  local entry, gid, index = item[1], item[2], item[3]
-  if state[gid] == nil then
-    state[gid] = group_state(P, gid)
-    if type(state[gid]) == 'number' then
-      ended[gid] = redis.call('GET', P.ended .. gid) or ''
-    end
-  end
-  local total = state[gid]
-  if total == 'gone' or (type(total) == 'number' and index_ok(index, total)
-      and bit_set(ended[gid], index)) then
+  local entry, index = item[1], item[3]
+  local g = group_of(P, seen, item[2])
+  if g.state == 'gone' or (type(g.state) == 'number' and index_ok(index, g.state)
+      and bit_set(g.ended, index)) then
     released[#released + 1] = entry
   end
 end

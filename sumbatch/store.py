@@ -103,9 +103,7 @@ class NotDurable(Exception):
 DurableMode = Literal["waitaof", "always"]
 
 
-def _durable_mode(
-    has_waitaof: bool, aof_off: bool, config: dict[str, str] | None
-) -> DurableMode:
+def _durable_mode(has_waitaof: bool, aof_off: bool, config: dict[str, str] | None) -> DurableMode:
     """Pure: what the server's answers say durable mode can rely on."""
     if aof_off or (config is not None and config.get("appendonly") == "no"):
         raise NotDurable("durable mode needs the server's AOF: set appendonly yes")
@@ -448,7 +446,10 @@ class Store:
             for s in set_aside
         ]
         args: list[str | int | bytes] = [
-            expected or "", position, _json.encode(rejected), REJECTED_KEPT
+            expected or "",
+            position,
+            _json.encode(rejected),
+            REJECTED_KEPT,
         ]
         for gid, group in views.groups.items():
             keys.append(self.keys.group_view(gid))

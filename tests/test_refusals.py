@@ -86,9 +86,7 @@ def assert_refused(answer: Any, word: str) -> None:
     assert body["status"] == 503 and word in body["error"], body
 
 
-def refuses_writes(
-    client: TestClient, admin: redis.Redis, keys: Keys, gid: str, word: str
-) -> None:
+def refuses_writes(client: TestClient, admin: redis.Redis, keys: Keys, gid: str, word: str) -> None:
     """POST and DELETE are refused with ``word`` and write nothing."""
     before = written(admin, keys)
     assert_refused(client.post("/grouptasks", json=BODY), word)

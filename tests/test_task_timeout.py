@@ -333,4 +333,3 @@ async def _events(settings: Settings) -> list[AnyEvent]:
         return await log_events(store)
     finally:
         await store.redis.aclose()
-
