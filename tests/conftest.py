@@ -50,7 +50,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield explicit
         return
     try:
-        server = EmbeddedServer(tmp_path_factory.mktemp("redis"), free_port())
+        # die_with_parent: a pytest that is killed leaves no server behind.
+        server = EmbeddedServer(tmp_path_factory.mktemp("redis"), free_port(), die_with_parent=True)
     except ServerNotFound:
         container = _docker_redis_url()
         if container is None:
