@@ -124,12 +124,6 @@ def test_the_validator_used_above_rejects_a_broken_document() -> None:
     assert oas31_errors(bad_component)
 
 
-def test_the_document_passes_openapi_spec_validator_when_installed() -> None:
-    validator = pytest.importorskip("openapi_spec_validator")
-    for token in ["", TOKEN]:
-        validator.validate(openapi_schema(Settings(api_token=token)))
-
-
 def test_the_version_is_the_packages() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert openapi_schema(Settings())["info"]["version"] == project["version"]
