@@ -124,13 +124,14 @@ def test_workers_killed_at_random_moments_lose_and_double_nothing(
                 await asyncio.sleep(rng.uniform(0.15, 0.5))  # a random moment
                 # Then a worker holding entries, if one does within a second: on a
                 # loaded machine the moment alone often finds them all between reads.
-                busy: list[str] = []
-                waited = time.monotonic() + 1.0
-                while not busy and time.monotonic() < waited:
+                async def holders() -> list[str]:
                     pending = await pending_by_consumer(store)
-                    busy = sorted(name for name in workers if pending.get(name, 0) > 0)
-                    if not busy:
-                        await asyncio.sleep(0.01)
+                    return sorted(name for name in workers if pending.get(name, 0) > 0)
+
+                try:
+                    busy = await wait_until(holders, within=1.0, what="a worker holding entries")
+                except AssertionError:
+                    busy = []
                 victim = rng.choice(busy or sorted(workers))
                 orphaning_kills += victim in busy
                 procs.kill9(workers.pop(victim))
