@@ -44,7 +44,7 @@ class Projector:
         if not entries:
             return 0
         views = await self.store.load_views(group_ids(entries))
-        set_aside = fold_entries(entries, views)
+        set_aside = fold_entries(entries, views, self.store.expired_before(time.time()))
         new_position = entries[-1][0]
         if not await self.store.commit_views(self.position, new_position, views, set_aside):
             log.warning("position moved under us (another projector?); reloading")

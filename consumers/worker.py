@@ -42,12 +42,15 @@ from sumbatch.events import (
     TaskStarted,
     TaskSubmitted,
     from_fields,
+    to_fields,
 )
 from sumbatch.outage import REDIS_DOWN, Outage, is_transient
 from sumbatch.store import Entry, Outcome, Store
 from sumbatch.tasks import compute, retry_backoff, should_retry
 
 log = logging.getLogger("sumbatch.worker")
+
+REFUSED_WHY = "the task is outside its group, or its group's keys are not what sumbatch wrote"
 
 Handler = Callable[[int, int], "int | Awaitable[int]"]
 T = TypeVar("T")
@@ -297,6 +300,7 @@ class Worker:
         if not entries:
             return
         good: list[tuple[str, TaskSubmitted]] = []
+        fields_of = dict(entries)
         for entry_id, fields in entries:
             try:
                 item: AnyEvent | None = from_fields(fields)
@@ -318,9 +322,10 @@ class Worker:
             for part, decisions in begun.done
             for (entry_id, item), decision in zip(part, decisions, strict=True)
         ]
+        out_of_reach: list[str] = []
         for entry_id, item, decision in decided:
             if decision[0] == 3:
-                refused.append(entry_id)
+                out_of_reach.append(entry_id)
             elif decision[0] == 1:
                 self._record(entry_id, item, self._completed(item, int(decision[1]), True, 0))
             elif decision[0] == 2 and int(decision[1]) > self.settings.max_attempts:
@@ -339,14 +344,33 @@ class Worker:
                 started.append(self._started(item, attempt))
                 self._track(entry_id, item, self._run(entry_id, item, attempt, delay, error))
         if refused:
-            # Left pending and not run: claimed again after the claim timeout, when an
-            # operator may have repaired the group's keys.
+            # The server refused the step for them (an ACL, say): left pending, they are
+            # claimed again after the claim timeout, when an operator may have fixed it.
             log.error(
-                "%d work entries refused (their group's keys are not what sumbatch "
-                "wrote, or the task is outside its group); left pending: %s",
+                "%d work entries could not begin; left pending: %s",
                 len(refused), ", ".join(refused[:10]),
             )  # fmt: skip
         await self.store.append(started)
+        # No run can ever count for these: kept in the dead-letter stream instead of
+        # pending for ever (which would also stop the work stream's trimming).
+        await self._dead_letter([(eid, fields_of[eid]) for eid in out_of_reach])
+
+    async def _dead_letter(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        """Dead-letter entries the scripts refused, acknowledged. Should that fail too,
+        they stay pending: claimed again, refused again, dead-lettered then."""
+        if not entries:
+            return
+        log.error(
+            "%d work entries refused (%s); dead-lettered: %s",
+            len(entries), REFUSED_WHY, ", ".join(eid for eid, _ in entries[:10]),
+        )  # fmt: skip
+        try:
+            for entry_id, fields in entries:
+                await self.store.dead_letter_entry(
+                    entry_id, fields, "RefusedWorkEntry", REFUSED_WHY
+                )
+        except Exception as exc:
+            log.warning("could not dead-letter refused entries (%s); left pending", exc)
 
     async def _begin(self, part: Sequence[tuple[str, TaskSubmitted]]) -> list[Any]:
         return await self.store.begin([item for _, item in part], [eid for eid, _ in part])
@@ -503,15 +527,19 @@ class Worker:
         # Redis away or refusing: the same batch again (fenced: safe to send twice),
         # however long it takes, as outcomes must not be lost. Any other error: split.
         flushed = await self._apart("completions", self.store.complete, batch, retry_transient=True)
-        refused = [outcome.entry_id for outcome in flushed.failed]
-        refused += [eid for _, completed in flushed.done for eid in completed.refused]
-        if refused:
+        failed = [outcome.entry_id for outcome in flushed.failed]
+        if failed:
             # Not acknowledged: pending, they are claimed again after the claim timeout
             # and run as a further attempt; past max_attempts they end as FAILURE.
             log.error(
                 "%d outcomes could not be recorded; their entries stay pending: %s",
-                len(refused), ", ".join(refused[:10]),
+                len(failed), ", ".join(failed[:10]),
             )  # fmt: skip
+        # Their group went bad while they ran: no outcome can count for them.
+        refused = {eid for _, completed in flushed.done for eid in completed.refused}
+        await self._dead_letter(
+            [(o.entry_id, to_fields(o.event)) for o in batch if o.entry_id in refused]
+        )
         for outcome in batch:
             self._forget(outcome.entry_id)
             self._outcomes.task_done()

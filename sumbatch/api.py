@@ -27,7 +27,7 @@ from sumbatch import ids
 from sumbatch.config import Settings
 from sumbatch.events import GroupSubmitted, TaskSubmitted
 from sumbatch.openapi import openapi_schema
-from sumbatch.outage import REDIS_DOWN, refusal
+from sumbatch.outage import REDIS_DOWN, is_transient, refusal
 from sumbatch.projection import GroupView
 from sumbatch.store import NotDurable, Store, open_store
 from sumbatch.wire import Cancelled, GroupCreated, GroupIn, GroupStatus, TaskIn, TaskStatus
@@ -290,8 +290,10 @@ async def durable_problem(settings: Settings) -> str | None:
         await store.check_durable()
     except NotDurable as exc:
         return str(exc)
-    except REDIS_DOWN:
-        return None
+    except RedisError as exc:
+        if is_transient(exc):
+            return None
+        raise
     finally:
         await store.redis.aclose()
     return None
@@ -314,7 +316,9 @@ def create_app(settings: Settings) -> Starlette:
                 if settings.durable:
                     mode = await store.check_durable()
                     log.info("durable mode: a POST is answered once it is fsynced (%s)", mode)
-            except REDIS_DOWN as exc:
+            except RedisError as exc:
+                if not is_transient(exc):
+                    raise
                 log.warning("redis unavailable at start (%s); /readyz will say so", exc)
             except NotDurable as exc:
                 log.error("%s", exc)

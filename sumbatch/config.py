@@ -17,6 +17,9 @@ from sumbatch.tasks import Delay, parse_delay
 T = TypeVar("T")
 
 EMBEDDED_PORT_DEFAULT = 6399
+# Tasks per group at most: a task's attempts byte must stay within one Redis string
+# (2^32 bits). The scripts refuse a group above it (scripts.py MAX_TASKS).
+MAX_TASKS_LIMIT = 2**29
 # Set by `sumbatch up` for its children: its pid; they stop when it is gone.
 PARENT_PID_ENV = "SUMBATCH_PARENT_PID"
 
@@ -83,7 +86,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             # Attempts are counted in one byte per task (saturating at 255).
             max_attempts=read("SUMBATCH_MAX_ATTEMPTS", _between(1, 254), 3),
             retry_base=read("SUMBATCH_RETRY_BASE", _non_negative_float, 1.0),
-            max_tasks_per_group=read("SUMBATCH_MAX_TASKS", _at_least(1), 10_000),
+            max_tasks_per_group=read("SUMBATCH_MAX_TASKS", _between(1, MAX_TASKS_LIMIT), 10_000),
             max_body_bytes=read("SUMBATCH_MAX_BODY_BYTES", _at_least(1), 2_000_000),
             data_dir=read("SUMBATCH_DATA_DIR", str, ".sumbatch-data"),
             embedded_port=read("SUMBATCH_EMBEDDED_PORT", parse_port, EMBEDDED_PORT_DEFAULT),

@@ -228,10 +228,12 @@ def _terminate_with(parent: int) -> Callable[[], None] | None:
     then writes its AOF and exits), so a `kill -9` of `up` leaves no server behind."""
     if not sys.platform.startswith("linux"):
         return None
-    libc = ctypes.CDLL(None, use_errno=True)
+    # Looked up before the fork: between fork and exec only async-signal-safe work is
+    # safe, and a symbol lookup may take the loader's lock another thread held.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def preexec() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
 

@@ -98,7 +98,8 @@ class GroupCancelled(Event, tag=True, frozen=True):
 
 
 class TaskRevoked(Event, tag=True, frozen=True):
-    """Appended by the cancel script for each task of the group not yet started."""
+    """Appended by the cancel script for each task of the group that had not ended,
+    running ones included."""
 
     task_id: str
     group_task_id: str

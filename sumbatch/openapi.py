@@ -162,7 +162,7 @@ def openapi_schema(settings: Settings) -> dict[str, Any]:
                     },
                 },
                 "delete": {
-                    "summary": "Cancel a group: tasks not yet started end as REVOKED",
+                    "summary": "Cancel a group: every task not yet ended ends as REVOKED",
                     "security": security,
                     "responses": {
                         "202": _answer("cancelled (idempotent)", "Cancelled"),

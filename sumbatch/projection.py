@@ -81,6 +81,16 @@ class GroupView(GroupSummary, kw_only=True):
     attempts: list[int] = msgspec.field(default_factory=list)
     errors: dict[int, str] = msgspec.field(default_factory=dict)
 
+    def well_formed(self) -> bool:
+        """Whether this view has the shape the fold keeps (one stored by hand may not:
+        then it counts as absent rather than fail the fold or a read)."""
+        total = self.tasks_total
+        return (
+            len(self.states) == len(self.results) == len(self.attempts) == total
+            and all(letter in STATE_OF_LETTER for letter in self.states)
+            and 0 <= self.tasks_failed + self.tasks_revoked <= self.tasks_completed <= total
+        )
+
     @classmethod
     def submitted(cls, group_task_id: str, tasks_total: int) -> GroupView:
         return cls(
@@ -205,21 +215,40 @@ def problem(views: Views, event: AnyEvent) -> str | None:
     return None
 
 
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def group_ids(entries: Iterable[Entry]) -> set[str]:
     """The groups some entries name, read off their fields: the views to load before
     ``fold_entries``."""
     return {gid for _, fields in entries if (gid := fields.get("groupTaskId"))}
 
 
-def fold_entries(entries: Sequence[Entry], views: Views) -> list[SetAside]:
+def fold_entries(
+    entries: Sequence[Entry], views: Views, expired_before: str | None = None
+) -> list[SetAside]:
     """Decode, check and fold log entries into ``views`` (which must hold the groups
-    of ``group_ids(entries)`` that exist); returns the entries set aside."""
+    of ``group_ids(entries)`` that exist); returns the entries set aside.
+
+    An event of a group that is not in ``views``, in an entry older than
+    ``expired_before`` (an entry id: now less the result TTL), is of a group that
+    expired: history, skipped quietly, not a fault. Folding a trimmed log again from
+    its start (``sumbatch replay``) meets many such."""
     set_aside = []
     for entry_id, fields in entries:
         try:
             event = from_fields(fields)
         except msgspec.ValidationError as exc:
             set_aside.append(SetAside(entry_id, f"not an event: {exc}", fields))
+            continue
+        if (
+            expired_before is not None
+            and event.group_task_id not in views.groups
+            and not isinstance(event, GroupSubmitted)
+            and _entry_order(entry_id) < _entry_order(expired_before)
+        ):
             continue
         reason = problem(views, event)
         if reason is None:

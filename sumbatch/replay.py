@@ -3,6 +3,7 @@ result with the stored views (``sumbatch replay --check``)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import msgspec
@@ -32,7 +33,7 @@ async def fold_range(
         submitted_here = {f["groupTaskId"] for _, f in entries if f.get("type") == "GroupSubmitted"}
         missing = group_ids(entries) - views.groups.keys() - submitted_here
         views.groups.update((await store.load_views(missing)).groups)
-        check.set_aside += fold_entries(entries, views)
+        check.set_aside += fold_entries(entries, views, store.expired_before(time.time()))
         check.events += len(entries)
         if len(entries) < page:
             return

@@ -17,7 +17,11 @@ per task, BITFIELD u8).
 
 from __future__ import annotations
 
-_LIB = """
+from sumbatch.config import MAX_TASKS_LIMIT
+
+_LIB = (
+    f"local MAX_TASKS = {MAX_TASKS_LIMIT}  -- the most tasks a group can have\n"
+    + """
 -- A key's type, 'none' when it does not exist.
 local function key_type(key)
   return redis.call('TYPE', key)['ok']
@@ -41,8 +45,11 @@ local function group_state(P, gid)
   if t ~= 'hash' then return 'bad' end
   local c = redis.call('HMGET', ledger, 'total', 'finished', 'failed', 'revoked')
   for k = 1, 4 do
-    if not tonumber(c[k]) then return 'bad' end
+    -- What HINCRBY takes: plain integers (tonumber would also pass '1e3' or '0x10').
+    if not (c[k] and string.match(c[k], '^%-?%d+$') and #c[k] <= 15) then return 'bad' end
   end
+  -- A task's attempts byte must stay within a string's 2^32 bits (BITFIELD u8).
+  if tonumber(c[1]) > MAX_TASKS then return 'bad' end
   if not (is_or_none(P.ended .. gid, 'string') and is_or_none(P.attempts .. gid, 'string')
       and is_or_none(P.log .. gid, 'stream')) then
     return 'bad'
@@ -101,6 +108,7 @@ local function bit_set(bitmap, i)
   return math.floor(byte / 2 ^ (7 - i % 8)) % 2 == 1
 end
 """
+)
 
 # Every script checks all it can before its first write, and nothing after that can
 # fail: a script that errors half-way keeps what it wrote (no rollback), which could
@@ -132,7 +140,12 @@ if earlier then
   return earlier
 end
 if ARGV[2] ~= '' then redis.call('SET', KEYS[5], ARGV[2], 'EX', ARGV[3]) end
-if again then return false end
+if again then
+  -- A write that changes nothing, so that a WAITAOF after this retry waits for the
+  -- first submission's fsync too, not for nothing.
+  redis.call('HINCRBY', KEYS[3], 'total', 0)
+  return false
+end
 for _, fields in ipairs(cjson.decode(ARGV[5])) do append(KEYS[1], KEYS[4], fields) end
 for _, fields in ipairs(cjson.decode(ARGV[6])) do
   redis.call('XADD', KEYS[2], '*', unpack(fields))
@@ -372,7 +385,7 @@ return lost
 # Write views and the position they include, only if nobody moved the position since
 # they were read (compare-and-set), so two projectors never both apply an event; and
 # copy the log entries the fold set aside to the rejected stream, in the same step, so
-# each is copied once.
+# each is copied once per fold of the log (a replay from the start folds it again).
 # KEYS: position, rejected stream, view keys... ARGV: expected position ('' = none),
 # new position, rejected entries json (flat fields each), max rejected kept, then per
 # view: ttl seconds (0 = none), json.

@@ -22,7 +22,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from sumbatch import ids, scripts
 from sumbatch.config import Settings
@@ -37,6 +37,7 @@ from sumbatch.events import (
     TaskSubmitted,
     to_flat,
 )
+from sumbatch.outage import refusal
 from sumbatch.projection import GroupSummary, GroupView, SetAside, TaskView, Views, task_view
 
 Redis = aioredis.Redis
@@ -51,9 +52,13 @@ REJECTED_KEPT = 10_000
 
 
 def connect(url: str, **options: Any) -> Redis:
-    """Bounded timeouts and one quick retry: callers own their backoff, and every
-    script is safe to run twice (fenced or guarded)."""
+    """Bounded timeouts and one quick retry: callers own their backoff, and a script
+    that a retry could apply twice is fenced or guarded."""
     options.setdefault("decode_responses", True)
+    # Bytes that are not UTF-8 (an entry written by hand) read as escapes such as
+    # "\\xff", so they reach the checks that set them aside instead of failing the
+    # whole read that holds them.
+    options.setdefault("encoding_errors", "backslashreplace")
     options.setdefault("health_check_interval", 15)
     options.setdefault("socket_connect_timeout", 2)
     options.setdefault("socket_timeout", 10)
@@ -212,11 +217,17 @@ class Store:
             await self.redis.execute_command("WAITAOF", 1, 0, 1)  # type: ignore[no-untyped-call]
             has_waitaof, aof_off = True, False
         except ResponseError as exc:
+            if refusal(exc):  # busy, loading, a replica...: not an answer; ask later
+                raise
+            if isinstance(exc, NoPermissionError):
+                raise NotDurable(f"durable mode: this user may not run WAITAOF ({exc})") from None
             has_waitaof, aof_off = False, "appendonly" in str(exc)
         config: dict[str, str] | None
         try:
             config = {str(k): str(v) for k, v in (await self.redis.config_get("append*")).items()}
-        except ResponseError:  # CONFIG refused or renamed (managed Redis)
+        except ResponseError as exc:  # CONFIG refused or renamed (managed Redis)
+            if refusal(exc):
+                raise
             config = None
         self.durable = _durable_mode(has_waitaof, aof_off, config)
         return self.durable
@@ -304,11 +315,21 @@ class Store:
         args: list[str | bytes] = [WORKER_GROUP, self._prefixes, _json.encode(payload)]
         return cast(list[str], await self._release_ended(keys=[self.keys.work], args=args))
 
-    async def dead_letter_entry(self, entry_id: str, fields: dict[str, str]) -> None:
-        """Move an unreadable work entry to the dead-letter stream, acknowledged."""
+    async def dead_letter_entry(
+        self,
+        entry_id: str,
+        fields: dict[str, str],
+        kind: str = "UnreadableWorkEntry",
+        reason: str = "",
+    ) -> None:
+        """Move a work entry no worker can run (unreadable, or refused by the scripts:
+        its task is outside its group, or its group's keys are not what sumbatch wrote)
+        to the dead-letter stream, acknowledged: kept for inspection, and no longer
+        pending, where it would hold back the work stream's trimming."""
         pipe = self.redis.pipeline(transaction=True)
         rest = {k: v for k, v in fields.items() if k != "type"}
-        entry: dict[Any, Any] = {"type": "UnreadableWorkEntry", "workEntryId": entry_id, **rest}
+        why = {"reason": reason} if reason else {}
+        entry: dict[Any, Any] = {"type": kind, "workEntryId": entry_id, **why, **rest}
         pipe.xadd(self.keys.dead_letters, entry)
         pipe.xack(self.keys.work, WORKER_GROUP, entry_id)
         await pipe.execute()
@@ -383,6 +404,11 @@ class Store:
 
     async def trim_work(self) -> int:
         return int(await self._trim_work(keys=[self.keys.work], args=[WORKER_GROUP]))
+
+    def expired_before(self, now: float) -> str:
+        """The log entry id before which a group that is gone has expired (ended at
+        least a result TTL ago), rather than never been."""
+        return f"{int(now * 1000) - self.retention.results * 1000}-0"
 
     async def trim_events(self, position: str, now_ms: int) -> int:
         """Drop log entries older than the log retention that the views already include,
@@ -483,7 +509,7 @@ class Store:
 
     async def group_view(self, group_task_id: str) -> GroupView | None:
         blob = await self._view_blob(group_task_id)
-        return None if blob is None else _group_view_decoder.decode(blob)
+        return None if blob is None else _view(group_task_id, blob)
 
     async def group_summary(self, group_task_id: str) -> GroupSummary | None:
         blob = await self._view_blob(group_task_id)
@@ -497,17 +523,26 @@ class Store:
         return None if group is None else task_view(group, task_id, where[1])
 
 
+def _view(group_task_id: str, blob: str | bytes) -> GroupView | None:
+    """A stored view; one that is no view of the fold's shape (written by hand) counts
+    as absent, so its group's events are set aside rather than stall the projector,
+    and a read of it is a 404 rather than a 500."""
+    try:
+        view = _group_view_decoder.decode(blob)
+    except msgspec.DecodeError as exc:
+        log.error("the stored view of group %s is no view (%s); ignored", group_task_id, exc)
+        return None
+    if view.group_task_id != group_task_id or not view.well_formed():
+        log.error("the stored view of group %s is not a view's shape; ignored", group_task_id)
+        return None
+    return view
+
+
 def _views(group_ids: Sequence[str], blobs: Sequence[str | bytes | None]) -> Views:
-    """Decoded views; a blob that is no view (written by hand) counts as absent, so
-    the events of its group are set aside rather than stall the projector."""
     views = Views()
     for gid, blob in zip(group_ids, blobs, strict=True):
-        if blob is None:
-            continue
-        try:
-            views.groups[gid] = _group_view_decoder.decode(blob)
-        except msgspec.DecodeError as exc:
-            log.error("the stored view of group %s is no view (%s); ignored", gid, exc)
+        if blob is not None and (view := _view(gid, blob)) is not None:
+            views.groups[gid] = view
     return views
 
 

@@ -26,7 +26,7 @@ import redis
 
 from sumbatch.config import PARENT_PID_ENV, Settings
 from sumbatch.embedded import EmbeddedServer, ServerNotFound, locate_server, version_text
-from sumbatch.outage import REDIS_DOWN
+from sumbatch.outage import REDIS_DOWN, is_transient
 
 log = logging.getLogger("sumbatch.up")
 
@@ -331,9 +331,13 @@ def check_credentials(url: str) -> None:
     except redis.AuthenticationError as exc:
         raise Refused(f"REDIS_URL: the server refuses these credentials: {exc}", 2) from None
     except redis.ResponseError as exc:
-        if str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+        if isinstance(exc, redis.exceptions.NoPermissionError) or str(exc).startswith(
+            ("NOAUTH", "WRONGPASS")
+        ):
             raise Refused(f"REDIS_URL: the server refuses these credentials: {exc}", 2) from None
-        raise
+        if not is_transient(exc):
+            raise Refused(f"REDIS_URL: the server answers PING with an error: {exc}") from None
+        log.warning("redis refuses for now (%s); the children will keep trying", exc)
     except REDIS_DOWN as exc:
         log.warning("redis unavailable at start (%s); the children will keep trying", exc)
     finally:

@@ -6,6 +6,7 @@ expectations follow what that server is (with WAITAOF, or before Redis 7.2)."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import uuid
@@ -17,12 +18,14 @@ import pytest
 import redis
 from starlette.testclient import TestClient
 
-from sumbatch.api import create_app
+from sumbatch.api import Submission, create_app
 from sumbatch.config import Settings
 from sumbatch.embedded import EmbeddedServer
 from sumbatch.events import Keys
-from sumbatch.store import NotDurable, _durable_mode
+from sumbatch.projection import GroupView
+from sumbatch.store import NotDurable, Store, _durable_mode, open_store
 from sumbatch.tasks import Delay
+from sumbatch.wire import TaskIn
 from tests.support import ROOT, env_for, free_port, has_waitaof
 
 BODY = {"tasks": [{"paramA": 1, "paramB": 2}]}
@@ -179,3 +182,43 @@ def test_what_durable_mode_relies_on(
 def test_settings_can_say_durable() -> None:
     assert Settings.from_env({"SUMBATCH_DURABLE": "true"}).durable is True
     assert msgspec.structs.replace(Settings(), durable=True).durable
+
+
+def test_a_submission_sent_again_on_a_new_connection_waits_for_the_first_ones_fsync(
+    server: EmbeddedServer,
+) -> None:
+    """A client library resends a pipeline on a fresh connection when the first one
+    dropped before its answer. The resent SUBMIT finds the group already written and
+    writes nothing, so a WAITAOF after it once had nothing to wait for and confirmed
+    at once, though the first write might not be on disk yet. The script now makes a
+    write that changes nothing, so the WAITAOF covers the first write too. Shown with
+    a server that never fsyncs: nothing may be confirmed."""
+    if not has_waitaof(server.url):
+        pytest.skip("needs WAITAOF (Redis 7.2+ or Valkey)")
+    settings = durable_settings(server.url)
+    submission = Submission.of([TaskIn(param_a=1, param_b=2)])
+    group = GroupView.submitted(submission.created.group_task_id, 1)
+    admin = redis.Redis.from_url(server.url)
+
+    async def send(store: Store) -> bool | None:
+        written = await store.submit(
+            [submission.event], submission.work, group, None, fsync_timeout_ms=300
+        )
+        return written.fsynced
+
+    async def scenario() -> list[bool | None]:
+        answers = []
+        for _ in range(2):  # the first send, then the resend on its own new connection
+            store = open_store(settings)
+            try:
+                answers.append(await send(store))
+            finally:
+                await store.redis.aclose()
+        return answers
+
+    admin.config_set("appendfsync", "no")
+    try:
+        assert asyncio.run(scenario()) == [False, False]
+    finally:
+        admin.config_set("appendfsync", "everysec")
+        admin.close()

@@ -6,6 +6,7 @@ can see it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -245,3 +246,139 @@ def test_a_group_key_of_the_wrong_type_is_refused_before_any_write(
 
     asyncio.run(main())
     assert raw.type(target) == "hash"  # untouched
+
+
+def test_bytes_that_are_not_utf8_stall_neither_the_projector_nor_the_workers(
+    client: TestClient, settings: Settings, raw: redis.Redis
+) -> None:
+    """An entry holding bytes that are not UTF-8, in the log and in the work stream.
+    Once, decoding failed on the whole read that held it: the projector retried its
+    batch for ever, and the workers re-claimed the batch, legitimate tasks with it, for
+    ever. Now the bytes read as escapes: the log entry is set aside, the work entry
+    dead-lettered, and the groups around them finish."""
+    keys = Keys(settings.namespace)
+    binary = redis.Redis.from_url(settings.client_url)  # no decoding: raw bytes out
+    first = submit(client, [(1, 2), (3, 4)])
+    binary.xadd(keys.events, {b"type": b"TaskStarted", b"taskId": b"\xff\xfe"})
+    binary.xadd(keys.work, {b"type": b"TaskSubmitted", b"taskId": b"\xff\xfe"})
+    binary.close()
+    later = submit(client, [(5, 6)])
+
+    async def scenario() -> None:
+        store = make_store(settings)
+        try:
+            await asyncio.wait_for(Worker(settings, store).run_until_idle(), 30)
+            projector = Projector(store)
+            await asyncio.wait_for(projector.run_until_idle(), 30)
+            assert projector.set_aside == 1
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(scenario())
+    for created in (first, later):
+        group = client.get(f"/grouptasks/{created['groupTaskId']}").json()
+        assert group["grouptaskProcessed"] is True, group
+    [(_, rejected)] = raw.xrange(keys.rejected)
+    assert rejected["taskId"] == "\\xff\\xfe"
+    [(_, dead)] = raw.xrange(keys.dead_letters)
+    assert (dead["type"], dead["taskId"]) == ("UnreadableWorkEntry", "\\xff\\xfe")
+    assert raw.xpending(keys.work, "workers")["pending"] == 0
+
+
+def test_a_work_entry_outside_its_group_is_dead_lettered_and_trimming_goes_on(
+    client: TestClient, settings: Settings, raw: redis.Redis
+) -> None:
+    """A hand-written work entry for a task index the group does not have: no run can
+    ever count for it. It is dead-lettered (acknowledged), so nothing stays pending
+    for ever, and the work stream is still trimmed below the work done since."""
+    keys = Keys(settings.namespace)
+    created = submit(client, [(1, 1), (2, 2)])
+    gid = created["groupTaskId"]
+    stray = raw.xadd(
+        keys.work,
+        {"type": "TaskSubmitted", "taskId": ids.task_id(gid, 5), "groupTaskId": gid,
+         "index": "5", "paramA": "1", "paramB": "1"},
+    )  # fmt: skip
+    later = submit(client, [(3, 3)] * 5)
+
+    async def scenario() -> None:
+        store = make_store(settings)
+        try:
+            await asyncio.wait_for(Worker(settings, store).run_until_idle(), 30)
+            assert await store.trim_work() > 0
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(scenario())
+    assert raw.xpending(keys.work, "workers")["pending"] == 0
+    [(_, dead)] = raw.xrange(keys.dead_letters)
+    assert (dead["type"], dead["workEntryId"], dead["index"]) == ("RefusedWorkEntry", stray, "5")
+    assert raw.xlen(keys.work) <= 1  # trimmed below the last entry handed out
+    project_all(settings)
+    for group in (created, later):
+        assert client.get(f"/grouptasks/{group['groupTaskId']}").json()["grouptaskProcessed"]
+
+
+def project_all(settings: Settings) -> None:
+    async def run() -> None:
+        store = make_store(settings)
+        try:
+            await Projector(store).run_until_idle()
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_stored_view_of_the_wrong_shape_is_ignored_not_fatal(
+    client: TestClient, settings: Settings, raw: redis.Redis
+) -> None:
+    """A view overwritten by hand with JSON of another shape: the projector counts it
+    as absent (that group's later events are set aside) and goes on with the others,
+    and GET /tasks of that group is a 404, not a 500."""
+    keys = Keys(settings.namespace)
+    spoiled = submit(client, [(1, 1), (2, 2)])
+    project_all(settings)
+    gid = spoiled["groupTaskId"]
+    raw.set(keys.group_view(gid), json.dumps({"groupTaskId": gid, "tasksTotal": 2}))
+    later = submit(client, [(3, 3)])
+
+    async def scenario() -> None:
+        store = make_store(settings)
+        try:
+            await asyncio.wait_for(Worker(settings, store).run_until_idle(), 30)
+            projector = Projector(store)
+            await asyncio.wait_for(projector.run_until_idle(), 30)
+            assert projector.set_aside >= 2  # the spoiled group's two outcomes, at least
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(scenario())
+    assert client.get(f"/grouptasks/{later['groupTaskId']}").json()["grouptaskProcessed"]
+    answer = client.get(f"/tasks/{spoiled['taskIds'][0]}")
+    assert answer.status_code == 404, answer.text
+
+
+def test_a_ledger_counter_that_is_no_integer_refuses_the_group_before_any_write(
+    client: TestClient, settings: Settings, raw: redis.Redis
+) -> None:
+    """'0.0' passes Lua's tonumber but not HINCRBY: once, the completion script set
+    the fence and logged the outcome, then failed counting it, and the group could
+    never finish. Now the group is refused before the first write."""
+    keys = Keys(settings.namespace)
+    spoiled = submit(client, [(1, 1)])
+    fine = submit(client, [(2, 2)])
+    raw.hset(keys.ledger(spoiled["groupTaskId"]), "finished", "0.0")
+
+    async def scenario() -> None:
+        store = make_store(settings)
+        try:
+            await asyncio.wait_for(Worker(settings, store).run_until_idle(), 30)
+        finally:
+            await store.redis.aclose()
+
+    asyncio.run(scenario())
+    assert raw.getbit(keys.ended(spoiled["groupTaskId"]), 0) == 0  # no half-done step
+    kinds = [f["type"] for _, f in raw.xrange(keys.group_log(spoiled["groupTaskId"]))]
+    assert kinds == ["GroupSubmitted"]
+    assert raw.getbit(keys.ended(fine["groupTaskId"]), 0) == 1

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import msgspec
+
+from sumbatch import ids
 from sumbatch.events import (
     AnyEvent,
     GroupCancelled,
@@ -10,8 +13,9 @@ from sumbatch.events import (
     TaskRetried,
     TaskRevoked,
     TaskStarted,
+    to_fields,
 )
-from sumbatch.projection import GroupView, Views, apply, fold, task_view
+from sumbatch.projection import GroupView, Views, apply, fold, fold_entries, task_view
 
 
 def submitted(n: int) -> list[AnyEvent]:
@@ -123,3 +127,44 @@ def test_task_view_outside_the_group_is_none() -> None:
     group = GroupView.submitted("g", 2)
     assert task_view(group, "t", 2) is None
     assert task_view(group, "t", -1) is None
+
+
+# -- the checked fold over log entries --------------------------------------------
+
+
+def _entries(gid: str, index: int, *, at: str) -> list[tuple[str, dict[str, str]]]:
+    fields = to_fields(
+        TaskCompleted(
+            task_id=ids.task_id(gid, index), group_task_id=gid, index=index, result=1,
+            from_cache=False, attempt=1, worker="w",
+        )
+    )  # fmt: skip
+    return [(at, fields)]
+
+
+def test_an_event_of_a_group_that_expired_long_ago_is_skipped_not_set_aside() -> None:
+    """Folding a trimmed log again from its start meets events of groups whose
+    submission was trimmed and whose view has expired: history, not a fault."""
+    gid = ids.new_group_id()
+    views = Views()
+    assert fold_entries(_entries(gid, 0, at="1000-0"), views, expired_before="5000-0") == []
+    assert views.groups == {}
+
+
+def test_an_event_of_an_unknown_group_written_lately_is_set_aside() -> None:
+    gid = ids.new_group_id()
+    set_aside = fold_entries(_entries(gid, 0, at="9000-0"), Views(), expired_before="5000-0")
+    assert [(s.entry_id, s.reason.split(" ")[0]) for s in set_aside] == [("9000-0", "unknown")]
+
+
+def test_a_view_of_the_wrong_shape_is_not_well_formed() -> None:
+    view = GroupView.submitted(ids.new_group_id(), 3)
+    assert view.well_formed()
+    for broken in (
+        msgspec.structs.replace(view, states=["P"]),
+        msgspec.structs.replace(view, results=[]),
+        msgspec.structs.replace(view, states=["P", "P", "?"]),
+        msgspec.structs.replace(view, tasks_completed=4),
+        msgspec.structs.replace(view, tasks_failed=1),
+    ):
+        assert not broken.well_formed()

@@ -27,7 +27,6 @@ from sumbatch.events import (
     TaskRetried,
     TaskStarted,
 )
-from sumbatch.store import Store
 from tests.support import Processes, env_for, log_events, make_store, wait_until
 from tests.test_workers import submit
 
@@ -162,10 +161,11 @@ def test_a_group_with_a_damaged_key_does_not_hold_up_the_batch_nor_spin(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One group's fence key is replaced by hand with a hash (where the bitmap goes),
-    after its tasks started, so the server refuses its outcomes, which share one batch
-    with another group's. The other group completes; the damaged group's entries stay
-    pending (no outcome is acknowledged unwritten), the worker drops their runs and
-    meets them again only when they are claimed again, once per claim timeout."""
+    after its tasks started, so the completion script refuses its outcomes (before
+    any write), which share one batch with another group's. The other group
+    completes; the damaged group's entries, which no outcome can ever count for, are
+    dead-lettered (acknowledged: nothing left pending to spin on, or to hold back the
+    work stream's trimming), and said once."""
     caplog.set_level(logging.INFO, logger="sumbatch.worker")
 
     async def scenario() -> None:
@@ -180,7 +180,7 @@ def test_a_group_with_a_damaged_key_does_not_hold_up_the_batch_nor_spin(
         try:
             await store.ensure_worker_group()
             good, good_tids = await submit(store, [(1, 1), (2, 2), (3, 3)])
-            bad, _ = await submit(store, [(4, 4), (5, 5), (6, 6)])
+            bad, bad_tids = await submit(store, [(4, 4), (5, 5), (6, 6)])
             running = asyncio.create_task(worker.run())
 
             async def all_started() -> bool:
@@ -190,44 +190,31 @@ def test_a_group_with_a_damaged_key_does_not_hold_up_the_batch_nor_spin(
             await store.redis.hset(store.keys.ended(bad), "not", "a bitmap")
             gate.set()  # all six outcomes land in the same flush
 
-            async def good_finished_and_bad_dropped() -> bool:
-                events = await log_events(store)
-                return not worker.busy and any(
-                    isinstance(e, GroupFinished) and e.group_task_id == good for e in events
-                )
+            async def settled() -> bool:
+                pending = await store.redis.xpending(store.keys.work, WORKER_GROUP)
+                return not worker.busy and pending["pending"] == 0
 
-            await wait_until(good_finished_and_bad_dropped, within=10, what="the good group")
-            # Twice claimed again since: the window spans two claim timeouts.
-            await wait_until(
-                lambda: _delivered_at_least(store, 3, 3), within=15, what="two more claims"
-            )
+            await wait_until(settled, within=10, what="every entry acknowledged")
             worker.should_exit = True
             await asyncio.wait_for(running, 10)
 
             events = await log_events(store)
             completed = Counter(e.task_id for e in events if isinstance(e, TaskCompleted))
             assert completed == Counter(good_tids)
+            assert any(isinstance(e, GroupFinished) and e.group_task_id == good for e in events)
             assert not any(
                 isinstance(e, TaskCompleted | GroupFinished) and e.group_task_id == bad
                 for e in events
             )
-            pending = await store.redis.xpending_range(store.keys.work, WORKER_GROUP, "-", "+", 10)
-            assert len(pending) == 3
+            dead = [f for _, f in await store.redis.xrange(store.keys.dead_letters)]
+            assert sorted(f["taskId"] for f in dead) == sorted(bad_tids)
+            assert {f["type"] for f in dead} == {"RefusedWorkEntry"}
         finally:
             await store.redis.aclose()
 
     asyncio.run(scenario())
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    # One line for the flush, then one per claim of the three entries (each claim
-    # takes them in one batch): a loop that spun would say it far more often.
-    assert 3 <= len(messages) <= 6, messages
-    assert "3 outcomes could not be recorded" in messages[0]
-    assert all("left pending" in m or "stay pending" in m for m in messages), messages
-
-
-async def _delivered_at_least(store: Store, entries: int, times: int) -> bool:
-    pending = await store.redis.xpending_range(store.keys.work, WORKER_GROUP, "-", "+", 100)
-    return sum(p["times_delivered"] >= times for p in pending) >= entries
+    assert len(messages) == 1 and "3 work entries refused" in messages[0], messages
 
 
 def fails_with_undecodable_text(a: int, b: int) -> int:
