@@ -122,6 +122,7 @@ def test_workers_killed_at_random_moments_lose_and_double_nothing(
             nonlocal orphaning_kills
             for _ in range(kills):
                 await asyncio.sleep(rng.uniform(0.15, 0.5))  # a random moment
+
                 # Then a worker holding entries, if one does within a second: on a
                 # loaded machine the moment alone often finds them all between reads.
                 async def holders() -> list[str]:
