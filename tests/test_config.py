@@ -111,7 +111,7 @@ def test_ports_at_the_edges_are_taken() -> None:
 
 def test_the_range_message_names_the_real_limit() -> None:
     with pytest.raises(ConfigError, match=r"expected 1 to 9223372036854775807\b"):
-        Settings.from_env({"SUMBATCH_MAX_TASKS": str(2**63)})
+        Settings.from_env({"SUMBATCH_MAX_BODY_BYTES": str(2**63)})
 
 
 @pytest.mark.parametrize("url", ["redis://h:1/0", "rediss://u:p@h:1", "unix:///tmp/r.sock"])
@@ -147,3 +147,9 @@ def test_resolve_handler() -> None:
         resolve_handler("operator:nope")
     with pytest.raises(ConfigError, match="pi is not callable"):
         resolve_handler("math:pi")
+
+
+def test_a_group_holds_at_most_2_to_the_29_tasks() -> None:
+    assert Settings.from_env({"SUMBATCH_MAX_TASKS": str(2**29)}).max_tasks_per_group == 2**29
+    with pytest.raises(ConfigError, match=r"SUMBATCH_MAX_TASKS.*expected 1 to 536870912\b"):
+        Settings.from_env({"SUMBATCH_MAX_TASKS": str(2**29 + 1)})
