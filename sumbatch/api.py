@@ -9,7 +9,6 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -25,12 +24,12 @@ from starlette.routing import Route
 
 from sumbatch import ids
 from sumbatch.config import Settings
-from sumbatch.events import GroupSubmitted, TaskSubmitted
 from sumbatch.openapi import openapi_schema
 from sumbatch.outage import REDIS_DOWN, is_transient, refusal
 from sumbatch.projection import GroupView
 from sumbatch.store import NotDurable, Store, open_store
-from sumbatch.wire import Cancelled, GroupCreated, GroupIn, GroupStatus, TaskIn, TaskStatus
+from sumbatch.submission import Submission
+from sumbatch.wire import Cancelled, GroupCreated, GroupIn, GroupStatus, TaskStatus
 
 log = logging.getLogger("sumbatch.api")
 
@@ -55,33 +54,6 @@ class JSONResponse(Response):
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
-
-
-@dataclass(frozen=True)
-class Submission:
-    """What one POST appends, and the answer that names its ids."""
-
-    created: GroupCreated
-    event: GroupSubmitted
-    work: list[TaskSubmitted]
-
-    @classmethod
-    def of(cls, tasks: list[TaskIn]) -> Submission:
-        gid = ids.new_group_id()
-        tids = ids.task_ids(gid, len(tasks))
-        event = GroupSubmitted(
-            group_task_id=gid,
-            tasks_total=len(tasks),
-            params_a=" ".join([str(t.param_a) for t in tasks]),
-            params_b=" ".join([str(t.param_b) for t in tasks]),
-        )
-        work = [
-            TaskSubmitted(
-                task_id=tid, group_task_id=gid, index=i, param_a=t.param_a, param_b=t.param_b
-            )
-            for i, (tid, t) in enumerate(zip(tids, tasks, strict=True))
-        ]
-        return cls(GroupCreated(group_task_id=gid, task_ids=tids), event, work)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

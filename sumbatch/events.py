@@ -20,7 +20,9 @@ import msgspec
 
 
 class Event(msgspec.Struct, tag_field="type", rename="camel", frozen=True, kw_only=True):
-    """Base of every event; the class name is the ``type`` field."""
+    """Base of every event; the class name is the ``type`` field. Subclasses inherit
+    its configuration; they say ``frozen=True`` again only because mypy's reading of
+    dataclass_transform rejects a subclass that does not (msgspec would not need it)."""
 
 
 class GroupSubmitted(Event, tag=True, frozen=True):
@@ -129,9 +131,6 @@ AnyEvent = (
     | GroupFinished
 )
 
-# Events that end a task; the completion fence admits exactly one of them per task.
-TaskOutcome = TaskCompleted | TaskFailed
-
 _text_encoder = msgspec.json.Encoder()
 
 
@@ -156,7 +155,7 @@ def _flattener(cls: type[Event]) -> Callable[[Any], list[str]]:
         text = "_text" if field.type in (bool, float) else "str"
         parts += [repr(field.encode_name), f"{text}(event.{field.name})"]
     namespace: dict[str, Any] = {"_text": _text}
-    exec(f"def flat(event): return [{', '.join(parts)}]", namespace)  # noqa: S102
+    exec(f"def flat(event): return [{', '.join(parts)}]", namespace)
     flat: Callable[[Any], list[str]] = namespace["flat"]
     return flat
 
@@ -207,7 +206,9 @@ class Keys:
 
     @property
     def dead_letters(self) -> str:
-        """TaskFailed events of tasks that ran out of attempts, for inspection or rerun."""
+        """TaskFailed events of tasks that ran out of attempts (each naming its log
+        entry in ``eventId``), and work entries no worker can run
+        (``UnreadableWorkEntry``, ``RefusedWorkEntry``): for inspection or rerun."""
         return f"{self.tag}:dead"
 
     @property

@@ -18,12 +18,13 @@ import pytest
 import redis
 from starlette.testclient import TestClient
 
-from sumbatch.api import Submission, create_app
+from sumbatch.api import create_app
 from sumbatch.config import Settings
 from sumbatch.embedded import EmbeddedServer
 from sumbatch.events import Keys
 from sumbatch.projection import GroupView
 from sumbatch.store import NotDurable, Store, _durable_mode, open_store
+from sumbatch.submission import Submission
 from sumbatch.tasks import Delay
 from sumbatch.wire import TaskIn
 from tests.support import ROOT, env_for, free_port, has_waitaof

@@ -13,11 +13,11 @@ import pytest
 
 from consumers.projector import Projector
 from consumers.worker import Worker
-from sumbatch.api import Submission
 from sumbatch.config import Settings
 from sumbatch.events import WORKER_GROUP, GroupFinished, TaskCompleted, TaskStarted
 from sumbatch.projection import GroupView
 from sumbatch.store import Outcome, Store
+from sumbatch.submission import Submission
 from sumbatch.tasks import Delay
 from sumbatch.wire import TaskIn
 from tests.support import Processes, log_events, make_store, wait_until

@@ -34,12 +34,12 @@ from typing import Any, cast
 
 from common import free_port
 
-from sumbatch.api import Submission
 from sumbatch.config import Settings
 from sumbatch.embedded import EmbeddedServer
 from sumbatch.events import WORKER_GROUP
 from sumbatch.projection import GroupView
 from sumbatch.store import Entry, Store, open_store
+from sumbatch.submission import Submission
 from sumbatch.wire import TaskIn
 
 ROOT = Path(__file__).resolve().parents[2]
