@@ -72,37 +72,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Each setting from its variable (``VARIABLES``); unset or empty, the field's
+        default above, so each default is written once."""
         env = os.environ if environ is None else environ
-        read = _Reader(env)
-        settings = cls(
-            redis_url=read("REDIS_URL", _redis_url, None, secret=True),
-            namespace=read("SUMBATCH_NAMESPACE", str, "sumbatch"),
-            delay=read("SUMBATCH_DELAY", parse_delay, Delay(3.0, 10.0)),
-            host=read("SUMBATCH_HOST", str, "127.0.0.1"),
-            port=read("SUMBATCH_PORT", parse_port, 5000),
-            workers=read("SUMBATCH_WORKERS", _at_least(0), 2),
-            worker_concurrency=read("SUMBATCH_WORKER_CONCURRENCY", _at_least(1), 10_000),
-            claim_timeout=read("SUMBATCH_CLAIM_TIMEOUT", _positive_float, 30.0),
-            # Attempts are counted in one byte per task (saturating at 255).
-            max_attempts=read("SUMBATCH_MAX_ATTEMPTS", _between(1, 254), 3),
-            retry_base=read("SUMBATCH_RETRY_BASE", _non_negative_float, 1.0),
-            max_tasks_per_group=read("SUMBATCH_MAX_TASKS", _between(1, MAX_TASKS_LIMIT), 10_000),
-            max_body_bytes=read("SUMBATCH_MAX_BODY_BYTES", _at_least(1), 2_000_000),
-            data_dir=read("SUMBATCH_DATA_DIR", str, ".sumbatch-data"),
-            embedded_port=read("SUMBATCH_EMBEDDED_PORT", parse_port, EMBEDDED_PORT_DEFAULT),
-            handler=read("SUMBATCH_HANDLER", _handler_spec, ""),
-            result_ttl=read("SUMBATCH_RESULT_TTL", _positive_int, 86_400),
-            cache_ttl=read("SUMBATCH_CACHE_TTL", _positive_int, 86_400),
-            log_retention=read("SUMBATCH_LOG_RETENTION", _positive_int, 86_400),
-            shutdown_grace=read("SUMBATCH_SHUTDOWN_GRACE", _non_negative_float, 30.0),
-            task_timeout=read("SUMBATCH_TASK_TIMEOUT", _positive_float, 300.0),
-            api_token=read("SUMBATCH_API_TOKEN", str, ""),
-            durable=read("SUMBATCH_DURABLE", _bool, False),
-            fsync=read("SUMBATCH_FSYNC", _fsync, "everysec"),
-            log_level=read("SUMBATCH_LOG_LEVEL", _log_level, "INFO"),
-            header_timeout=read("SUMBATCH_HEADER_TIMEOUT", _positive_float, 10.0),
-            body_timeout=read("SUMBATCH_BODY_TIMEOUT", _positive_float, 10.0),
-        )
+        values: dict[str, Any] = {}
+        for field, (name, parse) in VARIABLES.items():
+            raw = env.get(name)
+            if raw:
+                values[field] = _parse(name, raw, parse)
+        settings = cls(**values)
         _check_timeout_covers_delay(settings)
         return settings
 
@@ -222,18 +200,42 @@ def _fsync(text: str) -> str:
     return text
 
 
-class _Reader:
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
+def _parse(name: str, raw: str, parse: Callable[[str], T]) -> T:
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        # REDIS_URL may hold a password: its value is never shown.
+        shown = name if name == "REDIS_URL" else f"{name}={raw!r}"
+        raise ConfigError(f"{shown} is not valid: {exc}") from exc
 
-    def __call__(
-        self, name: str, cast: Callable[[str], T], default: T, *, secret: bool = False
-    ) -> T:
-        raw = self.env.get(name)
-        if raw is None or raw == "":
-            return default
-        try:
-            return cast(raw)
-        except ValueError as exc:
-            shown = name if secret else f"{name}={raw!r}"
-            raise ConfigError(f"{shown} is not valid: {exc}") from exc
+
+# The variable each setting is read from, and the parser of its text.
+VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "redis_url": ("REDIS_URL", _redis_url),
+    "namespace": ("SUMBATCH_NAMESPACE", str),
+    "delay": ("SUMBATCH_DELAY", parse_delay),
+    "host": ("SUMBATCH_HOST", str),
+    "port": ("SUMBATCH_PORT", parse_port),
+    "workers": ("SUMBATCH_WORKERS", _at_least(0)),
+    "worker_concurrency": ("SUMBATCH_WORKER_CONCURRENCY", _at_least(1)),
+    "claim_timeout": ("SUMBATCH_CLAIM_TIMEOUT", _positive_float),
+    # Attempts are counted in one byte per task (saturating at 255).
+    "max_attempts": ("SUMBATCH_MAX_ATTEMPTS", _between(1, 254)),
+    "retry_base": ("SUMBATCH_RETRY_BASE", _non_negative_float),
+    "max_tasks_per_group": ("SUMBATCH_MAX_TASKS", _between(1, MAX_TASKS_LIMIT)),
+    "max_body_bytes": ("SUMBATCH_MAX_BODY_BYTES", _at_least(1)),
+    "data_dir": ("SUMBATCH_DATA_DIR", str),
+    "embedded_port": ("SUMBATCH_EMBEDDED_PORT", parse_port),
+    "handler": ("SUMBATCH_HANDLER", _handler_spec),
+    "result_ttl": ("SUMBATCH_RESULT_TTL", _positive_int),
+    "cache_ttl": ("SUMBATCH_CACHE_TTL", _positive_int),
+    "log_retention": ("SUMBATCH_LOG_RETENTION", _positive_int),
+    "shutdown_grace": ("SUMBATCH_SHUTDOWN_GRACE", _non_negative_float),
+    "task_timeout": ("SUMBATCH_TASK_TIMEOUT", _positive_float),
+    "api_token": ("SUMBATCH_API_TOKEN", str),
+    "durable": ("SUMBATCH_DURABLE", _bool),
+    "fsync": ("SUMBATCH_FSYNC", _fsync),
+    "log_level": ("SUMBATCH_LOG_LEVEL", _log_level),
+    "header_timeout": ("SUMBATCH_HEADER_TIMEOUT", _positive_float),
+    "body_timeout": ("SUMBATCH_BODY_TIMEOUT", _positive_float),
+}
