@@ -267,7 +267,7 @@ async def durable_problem(settings: Settings) -> str | None:
             return None
         raise
     finally:
-        await store.redis.aclose()
+        await store.aclose()
     return None
 
 
@@ -301,7 +301,7 @@ def create_app(settings: Settings) -> Starlette:
                 "openapi": _encoder.encode(openapi_schema(settings)),
             }
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     routes = [
         Route("/grouptasks", create_group, methods=["POST"]),

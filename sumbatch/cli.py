@@ -23,10 +23,6 @@ log = logging.getLogger("sumbatch")
 T = TypeVar("T")
 
 
-def _store(settings: Settings) -> Store:
-    return open_store(settings)
-
-
 def run_async(main: Coroutine[Any, Any, T]) -> T:
     """asyncio.run, on uvloop where it is installed (it is, except on Windows)."""
     try:
@@ -55,7 +51,7 @@ def _run_until_signal(consumer: Any, main: Callable[[], Awaitable[None]]) -> Non
         try:
             await main()
         finally:
-            await consumer.store.redis.aclose()
+            await consumer.store.aclose()
 
     try:
         run_async(runner())
@@ -67,7 +63,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from consumers.worker import Worker
 
     handler = resolve_handler(settings.handler)
-    worker = Worker(settings, _store(settings), handler=handler, name=args.name)
+    worker = Worker(settings, open_store(settings), handler=handler, name=args.name)
     _run_until_signal(worker, worker.run)
     return 0
 
@@ -75,7 +71,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_projector(settings: Settings, args: argparse.Namespace) -> int:
     from consumers.projector import Projector
 
-    projector = Projector(_store(settings))
+    projector = Projector(open_store(settings))
     _run_until_signal(projector, projector.run)
     return 0
 
@@ -109,11 +105,11 @@ def _describe(entry: Entry) -> str:
 
 def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     async def audit() -> int:
-        store = _store(settings)
+        store = open_store(settings)
         try:
             history = await store.group_history(args.group_task_id)
         finally:
-            await store.redis.aclose()
+            await store.aclose()
         if not history:
             print(f"no events for group {args.group_task_id}", file=sys.stderr)
             return 1
@@ -139,7 +135,7 @@ def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
 async def _tail(settings: Settings, *, from_start: bool) -> None:
     """Print events as they are appended. Across a Redis restart it reconnects with
     backoff and goes on after the last id printed: nothing missed, nothing twice."""
-    store = _store(settings)
+    store = open_store(settings)
     outage = Outage(log, "tail")
     after = "0-0" if from_start else None
     try:
@@ -161,7 +157,7 @@ async def _tail(settings: Settings, *, from_start: bool) -> None:
                 print(_describe(entry), flush=True)
                 after = entry[0]
     finally:
-        await store.redis.aclose()
+        await store.aclose()
 
 
 async def _last_event_id(store: Store) -> str:
@@ -174,7 +170,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from sumbatch.replay import differences
 
     async def run() -> int:
-        store = _store(settings)
+        store = open_store(settings)
         try:
             if args.check:
                 check = await differences(store)
@@ -192,7 +188,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
             print(f"views rebuilt from the log, up to {await store.position()}")
             return 0
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     return asyncio.run(run())
 

@@ -156,6 +156,16 @@ class Store:
         self._forget_consumer = redis.register_script(scripts.FORGET_CONSUMER)
         self._prefixes = _json.encode(keys.prefixes())
 
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
     # -- producer -------------------------------------------------------------
 
     async def submit(

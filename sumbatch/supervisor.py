@@ -225,7 +225,8 @@ class Supervisor:
             time.sleep(0.05)
 
     def _spawn(self, child: Child, env: dict[str, str]) -> None:
-        # Children ignore the terminal's Ctrl-C; we forward one SIGTERM in order.
+        # Children ignore the terminal's Ctrl-C (their own session): `up` sends each one
+        # SIGTERM, then waits for them all, and stops the server last.
         child.process = subprocess.Popen(
             child.argv,
             env=env,

@@ -225,7 +225,7 @@ async def measure(url: str, claim_timeout: float, tasks: int, logs: Path) -> Res
         keys = [k async for k in store.redis.scan_iter(match=f"{{{namespace}}}:*")]
         if keys:
             await store.redis.delete(*keys)
-        await store.redis.aclose()
+        await store.aclose()
 
 
 def main() -> None:
