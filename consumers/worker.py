@@ -45,7 +45,7 @@ from sumbatch.events import (
     to_fields,
 )
 from sumbatch.outage import REDIS_DOWN, Outage, is_transient
-from sumbatch.store import Entry, Outcome, Store
+from sumbatch.store import Begun, Entry, Outcome, Store
 from sumbatch.tasks import compute, retry_backoff, should_retry
 
 log = logging.getLogger("sumbatch.worker")
@@ -324,17 +324,17 @@ class Worker:
         ]
         out_of_reach: list[str] = []
         for entry_id, item, decision in decided:
-            if decision[0] == 3:
+            if decision.kind == "refused":
                 out_of_reach.append(entry_id)
-            elif decision[0] == 1:
-                self._record(entry_id, item, self._completed(item, int(decision[1]), True, 0))
-            elif decision[0] == 2 and int(decision[1]) > self.settings.max_attempts:
+            elif decision.kind == "cached":
+                self._record(entry_id, item, self._completed(item, decision.value, True, 0))
+            elif decision.kind == "run" and decision.value > self.settings.max_attempts:
                 # Delivered again and again, never ended: its runs keep killing workers.
-                attempts = int(decision[1]) - 1
+                attempts = decision.value - 1
                 gave_up = f"gave up after {attempts} runs that never finished (worker lost)"
                 self._record(entry_id, item, self._failed(item, attempts, gave_up))
-            elif decision[0] == 2:
-                attempt = int(decision[1])
+            elif decision.kind == "run":
+                attempt = decision.value
                 delay = self.settings.delay.draw(self.rng)
                 error: str | None = None
                 if delay == 0 and not inspect.iscoroutinefunction(self.handler):
@@ -372,7 +372,7 @@ class Worker:
         except Exception as exc:
             log.warning("could not dead-letter refused entries (%s); left pending", exc)
 
-    async def _begin(self, part: Sequence[tuple[str, TaskSubmitted]]) -> list[Any]:
+    async def _begin(self, part: Sequence[tuple[str, TaskSubmitted]]) -> list[Begun]:
         return await self.store.begin([item for _, item in part], [eid for eid, _ in part])
 
     def _track(self, entry_id: str, item: TaskSubmitted, run: Coroutine[Any, Any, None]) -> None:

@@ -27,7 +27,7 @@ from sumbatch.config import Settings
 from sumbatch.openapi import openapi_schema
 from sumbatch.outage import REDIS_DOWN, is_transient, refusal
 from sumbatch.projection import GroupView
-from sumbatch.store import NotDurable, Store, open_store
+from sumbatch.store import CancelOutcome, NotDurable, Store, open_store
 from sumbatch.submission import Submission
 from sumbatch.wire import Cancelled, GroupCreated, GroupIn, GroupStatus, TaskStatus
 
@@ -175,14 +175,18 @@ async def cancel_group(request: Request) -> Response:
         return _unauthorised()
     gid = ids.parse_uuid(request.path_params["group_task_id"])
     store: Store = request.state.store
-    outcome = -1 if gid is None or not ids.is_group_id(gid) else await store.cancel(gid)
-    if outcome == -1:
+    outcome = (
+        CancelOutcome("unknown")
+        if gid is None or not ids.is_group_id(gid)
+        else await store.cancel(gid)
+    )
+    if outcome.status == "unknown":
         return error(404, "no such groupTaskId")
-    if outcome == -2:
+    if outcome.status == "finished":
         return error(409, "the group has already finished: nothing to cancel")
     assert gid is not None
     return JSONResponse(
-        Cancelled(group_task_id=gid, grouptask_cancelled=True, tasks_revoked=max(0, outcome - 1)),
+        Cancelled(group_task_id=gid, grouptask_cancelled=True, tasks_revoked=outcome.revoked),
         status_code=202,
     )
 

@@ -78,6 +78,32 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class Begun:
+    """What the begin script decided for one work entry."""
+
+    # ended: already ended, or its group is gone (acknowledged); cached: answered from
+    # the cache (``value`` is the sum); run: run it (``value`` is the attempt number,
+    # counted across workers); refused: its task is outside its group, or its group's
+    # keys are not what sumbatch wrote (left pending, untouched).
+    kind: Literal["ended", "cached", "run", "refused"]
+    value: int = 0
+
+
+_BEGUN_KINDS: tuple[Literal["ended", "cached", "run", "refused"], ...] = (
+    "ended", "cached", "run", "refused"
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    """What a DELETE did: ``unknown`` group, ``finished`` without a cancel (nothing to
+    do), cancelled ``before``, or ``cancelled`` now, revoking ``revoked`` tasks."""
+
+    status: Literal["unknown", "finished", "before", "cancelled"]
+    revoked: int = 0
+
+
+@dataclass(frozen=True)
 class Completed:
     recorded: int  # outcomes that ended their task (the others had ended before)
     # Entries refused and left pending: their group's keys are not what sumbatch
@@ -242,9 +268,8 @@ class Store:
         self.durable = _durable_mode(has_waitaof, aof_off, config)
         return self.durable
 
-    async def cancel(self, group_task_id: str) -> int:
-        """-1 unknown group, -2 already finished, 0 cancelled before, else 1 + the
-        number of tasks revoked."""
+    async def cancel(self, group_task_id: str) -> CancelOutcome:
+        """Cancel a group: revoke every task of it that has not ended."""
         event = GroupCancelled(group_task_id=group_task_id)
         keys = [
             self.keys.events,
@@ -262,7 +287,12 @@ class Store:
             self._prefixes,
             self.keys.cancellations,
         ]
-        return int(await self._cancel(keys=keys, args=args))
+        code = int(await self._cancel(keys=keys, args=args))
+        if code == -1:
+            return CancelOutcome("unknown")
+        if code == -2:
+            return CancelOutcome("finished")
+        return CancelOutcome("before") if code == 0 else CancelOutcome("cancelled", code - 1)
 
     # -- consumer group (workers) ---------------------------------------------
 
@@ -304,13 +334,14 @@ class Store:
                 break
         return claimed
 
-    async def begin(self, items: Sequence[TaskSubmitted], entry_ids: Sequence[str]) -> list[Any]:
+    async def begin(self, items: Sequence[TaskSubmitted], entry_ids: Sequence[str]) -> list[Begun]:
         payload = [
             (entry_id, item.group_task_id, item.index, f"{item.param_a}:{item.param_b}")
             for entry_id, item in zip(entry_ids, items, strict=True)
         ]
         args: list[str | bytes] = [WORKER_GROUP, self._prefixes, _json.encode(payload)]
-        return cast(list[Any], await self._begin(keys=[self.keys.work], args=args))
+        decisions = await self._begin(keys=[self.keys.work], args=args)
+        return [Begun(_BEGUN_KINDS[int(d[0])], int(d[1]) if len(d) > 1 else 0) for d in decisions]
 
     async def release_ended(
         self, items: Sequence[TaskSubmitted], entry_ids: Sequence[str]

@@ -1,4 +1,5 @@
-"""Helpers the tests share: waiting on conditions, running our real processes."""
+"""Helpers the tests share: submitting groups, reading what was written, running the
+consumers in-process, waiting on conditions, running our real processes."""
 
 from __future__ import annotations
 
@@ -9,16 +10,32 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar, cast
 
 import redis
+from starlette.testclient import TestClient
 
+from consumers.projector import Projector
+from consumers.worker import Handler, Worker
 from sumbatch.config import Settings
-from sumbatch.events import AnyEvent, from_fields
+from sumbatch.events import (
+    WORKER_GROUP,
+    AnyEvent,
+    GroupFinished,
+    Keys,
+    TaskCompleted,
+    TaskStarted,
+    from_fields,
+)
+from sumbatch.projection import GroupView
+from sumbatch.replay import differences
 from sumbatch.store import Store, open_store
+from sumbatch.submission import Submission
+from sumbatch.wire import TaskIn
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,12 +87,183 @@ def has_waitaof(url: str) -> bool:
     return True
 
 
-def make_store(settings: Settings) -> Store:
-    return open_store(settings)
+Groups = list[tuple[str, list[str]]]
+"""Submitted groups: each group's id and its task ids."""
+
+
+# -- submitting ---------------------------------------------------------------------
+
+
+def body_of(pairs: list[tuple[int, int]]) -> dict[str, Any]:
+    return {"tasks": [{"paramA": a, "paramB": b} for a, b in pairs]}
+
+
+def post_group(client: TestClient, pairs: list[tuple[int, int]]) -> dict[str, Any]:
+    """POST the group over the API; its answer (group id and task ids)."""
+    response = client.post("/grouptasks", json=body_of(pairs))
+    assert response.status_code == 200, response.text
+    created: dict[str, Any] = response.json()
+    return created
+
+
+async def submit(store: Store, pairs: list[tuple[int, int]]) -> tuple[str, list[str]]:
+    """Submit the group straight to the store, as the API does; (group id, task ids)."""
+    sub = Submission.of([TaskIn(a, b) for a, b in pairs])
+    created = sub.created
+    await store.submit(
+        [sub.event], sub.work, GroupView.submitted(created.group_task_id, len(pairs))
+    )
+    return created.group_task_id, created.task_ids
+
+
+# -- reading what was written, over a plain client ----------------------------------
+
+
+def entries(raw: redis.Redis, key: str) -> list[tuple[str, dict[str, str]]]:
+    return cast(list[tuple[str, dict[str, str]]], raw.xrange(key))
+
+
+def events(raw: redis.Redis, settings: Settings, gid: str | None = None) -> list[AnyEvent]:
+    """The log, or with ``gid`` that group's own log."""
+    keys = Keys(settings.namespace)
+    key = keys.events if gid is None else keys.group_log(gid)
+    return [from_fields(f) for _, f in entries(raw, key)]
+
+
+def kinds(raw: redis.Redis, settings: Settings) -> Counter[str]:
+    return Counter(type(e).__name__ for e in events(raw, settings))
+
+
+def appended(raw: redis.Redis, settings: Settings) -> tuple[int, int]:
+    """How long the log and the work stream are."""
+    keys = Keys(settings.namespace)
+    return int(raw.xlen(keys.events)), int(raw.xlen(keys.work))
+
+
+# -- reading what was written, through a store --------------------------------------
 
 
 async def log_events(store: Store) -> list[AnyEvent]:
     return [from_fields(fields) for _, fields in await store.redis.xrange(store.keys.events)]
+
+
+async def log_of(settings: Settings) -> list[AnyEvent]:
+    """The whole log, read with a store of its own."""
+    async with open_store(settings) as store:
+        return await log_events(store)
+
+
+async def work_pending(store: Store) -> int:
+    """How many work entries are handed out and not yet acknowledged."""
+    summary = await store.redis.xpending(store.keys.work, WORKER_GROUP)
+    return int(summary["pending"])
+
+
+def runs_started(store: Store, count: int) -> Callable[[], Awaitable[bool]]:
+    """A predicate for ``wait_until``: exactly ``count`` runs have started."""
+
+    async def started() -> bool:
+        return sum(isinstance(e, TaskStarted) for e in await log_events(store)) == count
+
+    return started
+
+
+def worker_idle(store: Store, worker: Worker) -> Callable[[], Awaitable[bool]]:
+    """A predicate for ``wait_until``: ``worker`` runs nothing and no entry is pending."""
+
+    async def idle() -> bool:
+        return not worker.busy and await work_pending(store) == 0
+
+    return idle
+
+
+async def group_finished(store: Store, gid: str) -> bool:
+    events = await log_events(store)
+    return any(isinstance(e, GroupFinished) and e.group_task_id == gid for e in events)
+
+
+async def all_processed(store: Store, groups: Groups) -> bool:
+    for gid, _ in groups:
+        view = await store.group_view(gid)
+        if view is None or not view.processed:
+            return False
+    return True
+
+
+async def assert_exactly_once(store: Store, groups: Groups) -> None:
+    """Every task completed once with the right sum, every group finished once, no
+    entry left pending, and the views equal a replay of the log."""
+    events = await log_events(store)
+    completed = Counter(e.task_id for e in events if isinstance(e, TaskCompleted))
+    finished = Counter(e.group_task_id for e in events if isinstance(e, GroupFinished))
+    all_tasks = [tid for _, tids in groups for tid in tids]
+    assert completed == Counter(all_tasks)
+    assert finished == Counter(gid for gid, _ in groups)
+    assert await work_pending(store) == 0
+    diffs = (await differences(store)).differences
+    assert diffs == []
+
+
+# -- running the consumers in-process -----------------------------------------------
+
+
+def run_with_store(settings: Settings, scenario: Callable[[Store], Awaitable[None]]) -> None:
+    """Run ``scenario`` with a store of its own, in a fresh event loop."""
+
+    async def main() -> None:
+        async with open_store(settings) as store:
+            await scenario(store)
+
+    asyncio.run(main())
+
+
+def work(settings: Settings, handler: Handler | None = None) -> None:
+    """One worker, until no work is left."""
+
+    async def scenario(store: Store) -> None:
+        await Worker(settings, store, handler=handler).run_until_idle()
+
+    run_with_store(settings, scenario)
+
+
+def project(settings: Settings) -> None:
+    """The projector, until it has applied the whole log."""
+
+    async def scenario(store: Store) -> None:
+        await Projector(store).run_until_idle()
+
+    run_with_store(settings, scenario)
+
+
+def work_and_project(settings: Settings) -> None:
+    """One worker until no work is left, then the projector, on one store."""
+
+    async def scenario(store: Store) -> None:
+        await Worker(settings, store).run_until_idle()
+        await Projector(store).run_until_idle()
+
+    run_with_store(settings, scenario)
+
+
+class Gate:
+    """``handler`` sums, but holds every run until ``open()``: runs stay in flight as
+    long as a test needs. ``calls`` has every run's parameters as it began,
+    ``returned`` every sum it gave back. (A method, not ``__call__``: the worker tells
+    an async handler by ``inspect.iscoroutinefunction``.)"""
+
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()
+        self.calls: list[tuple[int, int]] = []
+        self.returned: list[int] = []
+
+    async def handler(self, a: int, b: int) -> int:
+        self.calls.append((a, b))
+        await self.opened.wait()
+        self.returned.append(a + b)
+        return a + b
+
+    def open(self) -> None:
+        self.opened.set()
 
 
 def env_for(settings: Settings) -> dict[str, str]:

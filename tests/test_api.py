@@ -13,6 +13,7 @@ from starlette.testclient import TestClient
 from sumbatch.api import create_app
 from sumbatch.config import Settings
 from sumbatch.events import Keys
+from tests.support import appended
 
 ORIGINAL_EXAMPLE = {
     "tasks": [
@@ -22,11 +23,6 @@ ORIGINAL_EXAMPLE = {
         {"paramB": 1, "paramA": 8},
     ]
 }
-
-
-def appended(raw: redis.Redis, settings: Settings) -> int:
-    keys = Keys(settings.namespace)
-    return int(raw.xlen(keys.events)) + int(raw.xlen(keys.work))
 
 
 def test_post_returns_a_group_id_and_one_task_id_per_task(client: TestClient) -> None:
@@ -121,7 +117,7 @@ def test_bad_input_is_a_clear_4xx_and_appends_nothing(
     assert response.status_code == status
     assert response.headers["content-type"] == "application/json"
     assert says in response.json()["error"]
-    assert appended(raw, settings) == 0
+    assert appended(raw, settings) == (0, 0)
 
 
 def test_wrong_content_type_is_415(
@@ -132,7 +128,7 @@ def test_wrong_content_type_is_415(
     )
     assert response.status_code == 415
     assert response.json()["error"] == "Content-Type must be application/json"
-    assert appended(raw, settings) == 0
+    assert appended(raw, settings) == (0, 0)
 
 
 def test_too_many_tasks_is_413(raw: redis.Redis, settings: Settings) -> None:
@@ -141,7 +137,7 @@ def test_too_many_tasks_is_413(raw: redis.Redis, settings: Settings) -> None:
         response = client.post("/grouptasks", json=ORIGINAL_EXAMPLE)
     assert response.status_code == 413
     assert "at most 3 tasks" in response.json()["error"]
-    assert appended(raw, settings) == 0
+    assert appended(raw, settings) == (0, 0)
 
 
 def test_body_over_the_limit_is_413(raw: redis.Redis, settings: Settings) -> None:
@@ -150,7 +146,7 @@ def test_body_over_the_limit_is_413(raw: redis.Redis, settings: Settings) -> Non
         response = client.post("/grouptasks", json=ORIGINAL_EXAMPLE)
     assert response.status_code == 413
     assert "larger than 100 bytes" in response.json()["error"]
-    assert appended(raw, settings) == 0
+    assert appended(raw, settings) == (0, 0)
 
 
 @pytest.mark.parametrize("path", ["/grouptasks/{id}", "/tasks/{id}"])

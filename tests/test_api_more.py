@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 import pytest
@@ -21,7 +20,6 @@ from sumbatch.api import MAX_IDEMPOTENCY_KEY, create_app
 from sumbatch.config import Settings
 from sumbatch.events import (
     WORKER_GROUP,
-    AnyEvent,
     GroupCancelled,
     GroupFinished,
     Keys,
@@ -34,65 +32,22 @@ from sumbatch.events import (
     from_fields,
     to_fields,
 )
-from sumbatch.store import Store
-from tests.support import make_store, wait_until
+from sumbatch.store import Begun, Store
+from tests.support import (
+    Gate,
+    appended,
+    body_of,
+    entries,
+    events,
+    kinds,
+    post_group,
+    project,
+    run_with_store,
+    wait_until,
+    work,
+)
 
 PAIRS = [(1, 5), (9, 10), (12, 13)]
-
-
-def body_of(pairs: list[tuple[int, int]]) -> dict[str, Any]:
-    return {"tasks": [{"paramA": a, "paramB": b} for a, b in pairs]}
-
-
-def submit(client: TestClient, pairs: list[tuple[int, int]]) -> dict[str, Any]:
-    response = client.post("/grouptasks", json=body_of(pairs))
-    assert response.status_code == 200, response.text
-    created: dict[str, Any] = response.json()
-    return created
-
-
-def entries(raw: redis.Redis, key: str) -> list[tuple[str, dict[str, str]]]:
-    return cast(list[tuple[str, dict[str, str]]], raw.xrange(key))
-
-
-def events(raw: redis.Redis, settings: Settings) -> list[AnyEvent]:
-    return [from_fields(f) for _, f in entries(raw, Keys(settings.namespace).events)]
-
-
-def kinds(raw: redis.Redis, settings: Settings) -> Counter[str]:
-    return Counter(type(e).__name__ for e in events(raw, settings))
-
-
-def appended(raw: redis.Redis, settings: Settings) -> tuple[int, int]:
-    keys = Keys(settings.namespace)
-    return int(raw.xlen(keys.events)), int(raw.xlen(keys.work))
-
-
-def run(settings: Settings, scenario: Callable[[Store], Awaitable[None]]) -> None:
-    """Run ``scenario`` with a store of its own, in a fresh event loop."""
-
-    async def main() -> None:
-        store = make_store(settings)
-        try:
-            await scenario(store)
-        finally:
-            await store.redis.aclose()
-
-    asyncio.run(main())
-
-
-def work(settings: Settings, handler: Handler | None = None) -> None:
-    async def scenario(store: Store) -> None:
-        await Worker(settings, store, handler=handler).run_until_idle()
-
-    run(settings, scenario)
-
-
-def project(settings: Settings) -> None:
-    async def scenario(store: Store) -> None:
-        await Projector(store).run_until_idle()
-
-    run(settings, scenario)
 
 
 def recording(calls: list[tuple[int, int]]) -> Handler:
@@ -109,7 +64,7 @@ def recording(calls: list[tuple[int, int]]) -> Handler:
 def test_cancel_revokes_every_task_not_started(
     client: TestClient, raw: redis.Redis, settings: Settings
 ) -> None:
-    created = submit(client, PAIRS)
+    created = post_group(client, PAIRS)
     gid = created["groupTaskId"]
 
     response = client.delete(f"/grouptasks/{gid}")
@@ -150,7 +105,7 @@ def test_cancel_revokes_every_task_not_started(
 def test_a_second_cancel_is_idempotent_and_appends_nothing(
     client: TestClient, raw: redis.Redis, settings: Settings
 ) -> None:
-    gid = submit(client, PAIRS)["groupTaskId"]
+    gid = post_group(client, PAIRS)["groupTaskId"]
     assert client.delete(f"/grouptasks/{gid}").json()["tasksRevoked"] == 3
     before = appended(raw, settings)
 
@@ -164,7 +119,7 @@ def test_a_second_cancel_is_idempotent_and_appends_nothing(
 def test_cancelling_a_finished_group_is_409_and_changes_nothing(
     client: TestClient, raw: redis.Redis, settings: Settings
 ) -> None:
-    created = submit(client, [(1, 2)])
+    created = post_group(client, [(1, 2)])
     work(settings)
     project(settings)
     before = appended(raw, settings)
@@ -193,7 +148,7 @@ def test_cancel_of_an_unknown_or_malformed_id_is_404_and_appends_nothing(
 def test_revoked_entries_are_acknowledged_without_running(
     client: TestClient, raw: redis.Redis, settings: Settings
 ) -> None:
-    created = submit(client, PAIRS)
+    created = post_group(client, PAIRS)
     client.delete(f"/grouptasks/{created['groupTaskId']}")
     calls: list[tuple[int, int]] = []
     work(settings, recording(calls))
@@ -212,21 +167,14 @@ def test_cancel_revokes_a_started_task_too_and_its_late_finish_writes_nothing(
     """One worker slot: the first task is running (blocked) when the group is
     cancelled. Every task ends REVOKED at once, the running one included; when its
     run returns after all, the fence keeps its result out of the log."""
-    created = submit(client, PAIRS)
+    created = post_group(client, PAIRS)
     gid, tids = created["groupTaskId"], created["taskIds"]
-    calls: list[tuple[int, int]] = []
+    gate = Gate()
     cancelled: dict[str, Any] = {}
 
     async def scenario(store: Store) -> None:
-        gate = asyncio.Event()
-
-        async def gated(a: int, b: int) -> int:
-            calls.append((a, b))
-            await gate.wait()
-            return a + b
-
         one_slot = msgspec.structs.replace(settings, worker_concurrency=1)
-        worker = Worker(one_slot, store, handler=gated)
+        worker = Worker(one_slot, store, handler=gate.handler)
         running = asyncio.create_task(worker.run())
 
         async def first_started() -> bool:
@@ -238,7 +186,7 @@ def test_cancel_revokes_a_started_task_too_and_its_late_finish_writes_nothing(
         response = await asyncio.to_thread(client.delete, f"/grouptasks/{gid}")
         cancelled.update(status=response.status_code, body=response.json())
         assert kinds(raw, settings)["GroupFinished"] == 1  # in the same step as the cancel
-        gate.set()
+        gate.open()
 
         async def all_acked() -> bool:
             (info,) = await store.redis.xinfo_groups(store.keys.work)
@@ -249,13 +197,13 @@ def test_cancel_revokes_a_started_task_too_and_its_late_finish_writes_nothing(
         await asyncio.wait_for(running, 10)
         await Projector(store).run_until_idle()
 
-    run(settings, scenario)
+    run_with_store(settings, scenario)
 
     assert cancelled == {
         "status": 202,
         "body": {"groupTaskId": gid, "grouptaskCancelled": True, "tasksRevoked": 3},
     }
-    assert calls == [PAIRS[0]]
+    assert gate.calls == [PAIRS[0]]
     for tid in tids:
         task = client.get(f"/tasks/{tid}").json()
         assert (task["taskState"], task["result"], task["resultReady"]) == ("REVOKED", None, True)
@@ -277,7 +225,7 @@ def test_cancel_after_the_cancelled_group_finished_is_still_202_with_nothing_rev
     """DELETE is idempotent: a cancel finishes the group at once (every task revoked),
     and a repeated DELETE answers as the first did, revoking nothing; only a group that
     finished without a cancel answers 409."""
-    gid = submit(client, PAIRS)["groupTaskId"]
+    gid = post_group(client, PAIRS)["groupTaskId"]
     assert client.delete(f"/grouptasks/{gid}").status_code == 202
     project(settings)
     assert client.get(f"/grouptasks/{gid}").json()["grouptaskProcessed"] is True
@@ -364,7 +312,7 @@ def test_different_keys_make_different_groups(
 def test_a_task_that_always_fails_is_dead_lettered_and_its_group_finishes(
     client: TestClient, raw: redis.Redis, settings: Settings
 ) -> None:
-    created = submit(client, [(1, 2), (13, 4)])
+    created = post_group(client, [(1, 2), (13, 4)])
     gid, (ok_id, bad_id) = created["groupTaskId"], created["taskIds"]
     calls: Counter[tuple[int, int]] = Counter()
 
@@ -423,7 +371,7 @@ def test_a_poison_pill_is_given_up_without_running_it(
     begun each time, never ended. Once it has used up its attempts, the next worker
     to take it over ends it as FAILURE instead of running it once more."""
     lost = settings.max_attempts + extra_runs
-    created = submit(client, [(4, 4)])
+    created = post_group(client, [(4, 4)])
     (tid,) = created["taskIds"]
     calls: list[tuple[int, int]] = []
     worker_names: list[str] = []
@@ -437,7 +385,7 @@ def test_a_poison_pill_is_given_up_without_running_it(
                 [(claimed, _)] = await store.autoclaim(f"doomed-{n}", min_idle_ms=0)
                 assert claimed == entry_id
             [decision] = await store.begin([item], [entry_id])
-            assert decision == [2, n + 1]  # "run it", attempt n + 1
+            assert decision == Begun("run", n + 1)  # attempt n + 1
         # The last one died long ago: its entry is idle past the claim timeout.
         idle = int(settings.claim_timeout * 1000) * 10
         await store.redis.xclaim(
@@ -448,7 +396,7 @@ def test_a_poison_pill_is_given_up_without_running_it(
         await worker.run_until_idle()
         await Projector(store).run_until_idle()
 
-    run(settings, scenario)
+    run_with_store(settings, scenario)
 
     assert calls == []
     log = events(raw, settings)
@@ -470,7 +418,7 @@ def test_a_task_with_attempts_left_after_lost_runs_is_run(
     client: TestClient, raw: redis.Redis, settings: Settings
 ) -> None:
     """The boundary of the poison-pill rule: one attempt left means one more run."""
-    created = submit(client, [(4, 4)])
+    created = post_group(client, [(4, 4)])
     (tid,) = created["taskIds"]
     calls: list[tuple[int, int]] = []
 
@@ -487,7 +435,7 @@ def test_a_task_with_attempts_left_after_lost_runs_is_run(
         await Worker(settings, store, handler=recording(calls)).run_until_idle()
         await Projector(store).run_until_idle()
 
-    run(settings, scenario)
+    run_with_store(settings, scenario)
 
     assert calls == [(4, 4)]
     done = [e for e in events(raw, settings) if isinstance(e, TaskCompleted)]

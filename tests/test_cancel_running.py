@@ -20,13 +20,22 @@ from sumbatch.events import (
     Keys,
     TaskCompleted,
     TaskRevoked,
-    TaskStarted,
-    from_fields,
 )
-from sumbatch.store import Store
+from sumbatch.store import CancelOutcome, open_store
 from sumbatch.tasks import Delay
-from tests.support import Processes, log_events, make_store, wait_until, wait_until_sync
-from tests.test_workers import submit
+from tests.support import (
+    Gate,
+    Processes,
+    events,
+    group_finished,
+    log_events,
+    runs_started,
+    submit,
+    wait_until,
+    wait_until_sync,
+    work_pending,
+    worker_idle,
+)
 
 LONG = Delay(30.0, 30.0)  # far longer than any wait below
 
@@ -34,11 +43,6 @@ LONG = Delay(30.0, 30.0)  # far longer than any wait below
 def pending(raw: redis.Redis, settings: Settings) -> int:
     summary: Any = raw.xpending(Keys(settings.namespace).work, WORKER_GROUP)
     return int(summary["pending"])
-
-
-def group_events(raw: redis.Redis, settings: Settings, gid: str) -> list[Any]:
-    entries: Any = raw.xrange(Keys(settings.namespace).group_log(gid))
-    return [from_fields(fields) for _, fields in entries]
 
 
 def test_delete_stops_running_tasks_of_a_worker_process(
@@ -76,7 +80,7 @@ def test_delete_stops_running_tasks_of_a_worker_process(
     for tid in tids:
         task = client.get(f"/tasks/{tid}").json()
         assert (task["taskState"], task["result"], task["resultReady"]) == ("REVOKED", None, True)
-    history = group_events(raw, settings, gid)
+    history = events(raw, settings, gid)
     assert not any(isinstance(e, TaskCompleted) for e in history)
     assert sum(isinstance(e, TaskRevoked) for e in history) == 5
     assert sum(isinstance(e, GroupFinished) for e in history) == 1
@@ -87,36 +91,22 @@ def test_a_run_whose_cancel_message_is_lost_ends_and_writes_nothing(settings: Se
     """A worker that does not listen (an older version, or one whose message was
     lost) runs the revoked tasks to their end; their outcomes meet the fence: nothing
     is written, and the entries are acknowledged."""
-    returned: list[int] = []
+    gate = Gate()
 
     async def scenario() -> None:
-        store = make_store(settings)
-        gate = asyncio.Event()
-
-        async def gated(a: int, b: int) -> int:
-            await gate.wait()
-            returned.append(a + b)
-            return a + b
-
-        worker = Worker(settings, store, handler=gated, watch_cancels=False)
+        store = open_store(settings)
+        worker = Worker(settings, store, handler=gate.handler, watch_cancels=False)
         try:
             await store.ensure_worker_group()
             gid, _ = await submit(store, [(1, 2), (3, 4)])
             running = asyncio.create_task(worker.run())
-
-            async def both_started() -> bool:
-                return sum(isinstance(e, TaskStarted) for e in await log_events(store)) == 2
-
-            await wait_until(both_started, what="both runs to start")
-            assert await store.cancel(gid) == 1 + 2
+            await wait_until(runs_started(store, 2), what="both runs to start")
+            assert await store.cancel(gid) == CancelOutcome("cancelled", 2)
             assert worker.busy  # nobody told it
-            gate.set()
-
-            async def done() -> bool:
-                summary = await store.redis.xpending(store.keys.work, WORKER_GROUP)
-                return not worker.busy and summary["pending"] == 0
-
-            await wait_until(done, within=10, what="the runs to end and be acknowledged")
+            gate.open()
+            await wait_until(
+                worker_idle(store, worker), within=10, what="the runs to end and be acknowledged"
+            )
             worker.should_exit = True
             await asyncio.wait_for(running, 10)
             events = await log_events(store)
@@ -125,17 +115,17 @@ def test_a_run_whose_cancel_message_is_lost_ends_and_writes_nothing(settings: Se
             (finished,) = [e for e in events if isinstance(e, GroupFinished)]
             assert (finished.tasks_revoked, finished.succeeded) == (2, False)
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
-    assert sorted(returned) == [3, 7]  # the runs did end on their own
+    assert sorted(gate.returned) == [3, 7]  # the runs did end on their own
 
 
 def test_the_worker_listens_again_after_its_connection_is_killed(settings: Settings) -> None:
     settings = msgspec.structs.replace(settings, delay=LONG)
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         worker = Worker(settings, store)
         channel = store.keys.cancellations
         try:
@@ -147,29 +137,21 @@ def test_the_worker_listens_again_after_its_connection_is_killed(settings: Setti
                 [(_, count)] = await store.redis.pubsub_numsub(channel)
                 return count == 1
 
-            async def all_started() -> bool:
-                return sum(isinstance(e, TaskStarted) for e in await log_events(store)) == 3
-
-            await wait_until(all_started, what="the runs to start")
+            await wait_until(runs_started(store, 3), what="the runs to start")
             await wait_until(subscribed, what="the worker to subscribe")
             killed = await store.redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
             assert int(killed) >= 1
             await wait_until(subscribed, what="the worker to subscribe again")
 
-            assert await store.cancel(gid) == 1 + 3
+            assert await store.cancel(gid) == CancelOutcome("cancelled", 3)
             asked = time.monotonic()
-
-            async def stopped() -> bool:
-                summary = await store.redis.xpending(store.keys.work, WORKER_GROUP)
-                return not worker.busy and summary["pending"] == 0
-
-            await wait_until(stopped, within=5, what="the runs to stop")
+            await wait_until(worker_idle(store, worker), within=5, what="the runs to stop")
             assert time.monotonic() - asked < 5
             worker.should_exit = True
             await asyncio.wait_for(running, 10)
             assert not any(isinstance(e, TaskCompleted) for e in await log_events(store))
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -178,45 +160,30 @@ def test_a_cancel_of_another_group_leaves_our_runs_alone(settings: Settings) -> 
     """The message names one group: runs of other groups go on and complete."""
 
     async def scenario() -> None:
-        store = make_store(settings)
-        gate = asyncio.Event()
-
-        async def gated(a: int, b: int) -> int:
-            await gate.wait()
-            return a + b
-
-        worker = Worker(settings, store, handler=gated)
+        store = open_store(settings)
+        gate = Gate()
+        worker = Worker(settings, store, handler=gate.handler)
         try:
             await store.ensure_worker_group()
             doomed, _ = await submit(store, [(1, 1), (2, 2)])
             kept, kept_tids = await submit(store, [(3, 3), (4, 4)])
             running = asyncio.create_task(worker.run())
-
-            async def all_started() -> bool:
-                return sum(isinstance(e, TaskStarted) for e in await log_events(store)) == 4
-
-            await wait_until(all_started, what="the runs to start")
-            assert await store.cancel(doomed) == 1 + 2
+            await wait_until(runs_started(store, 4), what="the runs to start")
+            assert await store.cancel(doomed) == CancelOutcome("cancelled", 2)
 
             async def doomed_dropped() -> bool:
-                summary = await store.redis.xpending(store.keys.work, WORKER_GROUP)
-                return summary["pending"] == 2 and len(worker._running) == 2
+                return await work_pending(store) == 2 and len(worker._running) == 2
 
             await wait_until(doomed_dropped, within=5, what="the cancelled runs to stop")
-            gate.set()
+            gate.open()
             await wait_until(
-                lambda: _finished(store, kept), within=10, what="the other group to finish"
+                lambda: group_finished(store, kept), within=10, what="the other group to finish"
             )
             worker.should_exit = True
             await asyncio.wait_for(running, 10)
             events = await log_events(store)
             assert sorted(e.task_id for e in events if isinstance(e, TaskCompleted)) == kept_tids
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
-
-
-async def _finished(store: Store, gid: str) -> bool:
-    events = await log_events(store)
-    return any(isinstance(e, GroupFinished) and e.group_task_id == gid for e in events)

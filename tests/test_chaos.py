@@ -24,13 +24,19 @@ import msgspec
 
 from sumbatch.config import Settings
 from sumbatch.events import WORKER_GROUP, TaskCompleted, TaskStarted
-from sumbatch.store import Entry, Store
+from sumbatch.store import Entry, Store, open_store
 from sumbatch.tasks import Delay
-from tests.support import Processes, env_for, log_events, make_store, wait_until
-from tests.test_faults import all_processed, assert_exactly_once
-from tests.test_workers import submit
-
-Groups = list[tuple[str, list[str]]]
+from tests.support import (
+    Groups,
+    Processes,
+    all_processed,
+    assert_exactly_once,
+    env_for,
+    log_events,
+    runs_started,
+    submit,
+    wait_until,
+)
 
 
 def chaos_rng() -> random.Random:
@@ -98,7 +104,7 @@ def test_workers_killed_at_random_moments_lose_and_double_nothing(
     kills = 22
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         workers: dict[str, subprocess.Popen[bytes]] = {}
         serial = itertools.count()
 
@@ -156,7 +162,7 @@ def test_workers_killed_at_random_moments_lose_and_double_nothing(
             assert len(reruns) >= orphaning_kills, (len(reruns), orphaning_kills)
             print(f"{kills} kills, {orphaning_kills} with entries held, {len(reruns)} reruns")
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -173,7 +179,7 @@ def test_projector_killed_at_random_moments_keeps_views_exact(
     kills = 15
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         groups: Groups = []
         expected: dict[str, list[int]] = {}
         try:
@@ -213,7 +219,7 @@ def test_projector_killed_at_random_moments_keeps_views_exact(
                 assert task.result == expected[task.group_task_id][task.index]
             print(f"{kills} projector kills, {kills_while_behind} while it was behind the log")
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -228,7 +234,7 @@ def test_rolling_restart_with_sigterm_finishes_in_flight_work(
     rng = chaos_rng()
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         groups: Groups = []
         expected: dict[str, list[int]] = {}
         feeding = True
@@ -301,7 +307,7 @@ def test_rolling_restart_with_sigterm_finishes_in_flight_work(
             assert {"new0", "new1", "new2"} <= new_workers
         finally:
             feeding = False
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -317,7 +323,7 @@ def test_a_short_grace_hands_back_unfinished_entries_for_an_immediate_takeover(
     env = env_for(settings) | {"SUMBATCH_SHUTDOWN_GRACE": "0.2"}
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             await store.ensure_worker_group()
             first = procs.start(settings, "worker", "--name", "first", env=env)
@@ -325,12 +331,9 @@ def test_a_short_grace_hands_back_unfinished_entries_for_an_immediate_takeover(
             pairs = random_pairs(rng, 20)
             groups = [await submit(store, pairs)]
             expected = {groups[0][0]: [a + b for a, b in pairs]}
-
-            async def all_started() -> bool:
-                events = await log_events(store)
-                return sum(isinstance(e, TaskStarted) for e in events) == 20
-
-            await wait_until(all_started, within=10, what="the first worker to start all 20")
+            await wait_until(
+                runs_started(store, 20), within=10, what="the first worker to start all 20"
+            )
             signalled = now_ms()
             first.send_signal(signal.SIGTERM)
             await wait_until(lambda: exited(first), within=10, what="the first worker to exit")
@@ -366,6 +369,6 @@ def test_a_short_grace_hands_back_unfinished_entries_for_an_immediate_takeover(
                 view = await store.task_view(tid)
                 assert view is not None and (view.state, view.attempts) == ("SUCCESS", 2)
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())

@@ -16,9 +16,9 @@ import msgspec
 import pytest
 
 from sumbatch.config import Settings
+from sumbatch.store import open_store
 from sumbatch.tasks import Delay
-from tests.support import ROOT, Processes, env_for, free_port, make_store, wait_until_sync
-from tests.test_workers import submit
+from tests.support import ROOT, Processes, env_for, free_port, submit, wait_until_sync
 
 EXAMPLE = '{"tasks": [{"paramB" : 5, "paramA": 1}, {"paramB" : 10, "paramA": 9}, {"paramB" : 13, "paramA": 12}, {"paramB" : 1, "paramA": 8}]}'  # noqa: E501
 
@@ -128,11 +128,11 @@ def test_tail_prints_events_as_they_are_appended(settings: Settings, procs: Proc
     procs.start(settings, "tail", "--from-start")
 
     async def go() -> str:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             gid, _ = await submit(store, [(1, 2)])
         finally:
-            await store.redis.aclose()
+            await store.aclose()
         return gid
 
     gid = asyncio.run(go())

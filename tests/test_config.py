@@ -3,6 +3,7 @@ from __future__ import annotations
 import operator
 import random
 
+import msgspec
 import pytest
 
 from sumbatch.config import ConfigError, Settings, resolve_handler
@@ -153,3 +154,13 @@ def test_a_group_holds_at_most_2_to_the_29_tasks() -> None:
     assert Settings.from_env({"SUMBATCH_MAX_TASKS": str(2**29)}).max_tasks_per_group == 2**29
     with pytest.raises(ConfigError, match=r"SUMBATCH_MAX_TASKS.*expected 1 to 536870912\b"):
         Settings.from_env({"SUMBATCH_MAX_TASKS": str(2**29 + 1)})
+
+
+def test_every_setting_is_read_from_one_variable() -> None:
+    """A field without a variable would silently keep its default in every process."""
+    from sumbatch.config import VARIABLES
+
+    fields = {f.name for f in msgspec.structs.fields(Settings)}
+    assert set(VARIABLES) == fields
+    names = [name for name, _ in VARIABLES.values()]
+    assert len(set(names)) == len(names)

@@ -214,7 +214,7 @@ def test_a_submission_sent_again_on_a_new_connection_waits_for_the_first_ones_fs
             try:
                 answers.append(await send(store))
             finally:
-                await store.redis.aclose()
+                await store.aclose()
         return answers
 
     admin.config_set("appendfsync", "no")

@@ -8,35 +8,18 @@ from collections import Counter
 import msgspec
 
 from sumbatch.config import Settings
-from sumbatch.events import WORKER_GROUP, GroupFinished, TaskCompleted, TaskStarted
-from sumbatch.replay import differences
-from sumbatch.store import Store
+from sumbatch.events import TaskCompleted, TaskStarted
+from sumbatch.store import open_store
 from sumbatch.tasks import Delay
-from tests.support import Processes, log_events, make_store, wait_until
-from tests.test_workers import submit
-
-
-async def assert_exactly_once(store: Store, groups: list[tuple[str, list[str]]]) -> None:
-    """Every task completed once with the right sum, every group finished once, no
-    entry left pending, and the views equal a replay of the log."""
-    events = await log_events(store)
-    completed = Counter(e.task_id for e in events if isinstance(e, TaskCompleted))
-    finished = Counter(e.group_task_id for e in events if isinstance(e, GroupFinished))
-    all_tasks = [tid for _, tids in groups for tid in tids]
-    assert completed == Counter(all_tasks)
-    assert finished == Counter(gid for gid, _ in groups)
-    pending = await store.redis.xpending(store.keys.work, WORKER_GROUP)
-    assert pending["pending"] == 0
-    diffs = (await differences(store)).differences
-    assert diffs == []
-
-
-async def all_processed(store: Store, groups: list[tuple[str, list[str]]]) -> bool:
-    for gid, _ in groups:
-        view = await store.group_view(gid)
-        if view is None or not view.processed:
-            return False
-    return True
+from tests.support import (
+    Processes,
+    all_processed,
+    assert_exactly_once,
+    log_events,
+    runs_started,
+    submit,
+    wait_until,
+)
 
 
 def test_a_killed_worker_s_tasks_complete_elsewhere_exactly_once(
@@ -45,16 +28,12 @@ def test_a_killed_worker_s_tasks_complete_elsewhere_exactly_once(
     settings = msgspec.structs.replace(settings, delay=Delay(1.5, 2.0), claim_timeout=1.0)
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             await store.ensure_worker_group()
             doomed = procs.start(settings, "worker")
             groups = [await submit(store, [(i, 100) for i in range(20)])]
-
-            async def all_started() -> bool:
-                return sum(isinstance(e, TaskStarted) for e in await log_events(store)) == 20
-
-            await wait_until(all_started, what="the first worker to start all 20 tasks")
+            await wait_until(runs_started(store, 20), what="the first worker to start all 20 tasks")
             procs.kill9(doomed)
             assert not any(isinstance(e, TaskCompleted) for e in await log_events(store))
             procs.start(settings, "worker")
@@ -68,7 +47,7 @@ def test_a_killed_worker_s_tasks_complete_elsewhere_exactly_once(
             view = await store.group_view(groups[0][0])
             assert view is not None and view.results == [i + 100 for i in range(20)]
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -81,7 +60,7 @@ def test_a_live_worker_keeps_tasks_longer_than_the_claim_timeout(
     settings = msgspec.structs.replace(settings, delay=Delay(2.5, 3.0), claim_timeout=1.0)
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             await store.ensure_worker_group()
             for _ in range(2):
@@ -95,7 +74,7 @@ def test_a_live_worker_keeps_tasks_longer_than_the_claim_timeout(
             )
             assert set(started.values()) == {1}
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -106,7 +85,7 @@ def test_a_killed_projector_resumes_without_loss_or_double_counting(
     settings = msgspec.structs.replace(settings, delay=Delay(0.0, 0.05))
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             await store.ensure_worker_group()
             procs.start(settings, "worker")
@@ -128,6 +107,6 @@ def test_a_killed_projector_resumes_without_loss_or_double_counting(
                 view = await store.group_view(gid)
                 assert view is not None and view.tasks_completed == len(tids) == 200
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())

@@ -13,30 +13,14 @@ from consumers.worker import Worker
 from sumbatch.config import Settings
 from sumbatch.events import GroupFinished, TaskCompleted, TaskStarted
 from sumbatch.replay import differences
-from tests.support import log_events, make_store, wait_until
-
-
-def submit(client: TestClient, pairs: list[tuple[int, int]]) -> dict[str, Any]:
-    body = {"tasks": [{"paramA": a, "paramB": b} for a, b in pairs]}
-    response = client.post("/grouptasks", json=body)
-    assert response.status_code == 200
-    created: dict[str, Any] = response.json()
-    return created
-
-
-async def work_and_project(settings: Settings) -> None:
-    store = make_store(settings)
-    try:
-        await Worker(settings, store).run_until_idle()
-        await Projector(store).run_until_idle()
-    finally:
-        await store.redis.aclose()
+from sumbatch.store import open_store
+from tests.support import log_of, post_group, wait_until, work_and_project
 
 
 def test_group_is_computed_and_projected(client: TestClient, settings: Settings) -> None:
     pairs = [(1, 5), (9, 10), (12, 13), (8, 1)]
-    created = submit(client, pairs)
-    asyncio.run(work_and_project(settings))
+    created = post_group(client, pairs)
+    work_and_project(settings)
     group = client.get(f"/grouptasks/{created['groupTaskId']}").json()
     assert group["grouptaskProcessed"] is True
     assert group["grouptaskSucceeded"] is True
@@ -48,12 +32,12 @@ def test_group_is_computed_and_projected(client: TestClient, settings: Settings)
 
 
 def test_progress_is_visible_before_the_group_ends(client: TestClient, settings: Settings) -> None:
-    first = submit(client, [(1, 1), (2, 2)])
-    asyncio.run(work_and_project(settings))
-    second = submit(client, [(40, 2), (1, 1)])  # (1, 1) is cached now
+    first = post_group(client, [(1, 1), (2, 2)])
+    work_and_project(settings)
+    second = post_group(client, [(40, 2), (1, 1)])  # (1, 1) is cached now
 
     async def only_cache_hits() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             # A handler that never finishes: only cached tasks can end.
             async def stuck(a: int, b: int) -> int:
@@ -72,7 +56,7 @@ def test_progress_is_visible_before_the_group_ends(client: TestClient, settings:
             await wait_until(one_done, what="the cached task to be projected")
             worker_task.cancel()
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(only_cache_hits())
     group = client.get(f"/grouptasks/{second['groupTaskId']}").json()
@@ -84,45 +68,29 @@ def test_progress_is_visible_before_the_group_ends(client: TestClient, settings:
 def test_repeated_parameters_are_served_from_the_cache(
     client: TestClient, settings: Settings
 ) -> None:
-    submit(client, [(20, 22)])
-    asyncio.run(work_and_project(settings))
-    again = submit(client, [(20, 22), (20, 23)])
-    asyncio.run(work_and_project(settings))
+    post_group(client, [(20, 22)])
+    work_and_project(settings)
+    again = post_group(client, [(20, 22), (20, 23)])
+    work_and_project(settings)
     cached = client.get(f"/tasks/{again['taskIds'][0]}").json()
     fresh = client.get(f"/tasks/{again['taskIds'][1]}").json()
     assert (cached["result"], cached["fromCache"]) == (42, True)
     assert (fresh["result"], fresh["fromCache"]) == (43, False)
-
-    async def check_log() -> None:
-        store = make_store(settings)
-        try:
-            events = await log_events(store)
-        finally:
-            await store.redis.aclose()
-        completed = {e.task_id: e for e in events if isinstance(e, TaskCompleted)}
-        assert completed[again["taskIds"][0]].from_cache is True
-        assert completed[again["taskIds"][1]].from_cache is False
-        # A cache hit is never started: no simulated delay was run for it.
-        started = {e.task_id for e in events if isinstance(e, TaskStarted)}
-        assert again["taskIds"][0] not in started
-
-    asyncio.run(check_log())
+    events = asyncio.run(log_of(settings))
+    completed = {e.task_id: e for e in events if isinstance(e, TaskCompleted)}
+    assert completed[again["taskIds"][0]].from_cache is True
+    assert completed[again["taskIds"][1]].from_cache is False
+    # A cache hit is never started: no simulated delay was run for it.
+    started = {e.task_id for e in events if isinstance(e, TaskStarted)}
+    assert again["taskIds"][0] not in started
 
 
 def test_every_task_counted_once_and_one_group_finished(
     client: TestClient, settings: Settings
 ) -> None:
-    groups = [submit(client, [(i, j) for j in range(7)]) for i in range(5)]
-    asyncio.run(work_and_project(settings))
-
-    async def events() -> list[Any]:
-        store = make_store(settings)
-        try:
-            return await log_events(store)
-        finally:
-            await store.redis.aclose()
-
-    log = asyncio.run(events())
+    groups = [post_group(client, [(i, j) for j in range(7)]) for i in range(5)]
+    work_and_project(settings)
+    log = asyncio.run(log_of(settings))
     completed = Counter(e.task_id for e in log if isinstance(e, TaskCompleted))
     finished = Counter(e.group_task_id for e in log if isinstance(e, GroupFinished))
     assert sorted(completed.values()) == [1] * 35
@@ -133,11 +101,11 @@ def test_every_task_counted_once_and_one_group_finished(
 
 
 def test_replay_check_ignores_views_that_expired(client: TestClient, settings: Settings) -> None:
-    created = submit(client, [(1, 1)])
-    asyncio.run(work_and_project(settings))
+    created = post_group(client, [(1, 1)])
+    work_and_project(settings)
 
     async def check() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             gid = created["groupTaskId"]
             # What expiry does: the view and the ledger go, the log stays.
@@ -145,7 +113,7 @@ def test_replay_check_ignores_views_that_expired(client: TestClient, settings: S
             check = await differences(store)
             assert (check.events, check.differences) == (3, [])
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(check())
 
@@ -155,11 +123,11 @@ def test_replay_check_is_not_fooled_by_a_projector_at_work(
 ) -> None:
     """The views move on while the check runs; it must still find no difference."""
     for _ in range(5):
-        submit(client, [(1, 2), (3, 4)])
-    asyncio.run(work_and_project(settings))
+        post_group(client, [(1, 2), (3, 4)])
+    work_and_project(settings)
 
     async def check() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             base = (await differences(store)).events
             # More work lands between the check's fold and its reads.
@@ -169,7 +137,7 @@ def test_replay_check_is_not_fooled_by_a_projector_at_work(
                 entries = await original(start, end, count)
                 if not moved:
                     moved.append(True)
-                    submit(client, [(5, 6)])
+                    post_group(client, [(5, 6)])
                     await Worker(settings, store).run_until_idle()
                     await Projector(store).run_until_idle()
                 return entries
@@ -181,7 +149,7 @@ def test_replay_check_is_not_fooled_by_a_projector_at_work(
             assert moved and diffs == []
             assert count == base + 3
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(check())
 
@@ -189,11 +157,11 @@ def test_replay_check_is_not_fooled_by_a_projector_at_work(
 def test_replay_matches_the_projection_and_rebuilds_it(
     client: TestClient, settings: Settings
 ) -> None:
-    created = submit(client, [(3, 4), (5, 6)])
-    asyncio.run(work_and_project(settings))
+    created = post_group(client, [(3, 4), (5, 6)])
+    work_and_project(settings)
 
     async def check() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             check = await differences(store)
             assert (check.events, check.differences) == (4, [])  # submitted, 2 completed, finished
@@ -206,7 +174,7 @@ def test_replay_matches_the_projection_and_rebuilds_it(
             check = await differences(store)
             assert (check.events, check.differences) == (4, [])
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(check())
     assert client.get(f"/grouptasks/{created['groupTaskId']}").json()["results"] == [7, 11]
@@ -216,16 +184,16 @@ def test_an_entry_in_the_log_that_is_no_event_is_skipped(
     client: TestClient, settings: Settings
 ) -> None:
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             await store.redis.xadd(store.keys.events, {"type": "FromTheFuture", "x": "1"})
-            created = submit(client, [(2, 3)])
+            created = post_group(client, [(2, 3)])
             await Worker(settings, store).run_until_idle()
             await Projector(store).run_until_idle()
             view = await store.group_view(created["groupTaskId"])
             assert view is not None and view.results == [5]
             assert (await differences(store)).differences == []
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())

@@ -20,17 +20,16 @@ from sumbatch import ids
 from sumbatch.config import Settings
 from sumbatch.events import GroupFinished, Keys
 from sumbatch.replay import differences
-from sumbatch.store import Store
-from tests.support import log_events, make_store, processes, wait_until
-
-
-def submit(client: TestClient, pairs: list[tuple[int, int]]) -> dict[str, Any]:
-    response = client.post(
-        "/grouptasks", json={"tasks": [{"paramA": a, "paramB": b} for a, b in pairs]}
-    )
-    assert response.status_code == 200, response.text
-    created: dict[str, Any] = response.json()
-    return created
+from sumbatch.store import Store, open_store
+from tests.support import (
+    log_events,
+    post_group,
+    processes,
+    project,
+    run_with_store,
+    wait_until,
+    work_pending,
+)
 
 
 def completed(gid: str, position: int, **overrides: str) -> dict[str, str]:
@@ -88,13 +87,13 @@ def test_malformed_log_entries_are_set_aside_and_later_groups_still_finish(
     rejected stream), moves past it, and later groups are processed. The bad entries
     change no view: the group they name ends exactly as its real events say."""
     keys = Keys(settings.namespace)
-    first = submit(client, [(1, 2), (3, 4)])
+    first = post_group(client, [(1, 2), (3, 4)])
     gid = first["groupTaskId"]
     bad = {kind: raw.xadd(keys.events, fields) for kind, fields in poison(gid).items()}
-    later = submit(client, [(5, 6)])
+    later = post_group(client, [(5, 6)])
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             await Worker(settings, store).run_until_idle()
             with caplog.at_level(logging.ERROR, logger="sumbatch.projector"):
@@ -105,7 +104,7 @@ def test_malformed_log_entries_are_set_aside_and_later_groups_still_finish(
             assert check.differences == []
             assert {s.entry_id for s in check.set_aside} == set(bad.values())
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -138,9 +137,9 @@ def test_the_projector_process_survives_a_bad_entry_in_a_live_log(
     with processes(tmp_path) as procs:
         projector = procs.start(settings, "projector")
         procs.start(settings, "worker")
-        first = submit(client, [(1, 1)])
+        first = post_group(client, [(1, 1)])
         bad_id = raw.xadd(keys.events, completed(first["groupTaskId"], 99999))
-        second = submit(client, [(2, 2)])
+        second = post_group(client, [(2, 2)])
 
         def processed() -> bool:
             answer = client.get(f"/grouptasks/{second['groupTaskId']}").json()
@@ -169,7 +168,7 @@ def test_a_failed_task_finishes_its_group_when_the_dead_letter_stream_is_ahead(
     with an id from the far future."""
     keys = Keys(settings.namespace)
     raw.xadd(keys.dead_letters, {"type": "Marker"}, id="99999999999999-0")
-    created = submit(client, [(13, 1), (2, 2)])
+    created = post_group(client, [(13, 1), (2, 2)])
 
     def unlucky(a: int, b: int) -> int:
         if a == 13:
@@ -177,7 +176,7 @@ def test_a_failed_task_finishes_its_group_when_the_dead_letter_stream_is_ahead(
         return a + b
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             await Worker(settings, store, handler=unlucky).run_until_idle()
             await Projector(store).run_until_idle()
@@ -185,10 +184,9 @@ def test_a_failed_task_finishes_its_group_when_the_dead_letter_stream_is_ahead(
             assert [(e.group_task_id, e.tasks_failed) for e in finished] == [
                 (created["groupTaskId"], 1)
             ]
-            pending = await store.redis.xpending(store.keys.work, "workers")
-            assert pending["pending"] == 0
+            assert await work_pending(store) == 0
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
     group = client.get(f"/grouptasks/{created['groupTaskId']}").json()
@@ -208,8 +206,8 @@ def test_a_group_key_of_the_wrong_type_is_refused_before_any_write(
     pending, nothing logged for them) and every other group in the same batches
     finishes, each task counted once."""
     keys = Keys(settings.namespace)
-    spoiled = submit(client, [(1, 1), (2, 2)])
-    fine = submit(client, [(3, 3), (4, 4)])
+    spoiled = post_group(client, [(1, 1), (2, 2)])
+    fine = post_group(client, [(3, 3), (4, 4)])
     sgid = spoiled["groupTaskId"]
     target = {"ended": keys.ended, "attempts": keys.attempts, "log": keys.group_log}[key](sgid)
     raw.delete(target)
@@ -237,14 +235,7 @@ def test_a_group_key_of_the_wrong_type_is_refused_before_any_write(
         completed_fine = [e for e in events if type(e).__name__ == "TaskCompleted"]
         assert sorted(e.index for e in completed_fine) == [0, 1]
 
-    async def main() -> None:
-        store = make_store(settings)
-        try:
-            await scenario(store)
-        finally:
-            await store.redis.aclose()
-
-    asyncio.run(main())
+    run_with_store(settings, scenario)
     assert raw.type(target) == "hash"  # untouched
 
 
@@ -258,21 +249,21 @@ def test_bytes_that_are_not_utf8_stall_neither_the_projector_nor_the_workers(
     dead-lettered, and the groups around them finish."""
     keys = Keys(settings.namespace)
     binary = redis.Redis.from_url(settings.client_url)  # no decoding: raw bytes out
-    first = submit(client, [(1, 2), (3, 4)])
+    first = post_group(client, [(1, 2), (3, 4)])
     binary.xadd(keys.events, {b"type": b"TaskStarted", b"taskId": b"\xff\xfe"})
     binary.xadd(keys.work, {b"type": b"TaskSubmitted", b"taskId": b"\xff\xfe"})
     binary.close()
-    later = submit(client, [(5, 6)])
+    later = post_group(client, [(5, 6)])
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             await asyncio.wait_for(Worker(settings, store).run_until_idle(), 30)
             projector = Projector(store)
             await asyncio.wait_for(projector.run_until_idle(), 30)
             assert projector.set_aside == 1
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
     for created in (first, later):
@@ -292,42 +283,31 @@ def test_a_work_entry_outside_its_group_is_dead_lettered_and_trimming_goes_on(
     ever count for it. It is dead-lettered (acknowledged), so nothing stays pending
     for ever, and the work stream is still trimmed below the work done since."""
     keys = Keys(settings.namespace)
-    created = submit(client, [(1, 1), (2, 2)])
+    created = post_group(client, [(1, 1), (2, 2)])
     gid = created["groupTaskId"]
     stray = raw.xadd(
         keys.work,
         {"type": "TaskSubmitted", "taskId": ids.task_id(gid, 5), "groupTaskId": gid,
          "index": "5", "paramA": "1", "paramB": "1"},
     )  # fmt: skip
-    later = submit(client, [(3, 3)] * 5)
+    later = post_group(client, [(3, 3)] * 5)
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             await asyncio.wait_for(Worker(settings, store).run_until_idle(), 30)
             assert await store.trim_work() > 0
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
     assert raw.xpending(keys.work, "workers")["pending"] == 0
     [(_, dead)] = raw.xrange(keys.dead_letters)
     assert (dead["type"], dead["workEntryId"], dead["index"]) == ("RefusedWorkEntry", stray, "5")
     assert raw.xlen(keys.work) <= 1  # trimmed below the last entry handed out
-    project_all(settings)
+    project(settings)
     for group in (created, later):
         assert client.get(f"/grouptasks/{group['groupTaskId']}").json()["grouptaskProcessed"]
-
-
-def project_all(settings: Settings) -> None:
-    async def run() -> None:
-        store = make_store(settings)
-        try:
-            await Projector(store).run_until_idle()
-        finally:
-            await store.redis.aclose()
-
-    asyncio.run(run())
 
 
 def test_a_stored_view_of_the_wrong_shape_is_ignored_not_fatal(
@@ -337,21 +317,21 @@ def test_a_stored_view_of_the_wrong_shape_is_ignored_not_fatal(
     as absent (that group's later events are set aside) and goes on with the others,
     and GET /tasks of that group is a 404, not a 500."""
     keys = Keys(settings.namespace)
-    spoiled = submit(client, [(1, 1), (2, 2)])
-    project_all(settings)
+    spoiled = post_group(client, [(1, 1), (2, 2)])
+    project(settings)
     gid = spoiled["groupTaskId"]
     raw.set(keys.group_view(gid), json.dumps({"groupTaskId": gid, "tasksTotal": 2}))
-    later = submit(client, [(3, 3)])
+    later = post_group(client, [(3, 3)])
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             await asyncio.wait_for(Worker(settings, store).run_until_idle(), 30)
             projector = Projector(store)
             await asyncio.wait_for(projector.run_until_idle(), 30)
             assert projector.set_aside >= 2  # the spoiled group's two outcomes, at least
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
     assert client.get(f"/grouptasks/{later['groupTaskId']}").json()["grouptaskProcessed"]
@@ -366,16 +346,16 @@ def test_a_ledger_counter_that_is_no_integer_refuses_the_group_before_any_write(
     the fence and logged the outcome, then failed counting it, and the group could
     never finish. Now the group is refused before the first write."""
     keys = Keys(settings.namespace)
-    spoiled = submit(client, [(1, 1)])
-    fine = submit(client, [(2, 2)])
+    spoiled = post_group(client, [(1, 1)])
+    fine = post_group(client, [(2, 2)])
     raw.hset(keys.ledger(spoiled["groupTaskId"]), "finished", "0.0")
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             await asyncio.wait_for(Worker(settings, store).run_until_idle(), 30)
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
     assert raw.getbit(keys.ended(spoiled["groupTaskId"]), 0) == 0  # no half-done step

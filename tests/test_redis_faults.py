@@ -32,7 +32,7 @@ from sumbatch.events import (
     TaskStarted,
 )
 from sumbatch.replay import differences
-from sumbatch.store import Store
+from sumbatch.store import Store, open_store
 from sumbatch.tasks import Delay
 from tests.support import (
     Processes,
@@ -40,7 +40,6 @@ from tests.support import (
     free_port,
     has_waitaof,
     log_events,
-    make_store,
     processes,
     wait_until,
     wait_until_sync,
@@ -319,7 +318,7 @@ def test_durable_mode_loses_no_acknowledged_group_when_redis_is_killed(tmp_path:
         async def scenario() -> None:
             subs, _ = await crash_and_restart(server, base, before=40, after=20)
             assert subs.refused.keys() <= {503} and subs.failures == 0
-            store = make_store(settings)
+            store = open_store(settings)
             try:
                 await wait_until(
                     lambda: settled(store, subs.acked), within=45, what="every group to finish"
@@ -329,7 +328,7 @@ def test_durable_mode_loses_no_acknowledged_group_when_redis_is_killed(tmp_path:
                 assert lost == []
                 await assert_log_exactly_once(store, subs.acked)
             finally:
-                await store.redis.aclose()
+                await store.aclose()
             print(
                 f"\ndurable: {len(subs.acked)} groups acknowledged, 0 lost, "
                 f"{sum(subs.refused.values())} POSTs refused while Redis was down"
@@ -352,7 +351,7 @@ def test_default_mode_loses_at_most_the_last_second_of_acknowledged_groups(
         async def scenario() -> None:
             subs, killed_at = await crash_and_restart(server, base, before=60, after=20)
             assert subs.refused.keys() <= {503} and subs.failures == 0
-            store = make_store(settings)
+            store = open_store(settings)
             try:
                 in_log = await groups_in_log(store)
                 lost = [a for a in subs.acked if a.group_task_id not in in_log]
@@ -370,7 +369,7 @@ def test_default_mode_loses_at_most_the_last_second_of_acknowledged_groups(
                 )
                 await assert_log_exactly_once(store, subs.acked)
             finally:
-                await store.redis.aclose()
+                await store.aclose()
 
         asyncio.run(scenario())
         assert_consumers_alive(consumers)
@@ -389,7 +388,7 @@ def test_an_outage_answers_503_and_every_process_resumes_on_its_own(tmp_path: Pa
         timings: dict[str, float] = {}
 
         async def scenario() -> None:
-            store = make_store(settings)
+            store = open_store(settings)
             async with httpx.AsyncClient(base_url=base, timeout=HANG) as client:
                 subs = Submissions(client)
                 before = [await subs.post_one() for _ in range(6)]
@@ -401,7 +400,7 @@ def test_an_outage_answers_503_and_every_process_resumes_on_its_own(tmp_path: Pa
                     return sum(isinstance(e, TaskStarted) for e in events) >= 10
 
                 await wait_until(some_started, within=15, what="tasks to start")
-                await store.redis.aclose()
+                await store.aclose()
                 stopped_at = time.monotonic()
                 server.stop()
 
@@ -466,7 +465,7 @@ def test_an_outage_answers_503_and_every_process_resumes_on_its_own(tmp_path: Pa
                     assert body["results"] == [a + b for a, b in group.pairs]
                     assert body["grouptaskSucceeded"] is True
 
-            store = make_store(settings)
+            store = open_store(settings)
             try:
                 await assert_log_exactly_once(store, subs.acked)
                 events = await log_events(store)
@@ -479,7 +478,7 @@ def test_an_outage_answers_503_and_every_process_resumes_on_its_own(tmp_path: Pa
                 }
                 assert ran_on and ran_on <= {str(w.process.pid) for w in workers}
             finally:
-                await store.redis.aclose()
+                await store.aclose()
 
         asyncio.run(scenario())
 

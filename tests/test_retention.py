@@ -15,10 +15,9 @@ from consumers.projector import Projector
 from consumers.worker import Worker
 from sumbatch.config import Settings
 from sumbatch.replay import differences
-from sumbatch.store import Store
+from sumbatch.store import Store, open_store
 from sumbatch.tasks import Delay
-from tests.support import make_store, wait_until
-from tests.test_workers import submit
+from tests.support import submit, wait_until
 
 
 def global_keys(store: Store) -> set[str]:
@@ -51,7 +50,7 @@ def test_a_finished_group_s_keys_expire_after_the_result_ttl(settings: Settings)
     pairs = [(1, 2), (3, 4), (1, 2)]
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         keys = store.keys
         try:
             gid, tids = await submit(store, pairs)
@@ -80,7 +79,7 @@ def test_a_finished_group_s_keys_expire_after_the_result_ttl(settings: Settings)
             for key in set(await namespace_keys(store)) - global_keys(store):
                 assert await store.redis.ttl(key) > 0, key
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -98,9 +97,9 @@ def test_memory_levels_off_under_a_steady_load_with_short_ttls(settings: Setting
     rng = random.Random()
 
     async def scenario() -> None:
-        store = make_store(settings)
-        worker = Worker(settings, make_store(settings))
-        projector = Projector(make_store(settings))
+        store = open_store(settings)
+        worker = Worker(settings, open_store(settings))
+        projector = Projector(open_store(settings))
         await store.ensure_worker_group()
         baseline = await used_memory(store)
         running = [asyncio.create_task(worker.run()), asyncio.create_task(projector.run())]
@@ -201,8 +200,8 @@ def test_one_trim_pass_drops_every_projected_event_older_than_the_retention(
     settings = msgspec.structs.replace(settings, log_retention=1)
 
     async def scenario() -> None:
-        store = make_store(settings)
-        projector = Projector(make_store(settings))
+        store = open_store(settings)
+        projector = Projector(open_store(settings))
         try:
             for g in range(5):  # 12,510 events (no delay: each task logs its end only)
                 await submit(store, [(g, i) for i in range(2500)])  # no cache hits
@@ -231,8 +230,8 @@ def test_one_trim_pass_drops_every_projected_event_older_than_the_retention(
             # all, but for the last, partly filled stream node.
             assert await store.redis.xlen(store.keys.events) <= 200
         finally:
-            await store.redis.aclose()
-            await projector.store.redis.aclose()
+            await store.aclose()
+            await projector.store.aclose()
 
     asyncio.run(scenario())
 
@@ -246,7 +245,7 @@ def test_a_late_retry_does_not_resurrect_an_expired_group_log(settings: Settings
         raise RuntimeError("late failure")
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         # Renewing every 15 s, the slow worker does not notice the takeover in time.
         slow = Worker(
             msgspec.structs.replace(settings, claim_timeout=60), store, handler=stuck_then_failing
@@ -280,7 +279,7 @@ def test_a_late_retry_does_not_resurrect_an_expired_group_log(settings: Settings
             slow.should_exit = fast.should_exit = True
             gate.set()
             await asyncio.gather(*running)
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -289,7 +288,7 @@ def test_replay_check_passes_once_results_have_expired(settings: Settings) -> No
     settings = msgspec.structs.replace(settings, result_ttl=1, cache_ttl=1, log_retention=3600)
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             gid, _ = await submit(store, [(1, 2), (3, 4)])
             await Worker(settings, store).run_until_idle()
@@ -302,6 +301,6 @@ def test_replay_check_passes_once_results_have_expired(settings: Settings) -> No
             await wait_until(expired, within=5, what="the group view to expire")
             assert (await differences(store)).differences == []
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())

@@ -26,16 +26,11 @@ from sumbatch.api import create_app
 from sumbatch.config import Settings
 from sumbatch.embedded import EmbeddedServer, find_server
 from sumbatch.events import GroupFinished, GroupSubmitted, Keys, TaskCompleted, from_fields
-from sumbatch.store import Entry
-from tests.support import free_port, make_store, wait_until_sync
+from sumbatch.store import Entry, open_store
+from tests.support import appended, free_port, wait_until_sync
 
 TOKEN = "s3cret"
 TASKS = {"tasks": [{"paramA": 1, "paramB": 2}, {"paramA": 3, "paramB": 4}]}
-
-
-def appended(raw: redis.Redis, settings: Settings) -> tuple[int, int]:
-    keys = Keys(settings.namespace)
-    return int(raw.xlen(keys.events)), int(raw.xlen(keys.work))
 
 
 # -- (a) bearer token -----------------------------------------------------------
@@ -157,13 +152,13 @@ def run_flow(settings: Settings) -> tuple[dict[str, Any], str]:
         whoami: list[str] = []
 
         async def work_and_project() -> None:
-            store = make_store(settings)
+            store = open_store(settings)
             try:
                 whoami.append(str(await store.redis.acl_whoami()))
                 await Worker(settings, store).run_until_idle()
                 await Projector(store).run_until_idle()
             finally:
-                await store.redis.aclose()
+                await store.aclose()
 
         asyncio.run(work_and_project())
         group = client.get(f"/grouptasks/{created.json()['groupTaskId']}")

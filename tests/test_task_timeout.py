@@ -18,8 +18,6 @@ from consumers.projector import Projector
 from consumers.worker import Worker
 from sumbatch.config import Settings
 from sumbatch.events import (
-    WORKER_GROUP,
-    AnyEvent,
     GroupFinished,
     Keys,
     TaskCompleted,
@@ -27,8 +25,19 @@ from sumbatch.events import (
     TaskRetried,
     TaskStarted,
 )
-from tests.support import Processes, env_for, log_events, make_store, wait_until
-from tests.test_workers import submit
+from sumbatch.store import open_store
+from tests.support import (
+    Gate,
+    Processes,
+    env_for,
+    log_events,
+    log_of,
+    runs_started,
+    submit,
+    wait_until,
+    work_pending,
+    worker_idle,
+)
 
 
 async def hang_forever(a: int, b: int) -> int:
@@ -43,7 +52,7 @@ def test_a_run_that_never_returns_times_out_and_the_task_ends_as_failure(
     settings = msgspec.structs.replace(settings, task_timeout=0.5, max_attempts=2)
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             gid, (hung, fine) = await submit(store, [(1, 2), (3, 4)])
 
@@ -79,10 +88,9 @@ def test_a_run_that_never_returns_times_out_and_the_task_ends_as_failure(
             assert [e.task_id for e in dead] == [hung]
             assert await store.redis.xlen(store.keys.dead_letters) == 1
             assert sum(isinstance(e, GroupFinished) for e in events) == 1
-            pending = await store.redis.xpending(store.keys.work, WORKER_GROUP)
-            assert pending["pending"] == 0
+            assert await work_pending(store) == 0
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -98,7 +106,7 @@ def test_a_run_that_hangs_once_succeeds_on_its_second_attempt(settings: Settings
         return a + b
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             gid, (tid,) = await submit(store, [(20, 22)])
             worker = Worker(settings, store, handler=hangs_the_first_time)
@@ -114,7 +122,7 @@ def test_a_run_that_hangs_once_succeeds_on_its_second_attempt(settings: Settings
             assert [(e.result, e.attempt) for e in completed] == [(42, 2)]
             assert [e.attempt for e in events if isinstance(e, TaskStarted)] == [1, 2]
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
     assert calls == Counter({(20, 22): 2})
@@ -130,7 +138,7 @@ def test_a_worker_process_reads_the_timeout_from_its_environment(
     )
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             await store.ensure_worker_group()
             env = env_for(settings)
@@ -149,7 +157,7 @@ def test_a_worker_process_reads_the_timeout_from_its_environment(
                 assert (task.state, task.attempts) == ("FAILURE", 2)
                 assert task.error == "TimeoutError: the run took longer than 0.3 s"
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -169,32 +177,18 @@ def test_a_group_with_a_damaged_key_does_not_hold_up_the_batch_nor_spin(
     caplog.set_level(logging.INFO, logger="sumbatch.worker")
 
     async def scenario() -> None:
-        store = make_store(settings)
-        gate = asyncio.Event()
-
-        async def gated(a: int, b: int) -> int:
-            await gate.wait()
-            return a + b
-
-        worker = Worker(settings, store, handler=gated)
+        store = open_store(settings)
+        gate = Gate()
+        worker = Worker(settings, store, handler=gate.handler)
         try:
             await store.ensure_worker_group()
             good, good_tids = await submit(store, [(1, 1), (2, 2), (3, 3)])
             bad, bad_tids = await submit(store, [(4, 4), (5, 5), (6, 6)])
             running = asyncio.create_task(worker.run())
-
-            async def all_started() -> bool:
-                return sum(isinstance(e, TaskStarted) for e in await log_events(store)) == 6
-
-            await wait_until(all_started, what="all six runs to start")
+            await wait_until(runs_started(store, 6), what="all six runs to start")
             await store.redis.hset(store.keys.ended(bad), "not", "a bitmap")
-            gate.set()  # all six outcomes land in the same flush
-
-            async def settled() -> bool:
-                pending = await store.redis.xpending(store.keys.work, WORKER_GROUP)
-                return not worker.busy and pending["pending"] == 0
-
-            await wait_until(settled, within=10, what="every entry acknowledged")
+            gate.open()  # all six outcomes land in the same flush
+            await wait_until(worker_idle(store, worker), within=10, what="every entry acknowledged")
             worker.should_exit = True
             await asyncio.wait_for(running, 10)
 
@@ -210,7 +204,7 @@ def test_a_group_with_a_damaged_key_does_not_hold_up_the_batch_nor_spin(
             assert sorted(f["taskId"] for f in dead) == sorted(bad_tids)
             assert {f["type"] for f in dead} == {"RefusedWorkEntry"}
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
@@ -233,7 +227,7 @@ def test_an_error_text_that_cannot_be_encoded_is_kept_escaped(settings: Settings
     settings = msgspec.structs.replace(settings, max_attempts=2)
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             gid, tids = await submit(store, [(1, 1), (-1, 1), (2, 2)])
             await asyncio.wait_for(
@@ -247,7 +241,7 @@ def test_an_error_text_that_cannot_be_encoded_is_kept_escaped(settings: Settings
             assert task is not None and task.state == "FAILURE"
             assert task.error == "OSError: cannot open '\\udcff'"
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -263,14 +257,14 @@ def test_a_step_the_server_refuses_for_one_group_is_isolated_and_the_rest_go_thr
     keys = Keys(ns)
 
     async def prepare() -> tuple[str, str]:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             await store.ensure_worker_group()
             denied, _ = await submit(store, [(5, 5), (6, 6)])
             allowed, _ = await submit(store, [(1, 1), (2, 2), (3, 3)])
             return denied, allowed
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     denied, allowed = asyncio.run(prepare())
     user = f"w{ns}"
@@ -285,7 +279,7 @@ def test_a_step_the_server_refuses_for_one_group_is_isolated_and_the_rest_go_thr
     caplog.set_level(logging.INFO, logger="sumbatch.worker")
 
     async def scenario() -> None:
-        store = make_store(limited)
+        store = open_store(limited)
         worker = Worker(limited, store)
         running = asyncio.create_task(worker.run())
         try:
@@ -297,26 +291,17 @@ def test_a_step_the_server_refuses_for_one_group_is_isolated_and_the_rest_go_thr
                 )
 
             await wait_until(allowed_finished, within=20, what="the allowed group to finish")
-            pending = await store.redis.xpending(store.keys.work, WORKER_GROUP)
-            assert pending["pending"] == 2  # the denied group's entries, untouched
+            assert await work_pending(store) == 2  # the denied group's entries, untouched
         finally:
             worker.should_exit = True
             await asyncio.wait_for(running, 10)
-            await store.redis.aclose()
+            await store.aclose()
 
     try:
         asyncio.run(scenario())
     finally:
         raw.acl_deluser(user)
-    of_denied = [e for e in asyncio.run(_events(settings)) if e.group_task_id == denied]
+    of_denied = [e for e in asyncio.run(log_of(settings)) if e.group_task_id == denied]
     assert [type(e).__name__ for e in of_denied] == ["GroupSubmitted"]
     tracebacks = [r for r in caplog.records if r.exc_info is not None]
     assert len(tracebacks) == 1 and "isolating" in tracebacks[0].getMessage()
-
-
-async def _events(settings: Settings) -> list[AnyEvent]:
-    store = make_store(settings)
-    try:
-        return await log_events(store)
-    finally:
-        await store.redis.aclose()

@@ -14,27 +14,15 @@ import pytest
 from consumers.projector import Projector
 from consumers.worker import Worker
 from sumbatch.config import Settings
-from sumbatch.events import WORKER_GROUP, GroupFinished, TaskCompleted, TaskStarted
-from sumbatch.projection import GroupView
-from sumbatch.store import Outcome, Store
-from sumbatch.submission import Submission
+from sumbatch.events import GroupFinished, TaskCompleted, TaskStarted
+from sumbatch.store import Outcome, Store, open_store
 from sumbatch.tasks import Delay
-from sumbatch.wire import TaskIn
-from tests.support import Processes, log_events, make_store, wait_until
-
-
-async def submit(store: Store, pairs: list[tuple[int, int]]) -> tuple[str, list[str]]:
-    sub = Submission.of([TaskIn(a, b) for a, b in pairs])
-    created = sub.created
-    await store.submit(
-        [sub.event], sub.work, GroupView.submitted(created.group_task_id, len(pairs))
-    )
-    return created.group_task_id, created.task_ids
+from tests.support import Processes, log_events, submit, wait_until, work_pending
 
 
 def test_two_consumers_completing_one_entry_count_it_once(settings: Settings) -> None:
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             await store.ensure_worker_group()
             gid, (tid,) = await submit(store, [(2, 3)])
@@ -61,10 +49,9 @@ def test_two_consumers_completing_one_entry_count_it_once(settings: Settings) ->
             events = await log_events(store)
             assert sum(isinstance(e, TaskCompleted) for e in events) == 1
             assert sum(isinstance(e, GroupFinished) for e in events) == 1
-            pending = await store.redis.xpending(store.keys.work, WORKER_GROUP)
-            assert pending["pending"] == 0
+            assert await work_pending(store) == 0
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -74,7 +61,7 @@ def test_two_workers_running_the_same_entry_count_it_once(settings: Settings) ->
     too, the fence keeps the first outcome only."""
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         gate = asyncio.Event()
 
         async def stuck_sum(a: int, b: int) -> int:
@@ -115,7 +102,7 @@ def test_two_workers_running_the_same_entry_count_it_once(settings: Settings) ->
             view = await store.group_view(gid)
             assert view is not None and (view.tasks_completed, view.results) == (1, [42])
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -129,7 +116,7 @@ def test_one_worker_runs_many_delayed_tasks_at_once(settings: Settings) -> None:
     of one never holds up another (the 3-10 s timing is in ops/bench)."""
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             gid, _ = await submit(store, [(i, i) for i in range(200)])
             worker = Worker(msgspec.structs.replace(settings, delay=Delay(1.0, 2.0)), store)
@@ -142,7 +129,7 @@ def test_one_worker_runs_many_delayed_tasks_at_once(settings: Settings) -> None:
             view = await store.group_view(gid)
             assert view is not None and view.results == [2 * i for i in range(200)]
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -154,7 +141,7 @@ def test_load_spreads_over_worker_processes(settings: Settings, procs: Processes
     names = ["w0", "w1"]
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             await store.ensure_worker_group()
             workers = [procs.start(settings, "worker", "--name", name) for name in names]
@@ -181,7 +168,7 @@ def test_load_spreads_over_worker_processes(settings: Settings, procs: Processes
             assert set(by_worker) == set(names), by_worker
             assert sum(by_worker.values()) == 200
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -233,7 +220,7 @@ def test_a_failing_task_is_retried_then_ends_as_failure_and_the_group_finishes(
         return a + b
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             gid, tids = await submit(store, [(1, 2), (-1, 2)])
             await Worker(settings, store, handler=flaky).run_until_idle()
@@ -250,7 +237,7 @@ def test_a_failing_task_is_retried_then_ends_as_failure_and_the_group_finishes(
             finished = [e for e in events if isinstance(e, GroupFinished)]
             assert [(f.succeeded, f.tasks_failed) for f in finished] == [(False, 1)]
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
     assert calls == Counter({(1, 2): 2, (-1, 2): 3})
@@ -258,7 +245,7 @@ def test_a_failing_task_is_retried_then_ends_as_failure_and_the_group_finishes(
 
 def test_an_unreadable_work_entry_is_dead_lettered_and_blocks_nothing(settings: Settings) -> None:
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             await store.ensure_worker_group()
             await store.redis.xadd(store.keys.work, {"type": "Nonsense", "x": "1"})
@@ -269,10 +256,9 @@ def test_an_unreadable_work_entry_is_dead_lettered_and_blocks_nothing(settings: 
             assert view is not None and view.results == [3, 7]
             [(_, dead)] = await store.redis.xrange(store.keys.dead_letters)
             assert dead["type"] == "UnreadableWorkEntry" and dead["x"] == "1"
-            pending = await store.redis.xpending(store.keys.work, WORKER_GROUP)
-            assert pending["pending"] == 0
+            assert await work_pending(store) == 0
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -282,7 +268,7 @@ def test_a_result_that_is_no_integer_fails_that_task_only(settings: Settings) ->
         return "many" if a == 13 else a + b  # type: ignore[return-value]
 
     async def scenario() -> None:
-        store = make_store(settings)
+        store = open_store(settings)
         try:
             gid, _ = await submit(store, [(1, 2), (13, 1), (3, 4)])
             await Worker(settings, store, handler=odd).run_until_idle()
@@ -296,6 +282,6 @@ def test_a_result_that_is_no_integer_fails_that_task_only(settings: Settings) ->
             )
             assert "invalid literal for int()" in view.errors[1]
         finally:
-            await store.redis.aclose()
+            await store.aclose()
 
     asyncio.run(scenario())
