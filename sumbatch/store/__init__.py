@@ -1,0 +1,58 @@
+"""The only package that talks to Redis about the log, a module per role:
+``producer`` (submit, cancel), ``work`` (the workers' steps on the work stream),
+``log`` (the event log, the projector's commit, the views), on ``base`` (the
+connection, the keys, the scripts). ``Store`` has every role on one connection pool.
+Every step that must be atomic (submission, start, completion, cancellation,
+projection commit) is one Lua script from ``scripts.py``, run from here, so the rules
+that keep work from being lost or doubled live in these files and that one.
+
+Streams, in brief: the event log is append-only; the work stream is read by the
+``workers`` consumer group, whose pending-entries list (PEL) holds what was handed out
+and not yet acknowledged. An entry leaves the PEL inside the completion script,
+together with the result event (or in the begin script when its task has already
+ended), so a crash at any point leaves it pending for XAUTOCLAIM, never lost.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sumbatch.config import Settings
+from sumbatch.events import Keys
+from sumbatch.store.base import DurableMode, Entry, Retention, StoreBase, connect
+from sumbatch.store.log import REJECTED_KEPT, EventLog
+from sumbatch.store.producer import CancelOutcome, NotDurable, Producer, Submitted, _durable_mode
+from sumbatch.store.work import Begun, Completed, Outcome, WorkQueue
+
+__all__ = [
+    "REJECTED_KEPT",
+    "Begun",
+    "CancelOutcome",
+    "Completed",
+    "DurableMode",
+    "Entry",
+    "EventLog",
+    "NotDurable",
+    "Outcome",
+    "Producer",
+    "Retention",
+    "Store",
+    "StoreBase",
+    "Submitted",
+    "WorkQueue",
+    "_durable_mode",
+    "connect",
+    "open_store",
+]
+
+
+class Store(Producer, WorkQueue, EventLog):
+    """Log, work and view I/O for one namespace: every role on one connection pool."""
+
+
+def open_store(settings: Settings, **options: Any) -> Store:
+    """A store on its own connection pool, configured by ``settings``."""
+    retention = Retention(
+        results=settings.result_ttl, cache=settings.cache_ttl, log=settings.log_retention
+    )
+    return Store(connect(settings.client_url, **options), Keys(settings.namespace), retention)

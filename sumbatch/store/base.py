@@ -1,0 +1,84 @@
+"""What every role of the store shares: the connection, the key names, the
+registered scripts, the retention, and closing."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal, Self
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from sumbatch import scripts
+from sumbatch.events import (
+    Keys,
+)
+
+Redis = aioredis.Redis
+log = logging.getLogger("sumbatch.store")
+Entry = tuple[str, dict[str, str]]
+
+_json = msgspec.json.Encoder()
+# How durable mode confirms a write (``Producer.check_durable``).
+DurableMode = Literal["waitaof", "always"]
+
+
+def connect(url: str, **options: Any) -> Redis:
+    """Bounded timeouts and one quick retry: callers own their backoff, and a script
+    that a retry could apply twice is fenced or guarded."""
+    options.setdefault("decode_responses", True)
+    # Bytes that are not UTF-8 (an entry written by hand) read as escapes such as
+    # "\\xff", so they reach the checks that set them aside instead of failing the
+    # whole read that holds them.
+    options.setdefault("encoding_errors", "backslashreplace")
+    options.setdefault("health_check_interval", 15)
+    options.setdefault("socket_connect_timeout", 2)
+    options.setdefault("socket_timeout", 10)
+    options.setdefault("retry", Retry(NoBackoff(), 1))
+    client: Redis = aioredis.Redis.from_url(url, **options)
+    return client
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Seconds each kind of key lives after the thing it describes has ended."""
+
+    results: int = 86_400
+    cache: int = 86_400
+    log: int = 86_400
+
+
+class StoreBase:
+    """One namespace on one connection pool; each role below adds its steps."""
+
+    def __init__(self, redis: Redis, keys: Keys, retention: Retention | None = None) -> None:
+        self.redis = redis
+        # How durable mode confirms a write; None until check_durable() ran.
+        self.durable: DurableMode | None = None
+        self.keys = keys
+        self.retention = retention or Retention()
+        self._submit = redis.register_script(scripts.SUBMIT)
+        self._begin = redis.register_script(scripts.BEGIN)
+        self._append = redis.register_script(scripts.APPEND)
+        self._complete = redis.register_script(scripts.COMPLETE)
+        self._cancel = redis.register_script(scripts.CANCEL)
+        self._release_ended = redis.register_script(scripts.RELEASE_ENDED)
+        self._renew = redis.register_script(scripts.RENEW)
+        self._commit = redis.register_script(scripts.COMMIT)
+        self._trim_work = redis.register_script(scripts.TRIM_WORK)
+        self._next_attempt = redis.register_script(scripts.NEXT_ATTEMPT)
+        self._forget_consumer = redis.register_script(scripts.FORGET_CONSUMER)
+        self._prefixes = _json.encode(keys.prefixes())
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

@@ -1,0 +1,168 @@
+"""The producer's steps: submitting a group (durable mode included) and cancelling
+one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from redis.exceptions import NoPermissionError, ResponseError
+
+from sumbatch.events import (
+    AnyEvent,
+    GroupCancelled,
+    TaskSubmitted,
+    to_flat,
+)
+from sumbatch.outage import refusal
+from sumbatch.projection import GroupView
+from sumbatch.store.base import DurableMode, StoreBase, _json
+
+
+@dataclass(frozen=True)
+class Submitted:
+    earlier: str | None  # the first answer to this Idempotency-Key, if it was used before
+    fsynced: bool | None  # None: not asked
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    """What a DELETE did: ``unknown`` group, ``finished`` without a cancel (nothing to
+    do), cancelled ``before``, or ``cancelled`` now, revoking ``revoked`` tasks."""
+
+    status: Literal["unknown", "finished", "before", "cancelled"]
+    revoked: int = 0
+
+
+class NotDurable(Exception):
+    """The server cannot confirm writes on disk as durable mode needs; the message
+    names the setting to change."""
+
+
+def _durable_mode(has_waitaof: bool, aof_off: bool, config: dict[str, str] | None) -> DurableMode:
+    """Pure: what the server's answers say durable mode can rely on."""
+    if aof_off or (config is not None and config.get("appendonly") == "no"):
+        raise NotDurable("durable mode needs the server's AOF: set appendonly yes")
+    fsync = None if config is None else config.get("appendfsync")
+    if fsync == "no":
+        raise NotDurable(
+            "durable mode needs a server that fsyncs: appendfsync is no; set appendfsync "
+            "everysec or always (SUMBATCH_FSYNC for the embedded server)"
+        )
+    if has_waitaof:
+        return "waitaof"
+    if fsync == "always":
+        return "always"
+    if config is None:
+        raise NotDurable(
+            "durable mode: the server has no WAITAOF (before Redis 7.2) and CONFIG is not "
+            "allowed, so appendfsync always cannot be checked; use Redis 7.2+ or Valkey"
+        )
+    raise NotDurable(
+        f"durable mode: the server has no WAITAOF (before Redis 7.2) and runs appendfsync "
+        f"{fsync}; set appendfsync always (SUMBATCH_FSYNC=always for the embedded server), "
+        "or use Redis 7.2+ or Valkey"
+    )
+
+
+class Producer(StoreBase):
+    async def submit(
+        self,
+        events: Sequence[AnyEvent],
+        work: Sequence[TaskSubmitted],
+        group: GroupView,
+        idempotency: tuple[str, str] | None = None,
+        fsync_timeout_ms: int | None = None,
+    ) -> Submitted:
+        """Append a group's events and its work entries, and write its first view; or
+        nothing.
+
+        ``idempotency`` is (key, record): when the key was used before, nothing is
+        appended and the earlier record is returned instead. With
+        ``fsync_timeout_ms``, also wait (WAITAOF, on the same connection) until the
+        write is fsynced to the server's AOF."""
+        gid = group.group_task_id
+        idem_key, record = idempotency or ("", "")
+        keys = [
+            self.keys.events,
+            self.keys.work,
+            self.keys.ledger(gid),
+            self.keys.group_log(gid),
+            self.keys.idempotency(idem_key),
+            self.keys.group_view(gid),
+        ]
+        args: list[str | int | bytes] = [
+            group.tasks_total,
+            record,
+            self.retention.results,
+            _json.encode(group),
+            _json.encode(to_flat(list(events))),
+            _json.encode(to_flat(list(work))),
+        ]
+        if fsync_timeout_ms is None or self.durable == "always":
+            # appendfsync always: the server fsyncs before it answers.
+            earlier = await self._submit(keys=keys, args=args)
+            return Submitted(
+                None if earlier is None else str(earlier),
+                fsynced=None if fsync_timeout_ms is None else True,
+            )
+        pipe = self.redis.pipeline(transaction=False)
+        await self._submit(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAITAOF", 1, 0, fsync_timeout_ms)
+        earlier, waited = await pipe.execute(raise_on_error=False)
+        if isinstance(earlier, Exception):
+            raise earlier
+        # An error from WAITAOF (AOF switched off since the start) confirms nothing.
+        fsynced = not isinstance(waited, Exception) and int(waited[0]) >= 1
+        return Submitted(None if earlier is None else str(earlier), fsynced=fsynced)
+
+    async def check_durable(self) -> DurableMode:
+        """How this server can confirm that a write is on disk, as durable mode needs:
+        WAITAOF (Redis 7.2+, Valkey), or ``appendfsync always`` before that. Raises
+        NotDurable, naming the setting to change, when it can't; the answer is kept
+        in ``self.durable``."""
+        try:
+            await self.redis.execute_command("WAITAOF", 1, 0, 1)  # type: ignore[no-untyped-call]
+            has_waitaof, aof_off = True, False
+        except ResponseError as exc:
+            if refusal(exc):  # busy, loading, a replica...: not an answer; ask later
+                raise
+            if isinstance(exc, NoPermissionError):
+                raise NotDurable(f"durable mode: this user may not run WAITAOF ({exc})") from None
+            has_waitaof, aof_off = False, "appendonly" in str(exc)
+        config: dict[str, str] | None
+        try:
+            config = {str(k): str(v) for k, v in (await self.redis.config_get("append*")).items()}
+        except ResponseError as exc:  # CONFIG refused or renamed (managed Redis)
+            if refusal(exc):
+                raise
+            config = None
+        self.durable = _durable_mode(has_waitaof, aof_off, config)
+        return self.durable
+
+    async def cancel(self, group_task_id: str) -> CancelOutcome:
+        """Cancel a group: revoke every task of it that has not ended."""
+        event = GroupCancelled(group_task_id=group_task_id)
+        keys = [
+            self.keys.events,
+            self.keys.ledger(group_task_id),
+            self.keys.ended(group_task_id),
+            self.keys.attempts(group_task_id),
+            self.keys.group_log(group_task_id),
+        ]
+        (fields,) = to_flat([event])
+        args: list[str | int | bytes] = [
+            group_task_id,
+            self.retention.results,
+            _json.encode(fields),
+            group_task_id[:-8],
+            self._prefixes,
+            self.keys.cancellations,
+        ]
+        code = int(await self._cancel(keys=keys, args=args))
+        if code == -1:
+            return CancelOutcome("unknown")
+        if code == -2:
+            return CancelOutcome("finished")
+        return CancelOutcome("before") if code == 0 else CancelOutcome("cancelled", code - 1)

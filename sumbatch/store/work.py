@@ -1,0 +1,220 @@
+"""The workers' steps on the work stream and its consumer group: read, claim, begin,
+complete (the fence), renew, hand back, dead-letter and trim."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+from redis.exceptions import ResponseError
+
+from sumbatch.events import (
+    WORKER_GROUP,
+    AnyEvent,
+    TaskCompleted,
+    TaskDeadLettered,
+    TaskFailed,
+    TaskSubmitted,
+    to_flat,
+)
+from sumbatch.store.base import Entry, StoreBase, _json
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One ended task, ready for the completion fence."""
+
+    entry_id: str
+    event: TaskCompleted | TaskFailed
+    param_a: int
+    param_b: int
+
+
+@dataclass(frozen=True)
+class Begun:
+    """What the begin script decided for one work entry."""
+
+    # ended: already ended, or its group is gone (acknowledged); cached: answered from
+    # the cache (``value`` is the sum); run: run it (``value`` is the attempt number,
+    # counted across workers); refused: its task is outside its group, or its group's
+    # keys are not what sumbatch wrote (left pending, untouched).
+    kind: Literal["ended", "cached", "run", "refused"]
+    value: int = 0
+
+
+_BEGUN_KINDS: tuple[Literal["ended", "cached", "run", "refused"], ...] = (
+    "ended", "cached", "run", "refused"
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Completed:
+    recorded: int  # outcomes that ended their task (the others had ended before)
+    # Entries refused and left pending: their group's keys are not what sumbatch
+    # wrote (a hand-made key), or their index is outside the group.
+    refused: list[str]
+
+
+class WorkQueue(StoreBase):
+    async def ensure_worker_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.keys.work, WORKER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def workers_ready(self) -> bool:
+        """Whether the workers' consumer group exists (the server answers, too)."""
+        if not await self.redis.exists(self.keys.work):
+            return False
+        groups = await self.redis.xinfo_groups(self.keys.work)
+        return any(g["name"] == WORKER_GROUP for g in groups)
+
+    async def read_work(self, consumer: str, count: int, block_ms: int) -> list[Entry]:
+        reply: Any = await self.redis.xreadgroup(
+            WORKER_GROUP, consumer, {self.keys.work: ">"}, count=count, block=block_ms
+        )
+        return cast(list[Entry], reply[0][1]) if reply else []
+
+    async def autoclaim(
+        self, consumer: str, min_idle_ms: int, count: int = 500, max_pages: int = 20
+    ) -> list[Entry]:
+        """Take over entries idle longer than ``min_idle_ms`` (their worker is dead or
+        stuck). Entries deleted from the stream meanwhile are acknowledged."""
+        claimed: list[Entry] = []
+        cursor = "0-0"
+        for _ in range(max_pages):
+            cursor, entries, deleted = await self.redis.xautoclaim(
+                self.keys.work, WORKER_GROUP, consumer, min_idle_ms, cursor, count=count
+            )
+            claimed += [(eid, fields) for eid, fields in entries if fields]
+            if deleted:
+                await self.redis.xack(self.keys.work, WORKER_GROUP, *deleted)
+            if cursor == "0-0":
+                break
+        return claimed
+
+    async def begin(self, items: Sequence[TaskSubmitted], entry_ids: Sequence[str]) -> list[Begun]:
+        payload = [
+            (entry_id, item.group_task_id, item.index, f"{item.param_a}:{item.param_b}")
+            for entry_id, item in zip(entry_ids, items, strict=True)
+        ]
+        args: list[str | bytes] = [WORKER_GROUP, self._prefixes, _json.encode(payload)]
+        decisions = await self._begin(keys=[self.keys.work], args=args)
+        return [Begun(_BEGUN_KINDS[int(d[0])], int(d[1]) if len(d) > 1 else 0) for d in decisions]
+
+    async def release_ended(
+        self, items: Sequence[TaskSubmitted], entry_ids: Sequence[str]
+    ) -> list[str]:
+        """Acknowledge the entries whose task has ended (a cancel revoked it, or it
+        finished elsewhere) or whose group is gone; returns those entry ids. The others
+        stay pending: their run goes on."""
+        payload = [
+            (entry_id, item.group_task_id, item.index)
+            for entry_id, item in zip(entry_ids, items, strict=True)
+        ]
+        args: list[str | bytes] = [WORKER_GROUP, self._prefixes, _json.encode(payload)]
+        return cast(list[str], await self._release_ended(keys=[self.keys.work], args=args))
+
+    async def dead_letter_entry(
+        self,
+        entry_id: str,
+        fields: dict[str, str],
+        kind: str = "UnreadableWorkEntry",
+        reason: str = "",
+    ) -> None:
+        """Move a work entry no worker can run (unreadable, or refused by the scripts:
+        its task is outside its group, or its group's keys are not what sumbatch wrote)
+        to the dead-letter stream, acknowledged: kept for inspection, and no longer
+        pending, where it would hold back the work stream's trimming."""
+        pipe = self.redis.pipeline(transaction=True)
+        rest = {k: v for k, v in fields.items() if k != "type"}
+        why = {"reason": reason} if reason else {}
+        entry: dict[Any, Any] = {"type": kind, "workEntryId": entry_id, **why, **rest}
+        pipe.xadd(self.keys.dead_letters, entry)
+        pipe.xack(self.keys.work, WORKER_GROUP, entry_id)
+        await pipe.execute()
+
+    async def next_attempt(self, group_task_id: str, index: int) -> int:
+        """The next attempt number of a task, counted in Redis (0 if its group is gone)."""
+        keys = [self.keys.attempts(group_task_id), self.keys.ledger(group_task_id)]
+        return int(await self._next_attempt(keys=keys, args=[index]))
+
+    async def append(self, events: Sequence[AnyEvent]) -> None:
+        if events:
+            flat = to_flat(list(events))
+            payload = [(e.group_task_id, f) for e, f in zip(events, flat, strict=True)]
+            await self._append(
+                keys=[self.keys.events], args=[self._prefixes, _json.encode(payload)]
+            )
+
+    async def complete(self, outcomes: Sequence[Outcome]) -> Completed:
+        items = []
+        for outcome in outcomes:
+            event = outcome.event
+            gid = event.group_task_id
+            after: list[AnyEvent] = []
+            if isinstance(event, TaskCompleted):
+                state, cache_it, result = "SUCCESS", not event.from_cache, str(event.result)
+            else:
+                state, cache_it, result = "FAILURE", False, ""
+                after.append(
+                    TaskDeadLettered(
+                        task_id=event.task_id,
+                        group_task_id=gid,
+                        index=event.index,
+                        param_a=outcome.param_a,
+                        param_b=outcome.param_b,
+                        error=event.error,
+                    )
+                )
+            flat = to_flat([event, *after])
+            items.append(
+                (
+                    outcome.entry_id,
+                    event.index,
+                    gid,
+                    state,
+                    "1" if cache_it else "0",
+                    result,
+                    f"{outcome.param_a}:{outcome.param_b}",
+                    flat[0],
+                    flat[1:],
+                )
+            )
+        keys = [self.keys.events, self.keys.work, self.keys.dead_letters]
+        args: list[str | int | bytes] = [
+            WORKER_GROUP,
+            self.retention.results,
+            self.retention.cache,
+            self._prefixes,
+            _json.encode(items),
+        ]
+        recorded, refused = await self._complete(keys=keys, args=args)
+        return Completed(int(recorded), [str(entry_id) for entry_id in refused])
+
+    async def renew(self, consumer: str, entry_ids: Sequence[str], idle_ms: int = 0) -> list[str]:
+        """Keep our claim on ``entry_ids`` (or, with ``idle_ms``, hand them back as if
+        idle that long); returns those another worker took over."""
+        lost: list[str] = []
+        for at in range(0, len(entry_ids), 1000):
+            chunk = entry_ids[at : at + 1000]
+            args = [WORKER_GROUP, consumer, str(idle_ms), *chunk]
+            lost += cast(list[str], await self._renew(keys=[self.keys.work], args=args))
+        return lost
+
+    async def trim_work(self) -> int:
+        return int(await self._trim_work(keys=[self.keys.work], args=[WORKER_GROUP]))
+
+    async def forget_idle_consumers(self, idle_ms: int) -> list[str]:
+        """Remove consumers (dead workers) with nothing pending, idle for ``idle_ms``."""
+        gone = []
+        for consumer in await self.redis.xinfo_consumers(self.keys.work, WORKER_GROUP):
+            if consumer["pending"] == 0 and consumer["idle"] >= idle_ms:
+                # DELCONSUMER would drop pending entries: re-checked inside the server.
+                if await self._forget_consumer(
+                    keys=[self.keys.work], args=[WORKER_GROUP, consumer["name"], idle_ms]
+                ):
+                    gone.append(str(consumer["name"]))
+        return gone
