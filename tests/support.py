@@ -4,7 +4,9 @@ consumers in-process, waiting on conditions, running our real processes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -41,10 +43,27 @@ T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A port free now, for a server a test is about to start. Taken below the kernel's
+    ephemeral range, so that no outgoing connection can be given it before that server
+    binds it (as a port from bind(0) can be), and never one handed out before in this
+    run, so that two servers of one test never get the same."""
+    first_ephemeral = 32768
+    with contextlib.suppress(OSError, ValueError):
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(20000, max(20001, first_ephemeral))
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
 
 

@@ -83,6 +83,10 @@ def test_up_starts_an_embedded_server_and_everything_and_stops_cleanly(tmp_path:
         assert not _ok(f"http://127.0.0.1:{api_port}/healthz")
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", redis_port), timeout=1).close()
+    except BaseException:
+        log.flush()
+        print((tmp_path / "up.log").read_text(errors="replace"))  # shown with the failure
+        raise
     finally:
         if up.poll() is None:
             up.kill()

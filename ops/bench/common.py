@@ -3,14 +3,21 @@ sys.path, as `python ops/bench/<script>.py` puts it there)."""
 
 from __future__ import annotations
 
+import random
 import socket
 from pathlib import Path
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A free port below the kernel's ephemeral range (as tests/support.py picks
+    them), so no outgoing connection takes it before the server that is to bind it."""
+    while True:
+        port = random.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
         return port
 
 
