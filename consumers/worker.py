@@ -14,7 +14,8 @@ stops finishes, meets the fence and writes nothing.
 No loop spins on an error that is no outage: a batch the server rejects for another
 reason is split until the outcomes or entries at fault are alone; those are logged and
 left pending (the claim and attempt machinery takes them up again later), the rest go
-through.
+through. Entries the scripts refuse (a task outside its group, a group whose keys were
+changed by hand) can never count: they are dead-lettered.
 """
 
 from __future__ import annotations
@@ -107,10 +108,10 @@ class Worker:
         self.claim_ms = int(settings.claim_timeout * 1000)
         # False: rely on the fence alone, as a worker of an older version does.
         self.watch_cancels = watch_cancels
-        self._running: dict[str, asyncio.Task[None]] = {}  # entry id -> its task
-        # What each running entry is, and the running entries of each group, so that
-        # a cancel finds its group's runs without a scan.
-        self._items: dict[str, TaskSubmitted] = {}
+        # Entry id -> its run and what it runs.
+        self._running: dict[str, tuple[asyncio.Task[None], TaskSubmitted]] = {}
+        # The running entries of each group, so that a cancel finds its group's runs
+        # without a scan.
         self._by_group: dict[str, set[str]] = {}
         self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
         self._unflushed = 0
@@ -254,7 +255,7 @@ class Worker:
                     await pubsub.subscribe(self.store.keys.cancellations)
                     # Cancels published while we were not subscribed are lost: ask
                     # once about everything we run.
-                    await self._stop_ended(list(self._items))
+                    await self._stop_ended(list(self._running))
                     while True:
                         # A timeout, not a read that blocks forever: a dead connection
                         # is found by the client's health check between reads.
@@ -276,7 +277,7 @@ class Worker:
         """Stop the runs of those entries whose task has ended (revoked, or finished
         elsewhere): the server acknowledges exactly those, so an entry whose task goes
         on is never left running nowhere."""
-        known = [(eid, self._items[eid]) for eid in entry_ids if eid in self._items]
+        known = [(eid, self._running[eid][1]) for eid in entry_ids if eid in self._running]
         if not known:
             return
         try:
@@ -300,7 +301,6 @@ class Worker:
         if not entries:
             return
         good: list[tuple[str, TaskSubmitted]] = []
-        fields_of = dict(entries)
         for entry_id, fields in entries:
             try:
                 item: AnyEvent | None = from_fields(fields)
@@ -353,7 +353,9 @@ class Worker:
         await self.store.append(started)
         # No run can ever count for these: kept in the dead-letter stream instead of
         # pending for ever (which would also stop the work stream's trimming).
-        await self._dead_letter([(eid, fields_of[eid]) for eid in out_of_reach])
+        if out_of_reach:
+            fields_of = dict(entries)
+            await self._dead_letter([(eid, fields_of[eid]) for eid in out_of_reach])
 
     async def _dead_letter(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         """Dead-letter entries the scripts refused, acknowledged. Should that fail too,
@@ -376,20 +378,20 @@ class Worker:
         return await self.store.begin([item for _, item in part], [eid for eid, _ in part])
 
     def _track(self, entry_id: str, item: TaskSubmitted, run: Coroutine[Any, Any, None]) -> None:
-        self._running[entry_id] = asyncio.create_task(run)
-        self._items[entry_id] = item
+        self._running[entry_id] = (asyncio.create_task(run), item)
         self._by_group.setdefault(item.group_task_id, set()).add(entry_id)
 
     def _forget(self, entry_id: str) -> asyncio.Task[None] | None:
         """Stop tracking an entry's run; returns its task, if it was running."""
-        item = self._items.pop(entry_id, None)
-        if item is not None:
-            entries = self._by_group.get(item.group_task_id)
-            if entries is not None:
-                entries.discard(entry_id)
-                if not entries:
-                    del self._by_group[item.group_task_id]
-        return self._running.pop(entry_id, None)
+        run = self._running.pop(entry_id, None)
+        if run is None:
+            return None
+        task, item = run
+        entries = self._by_group[item.group_task_id]
+        entries.discard(entry_id)
+        if not entries:
+            del self._by_group[item.group_task_id]
+        return task
 
     def _run_inline(self, entry_id: str, item: TaskSubmitted, attempt: int) -> str | None:
         """With no delay and a plain function, run the task here and now: no task
@@ -596,6 +598,6 @@ class Worker:
 
     async def _drain(self) -> None:
         """Let in-flight tasks finish and their outcomes land."""
-        while pending := [task for task in self._running.values() if not task.done()]:
+        while pending := [task for task, _ in self._running.values() if not task.done()]:
             await asyncio.wait(pending)
         await self._outcomes.join()
