@@ -49,5 +49,11 @@ def split_task_id(task_id: str) -> tuple[str, int] | None:
     return task_id[:-8] + "00000000", low - 1
 
 
+def entry_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``ms-seq``) as a key that sorts as the stream does."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def is_group_id(group_id: str) -> bool:
     return group_id.endswith("00000000")

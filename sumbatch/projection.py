@@ -215,11 +215,6 @@ def problem(views: Views, event: AnyEvent) -> str | None:
     return None
 
 
-def _entry_order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def group_ids(entries: Iterable[Entry]) -> set[str]:
     """The groups some entries name, read off their fields: the views to load before
     ``fold_entries``."""
@@ -237,6 +232,7 @@ def fold_entries(
     expired: history, skipped quietly, not a fault. Folding a trimmed log again from
     its start (``sumbatch replay``) meets many such."""
     set_aside = []
+    expiry = None if expired_before is None else ids.entry_order(expired_before)
     for entry_id, fields in entries:
         try:
             event = from_fields(fields)
@@ -244,10 +240,10 @@ def fold_entries(
             set_aside.append(SetAside(entry_id, f"not an event: {exc}", fields))
             continue
         if (
-            expired_before is not None
+            expiry is not None
             and event.group_task_id not in views.groups
             and not isinstance(event, GroupSubmitted)
-            and _entry_order(entry_id) < _entry_order(expired_before)
+            and ids.entry_order(entry_id) < expiry
         ):
             continue
         reason = problem(views, event)

@@ -32,7 +32,7 @@ class EventLog(StoreBase):
         """Drop log entries older than the log retention that the views already include,
         and dead letters older than the retention."""
         cutoff = f"{now_ms - self.retention.log * 1000}-0"
-        minid = min(cutoff, position, key=_id_key)
+        minid = min(cutoff, position, key=ids.entry_order)
         # limit=0: no cap on entries per call (the default stops at 10,000).
         pipe = self.redis.pipeline(transaction=False)
         pipe.xtrim(self.keys.events, minid=minid, approximate=True, limit=0)
@@ -148,8 +148,3 @@ def _views(group_ids: Sequence[str], blobs: Sequence[str | bytes | None]) -> Vie
         if blob is not None and (view := _view(gid, blob)) is not None:
             views.groups[gid] = view
     return views
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
