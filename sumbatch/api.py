@@ -237,12 +237,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _redis_error(request: Request, exc: Exception) -> Response:
     """Redis away, or refusing for now (out of memory, read-only, loading, busy, a
     failover): not the client's fault, so 503 and try again. Anything else is ours."""
-    if isinstance(exc, REDIS_DOWN) and not refusal(exc):
-        return error(503, "storage unavailable, retry later", {"Retry-After": "1"})
     name = refusal(exc)
     if name is not None:
         return error(503, f"storage refused the request ({name}); retry later",
                      {"Retry-After": "1"})  # fmt: skip
+    if isinstance(exc, REDIS_DOWN):
+        return error(503, "storage unavailable, retry later", {"Retry-After": "1"})
     return await _internal(request, exc)
 
 
