@@ -245,13 +245,17 @@ def work(settings: Settings, handler: Handler | None = None) -> None:
     run_with_store(settings, scenario)
 
 
-def project(settings: Settings) -> None:
-    """The projector, until it has applied the whole log."""
+def project(settings: Settings) -> int:
+    """The projector, until it has folded the whole log; returns how many entries it
+    set aside."""
+    projector: list[Projector] = []
 
     async def scenario(store: Store) -> None:
-        await Projector(store).run_until_idle()
+        projector.append(Projector(store))
+        await projector[0].run_until_idle()
 
     run_with_store(settings, scenario)
+    return projector[0].set_aside
 
 
 def work_and_project(settings: Settings) -> None:

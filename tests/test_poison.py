@@ -28,6 +28,7 @@ from tests.support import (
     project,
     run_with_store,
     wait_until,
+    work,
     work_pending,
 )
 
@@ -255,17 +256,8 @@ def test_bytes_that_are_not_utf8_stall_neither_the_projector_nor_the_workers(
     binary.close()
     later = post_group(client, [(5, 6)])
 
-    async def scenario() -> None:
-        store = open_store(settings)
-        try:
-            await asyncio.wait_for(Worker(settings, store).run_until_idle(), 30)
-            projector = Projector(store)
-            await asyncio.wait_for(projector.run_until_idle(), 30)
-            assert projector.set_aside == 1
-        finally:
-            await store.aclose()
-
-    asyncio.run(scenario())
+    work(settings)
+    assert project(settings) == 1
     for created in (first, later):
         group = client.get(f"/grouptasks/{created['groupTaskId']}").json()
         assert group["grouptaskProcessed"] is True, group
@@ -323,17 +315,8 @@ def test_a_stored_view_of_the_wrong_shape_is_ignored_not_fatal(
     raw.set(keys.group_view(gid), json.dumps({"groupTaskId": gid, "tasksTotal": 2}))
     later = post_group(client, [(3, 3)])
 
-    async def scenario() -> None:
-        store = open_store(settings)
-        try:
-            await asyncio.wait_for(Worker(settings, store).run_until_idle(), 30)
-            projector = Projector(store)
-            await asyncio.wait_for(projector.run_until_idle(), 30)
-            assert projector.set_aside >= 2  # the spoiled group's two outcomes, at least
-        finally:
-            await store.aclose()
-
-    asyncio.run(scenario())
+    work(settings)
+    assert project(settings) >= 2  # the spoiled group's two outcomes, at least
     assert client.get(f"/grouptasks/{later['groupTaskId']}").json()["grouptaskProcessed"]
     answer = client.get(f"/tasks/{spoiled['taskIds'][0]}")
     assert answer.status_code == 404, answer.text
