@@ -60,6 +60,20 @@ def api_start(settings: Settings, tmp_path: Path) -> subprocess.CompletedProcess
     )  # fmt: skip
 
 
+def served_with_waitaof_else_refused(
+    server: EmbeddedServer, settings: Settings, tmp_path: Path, refusal: str
+) -> None:
+    """With WAITAOF a durable POST is confirmed (200); without it the API refuses to
+    start, saying ``refusal``."""
+    if has_waitaof(server.url):
+        with TestClient(create_app(settings)) as client:
+            assert client.post("/grouptasks", json=BODY).status_code == 200
+    else:
+        done = api_start(settings, tmp_path)
+        assert done.returncode != 0
+        assert refusal in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("server", ["no"], indirect=True)
 def test_a_server_that_never_fsyncs_is_refused_at_start(
     server: EmbeddedServer, tmp_path: Path
@@ -86,13 +100,7 @@ def test_this_server_in_its_default_fsync_is_used_or_refused_by_what_it_can_prom
     without (Redis before 7.2, such as Debian's 7.0) the API refuses to start and
     says to set appendfsync always."""
     settings = durable_settings(server.url)
-    if has_waitaof(server.url):
-        with TestClient(create_app(settings)) as client:
-            assert client.post("/grouptasks", json=BODY).status_code == 200
-    else:
-        done = api_start(settings, tmp_path)
-        assert done.returncode != 0
-        assert "set appendfsync always" in done.stderr, done.stderr
+    served_with_waitaof_else_refused(server, settings, tmp_path, "set appendfsync always")
 
 
 @pytest.mark.parametrize("server", ["always"], indirect=True)
@@ -117,13 +125,7 @@ def test_without_config_access_waitaof_alone_decides(
     admin.close()
     url = server.url.replace("redis://", "redis://app:pw@")
     settings = durable_settings(url)
-    if has_waitaof(server.url):
-        with TestClient(create_app(settings)) as client:
-            assert client.post("/grouptasks", json=BODY).status_code == 200
-    else:
-        done = api_start(settings, tmp_path)
-        assert done.returncode != 0
-        assert "CONFIG is not allowed" in done.stderr, done.stderr
+    served_with_waitaof_else_refused(server, settings, tmp_path, "CONFIG is not allowed")
 
 
 def test_a_503_retried_with_the_same_key_gets_the_first_answer_once_confirmed(
