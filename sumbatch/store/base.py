@@ -4,13 +4,21 @@ registered scripts, the retention, and closing."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Self
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sumbatch import scripts
 from sumbatch.events import (
@@ -39,7 +47,47 @@ def connect(url: str, **options: Any) -> Redis:
     options.setdefault("socket_timeout", 10)
     options.setdefault("retry", Retry(NoBackoff(), 1))
     client: Redis = aioredis.Redis.from_url(url, **options)
+    pool = client.connection_pool
+    pool.connection_class = _RESET_AWARE.get(pool.connection_class, pool.connection_class)
     return client
+
+
+class _ResetAware(AbstractConnection):
+    """A connection the server reset reads as a ConnectionError on every event loop.
+
+    On uvloop, writing to a socket the server has already reset (a server killed while
+    the connection sat in its accept queue, or a restart) raises RuntimeError("...the
+    handler is closed"), where asyncio's own loop raises OSError, which redis-py turns
+    into ConnectionError. Left as it is, an outage looks like a bug: the API answers 500
+    instead of 503, and a worker takes a good entry for a bad one."""
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except RuntimeError as exc:  # redis-py has already dropped the connection
+            raise RedisConnectionError(f"connection reset by the server ({exc})") from exc
+
+
+class _TCP(_ResetAware, Connection):
+    pass
+
+
+class _TLS(_ResetAware, SSLConnection):
+    pass
+
+
+class _Unix(_ResetAware, UnixDomainSocketConnection):
+    pass
+
+
+# The class redis-py picks for a URL's scheme, and ours in its place.
+_RESET_AWARE: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: _TCP,
+    SSLConnection: _TLS,
+    UnixDomainSocketConnection: _Unix,
+}
 
 
 @dataclass(frozen=True)
