@@ -1,86 +1,49 @@
 """A worker: one consumer of the ``workers`` group, running many tasks at once.
 
 Flow per work entry: the begin script says skip (already ended), cache hit, or run
-(with the attempt number); runs sleep the simulated delay without blocking the
-others; outcomes go through the completion fence in batches. While a task runs its
-entry stays in our pending list and we renew our claim on it, so only a dead or stuck
-worker's entries are taken over (XAUTOCLAIM after ``claim_timeout``). A run is cut off
-after ``task_timeout`` (a failed attempt), so no run holds its entry forever.
+(with the attempt number); runs (``runs.py``) sleep the simulated delay without
+blocking the others; outcomes go through the completion fence in batches
+(``outbox.py``). While a task runs its entry stays in our pending list and we renew
+our claim on it, so only a dead or stuck worker's entries are taken over (XAUTOCLAIM
+after ``claim_timeout``). A run is cut off after ``task_timeout`` (a failed attempt),
+so no run holds its entry forever.
 
 Cancels: the cancel script revokes a group's unended tasks and publishes its id; we
 stop our runs of that group's tasks at once. Pub/sub is best effort: a run nobody
 stops finishes, meets the fence and writes nothing.
 
 No loop spins on an error that is no outage: a batch the server rejects for another
-reason is split until the outcomes or entries at fault are alone; those are logged and
-left pending (the claim and attempt machinery takes them up again later), the rest go
-through. Entries the scripts refuse (a task outside its group, a group whose keys were
-changed by hand) can never count: they are dead-lettered.
+reason is split until the outcomes or entries at fault are alone (``isolate.py``);
+those are logged and left pending (the claim and attempt machinery takes them up
+again later), the rest go through. Entries the scripts refuse (a task outside its
+group, a group whose keys were changed by hand) can never count: they are
+dead-lettered.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass, field
-from importlib import import_module
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 
-from sumbatch.config import Settings
-from sumbatch.events import (
-    AnyEvent,
-    TaskCompleted,
-    TaskFailed,
-    TaskRetried,
-    TaskStarted,
-    TaskSubmitted,
-    from_fields,
-    to_fields,
-)
+from consumers.isolate import isolate
+from consumers.outbox import Outbox
+from consumers.runs import Handler, Runs, completed, failed
+from sumbatch.config import Settings, resolve_handler
+from sumbatch.events import AnyEvent, TaskSubmitted, from_fields
 from sumbatch.outage import REDIS_DOWN, Outage, is_transient
-from sumbatch.store import Begun, Entry, Outcome, Store
-from sumbatch.tasks import compute, retry_backoff, should_retry
+from sumbatch.store import Begun, Entry, Store
+from sumbatch.tasks import compute
 
 log = logging.getLogger("sumbatch.worker")
 
-REFUSED_WHY = "the task is outside its group, or its group's keys are not what sumbatch wrote"
-
-Handler = Callable[[int, int], "int | Awaitable[int]"]
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def load_handler(spec: str) -> Handler:
-    """``"package.module:function"``; empty means the sum."""
-    if not spec:
-        return compute
-    module, _, name = spec.partition(":")
-    handler: Handler = getattr(import_module(module), name)
-    return handler
-
-
-@dataclass
-class Apart(Generic[T, R]):
-    """What became of a batch split to isolate the items at fault."""
-
-    done: list[tuple[Sequence[T], R]] = field(default_factory=list)  # parts, with results
-    failed: list[T] = field(default_factory=list)  # items that failed alone
-    errors: int = 0  # calls that failed with an error that is no outage
-
-
-def describe(exc: BaseException) -> str:
-    """An error as the log keeps it: any text a handler raised, lone surrogates
-    included, made encodable, so that it can never keep its outcome from landing."""
-    text = f"{type(exc).__name__}: {exc}"
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+__all__ = ["Handler", "Worker", "consumer_name"]
 
 
 def consumer_name() -> str:
@@ -100,25 +63,24 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.handler = handler or load_handler(settings.handler)
         self.name = name or consumer_name()
         self.read_count = read_count
-        self.rng = random.Random()
         self.should_exit = False
         self.claim_ms = int(settings.claim_timeout * 1000)
         # False: rely on the fence alone, as a worker of an older version does.
         self.watch_cancels = watch_cancels
-        # Entry id -> its run and what it runs.
-        self._running: dict[str, tuple[asyncio.Task[None], TaskSubmitted]] = {}
-        # The running entries of each group, so that a cancel finds its group's runs
-        # without a scan.
-        self._by_group: dict[str, set[str]] = {}
-        self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
-        self._unflushed = 0
+        # A run's entry is forgotten once its outcome is flushed: until then we
+        # renew our claim on it.
+        self.outbox = Outbox(store, self.name, flushed=self._flushed)
+        handler = handler or resolve_handler(settings.handler) or compute
+        self.runs = Runs(settings, store, handler, self.name, self.outbox)
 
     @property
     def busy(self) -> bool:
-        return bool(self._running) or self._unflushed > 0
+        return bool(self.runs) or self.outbox.unflushed > 0
+
+    def _flushed(self, entry_id: str) -> None:
+        self.runs.forget(entry_id)
 
     async def run(self) -> None:
         """Work until ``should_exit``; then take nothing new, give in-flight tasks
@@ -153,11 +115,9 @@ class Worker:
     async def _hand_back(self) -> None:
         """Make our unfinished entries claimable at once by any other worker, rather
         than after the claim timeout; their runs here are abandoned."""
-        entry_ids = list(self._running)
+        entry_ids = list(self.runs)
         for entry_id in entry_ids:
-            task = self._forget(entry_id)
-            if task is not None:
-                task.cancel()
+            self.runs.stop(entry_id)
         await self.store.renew(self.name, entry_ids, idle_ms=self.claim_ms * 10)
         log.warning("handed back %d unfinished entries", len(entry_ids))
 
@@ -179,7 +139,7 @@ class Worker:
         # Renewal and sweeping run beside the blocking read, so a long XREADGROUP
         # BLOCK never delays a renewal past the claim timeout.
         helpers = [
-            asyncio.create_task(self._flush_forever()),
+            asyncio.create_task(self.outbox.flush_forever()),
             asyncio.create_task(self._keep_claims()),
         ]
         if self.watch_cancels:
@@ -187,7 +147,7 @@ class Worker:
         return helpers
 
     async def _read(self, block_ms: int) -> int:
-        capacity = self.settings.worker_concurrency - len(self._running)
+        capacity = self.settings.worker_concurrency - len(self.runs)
         if capacity <= 0:
             await asyncio.sleep(0.01)
             return 0
@@ -231,16 +191,14 @@ class Worker:
 
     async def _renew(self) -> None:
         """Reset the idle time of our running entries; drop runs another worker took."""
-        for entry_id in await self.store.renew(self.name, list(self._running)):
-            running = self._forget(entry_id)
-            if running is not None:
+        for entry_id in await self.store.renew(self.name, list(self.runs)):
+            if self.runs.stop(entry_id):
                 log.warning("entry %s was taken over; dropping our run", entry_id)
-                running.cancel()
 
     async def _sweep(self) -> int:
         """Take over entries that a dead or stuck worker left idle past the timeout."""
         claimed = await self.store.autoclaim(self.name, self.claim_ms)
-        claimed = [(eid, fields) for eid, fields in claimed if eid not in self._running]
+        claimed = [(eid, fields) for eid, fields in claimed if eid not in self.runs]
         if claimed:
             log.info("claimed %d entries from dead or stuck workers", len(claimed))
             await self._accept(claimed)
@@ -255,7 +213,7 @@ class Worker:
                     await pubsub.subscribe(self.store.keys.cancellations)
                     # Cancels published while we were not subscribed are lost: ask
                     # once about everything we run.
-                    await self._stop_ended(list(self._running))
+                    await self._stop_ended(list(self.runs))
                     while True:
                         # A timeout, not a read that blocks forever: a dead connection
                         # is found by the client's health check between reads.
@@ -266,18 +224,15 @@ class Worker:
                         # each time keeps backing off longer.
                         outage.ok()
                         if message is not None and message["type"] == "message":
-                            await self._stop_ended(self._entries_of([message["data"]]))
+                            await self._stop_ended(self.runs.of_groups([message["data"]]))
             except Exception as exc:
                 await asyncio.sleep(outage.failed(exc))
-
-    def _entries_of(self, group_ids: Iterable[str]) -> list[str]:
-        return [eid for gid in group_ids for eid in self._by_group.get(gid, ())]
 
     async def _stop_ended(self, entry_ids: list[str]) -> None:
         """Stop the runs of those entries whose task has ended (revoked, or finished
         elsewhere): the server acknowledges exactly those, so an entry whose task goes
         on is never left running nowhere."""
-        known = [(eid, self._running[eid][1]) for eid in entry_ids if eid in self._running]
+        known = [(eid, self.runs.item(eid)) for eid in entry_ids if eid in self.runs]
         if not known:
             return
         try:
@@ -291,9 +246,7 @@ class Worker:
             log.error("could not stop runs of cancelled tasks", exc_info=exc)
             return
         for entry_id in released:
-            task = self._forget(entry_id)
-            if task is not None:
-                task.cancel()
+            self.runs.stop(entry_id)
         if released:
             log.info("stopped %d runs of cancelled tasks", len(released))
 
@@ -314,7 +267,7 @@ class Worker:
                 await self.store.dead_letter_entry(entry_id, fields)
         if not good:
             return
-        begun = await self._apart("begin", self._begin, good, retry_transient=False)
+        begun = await isolate(f"worker {self.name} begin", self._begin, good, retry_transient=False)
         refused = [entry_id for entry_id, _ in begun.failed]
         started: list[AnyEvent] = []
         decided = [
@@ -327,22 +280,17 @@ class Worker:
             if decision.kind == "refused":
                 out_of_reach.append(entry_id)
             elif decision.kind == "cached":
-                self._record(entry_id, item, self._completed(item, decision.value, True, 0))
+                cached = completed(item, decision.value, True, 0, self.name)
+                self.outbox.put(entry_id, item, cached)
             elif decision.kind == "run" and decision.value > self.settings.max_attempts:
                 # Delivered again and again, never ended: its runs keep killing workers.
                 attempts = decision.value - 1
                 gave_up = f"gave up after {attempts} runs that never finished (worker lost)"
-                self._record(entry_id, item, self._failed(item, attempts, gave_up))
+                self.outbox.put(entry_id, item, failed(item, attempts, gave_up, self.name))
             elif decision.kind == "run":
-                attempt = decision.value
-                delay = self.settings.delay.draw(self.rng)
-                error: str | None = None
-                if delay == 0 and not inspect.iscoroutinefunction(self.handler):
-                    error = self._run_inline(entry_id, item, attempt)
-                    if error is None:
-                        continue
-                started.append(self._started(item, attempt))
-                self._track(entry_id, item, self._run(entry_id, item, attempt, delay, error))
+                start = self.runs.start(entry_id, item, decision.value)
+                if start is not None:
+                    started.append(start)
         if refused:
             # The server refused the step for them (an ACL, say): left pending, they are
             # claimed again after the claim timeout, when an operator may have fixed it.
@@ -355,249 +303,12 @@ class Worker:
         # pending for ever (which would also stop the work stream's trimming).
         if out_of_reach:
             fields_of = dict(entries)
-            await self._dead_letter([(eid, fields_of[eid]) for eid in out_of_reach])
-
-    async def _dead_letter(self, entries: list[tuple[str, dict[str, str]]]) -> None:
-        """Dead-letter entries the scripts refused, acknowledged. Should that fail too,
-        they stay pending: claimed again, refused again, dead-lettered then."""
-        if not entries:
-            return
-        log.error(
-            "%d work entries refused (%s); dead-lettered: %s",
-            len(entries), REFUSED_WHY, ", ".join(eid for eid, _ in entries[:10]),
-        )  # fmt: skip
-        try:
-            for entry_id, fields in entries:
-                await self.store.dead_letter_entry(
-                    entry_id, fields, "RefusedWorkEntry", REFUSED_WHY
-                )
-        except Exception as exc:
-            log.warning("could not dead-letter refused entries (%s); left pending", exc)
+            await self.outbox.dead_letter([(eid, fields_of[eid]) for eid in out_of_reach])
 
     async def _begin(self, part: Sequence[tuple[str, TaskSubmitted]]) -> list[Begun]:
         return await self.store.begin([item for _, item in part], [eid for eid, _ in part])
 
-    def _track(self, entry_id: str, item: TaskSubmitted, run: Coroutine[Any, Any, None]) -> None:
-        self._running[entry_id] = (asyncio.create_task(run), item)
-        self._by_group.setdefault(item.group_task_id, set()).add(entry_id)
-
-    def _forget(self, entry_id: str) -> asyncio.Task[None] | None:
-        """Stop tracking an entry's run; returns its task, if it was running."""
-        run = self._running.pop(entry_id, None)
-        if run is None:
-            return None
-        task, item = run
-        entries = self._by_group[item.group_task_id]
-        entries.discard(entry_id)
-        if not entries:
-            del self._by_group[item.group_task_id]
-        return task
-
-    def _run_inline(self, entry_id: str, item: TaskSubmitted, attempt: int) -> str | None:
-        """With no delay and a plain function, run the task here and now: no task
-        object, and no TaskStarted (it starts and ends in the same instant; its
-        TaskCompleted names the attempt). Returns the error if it failed: the async
-        path then logs the start and retries it."""
-        try:
-            result = int(self.handler(item.param_a, item.param_b))  # type: ignore[arg-type]
-        except Exception as exc:
-            return describe(exc)
-        self._record(entry_id, item, self._completed(item, result, False, attempt))
-        return None
-
-    async def _run(
-        self, entry_id: str, item: TaskSubmitted, attempt: int, delay: float, error: str | None
-    ) -> None:
-        try:
-            await self._attempts(entry_id, item, attempt, delay, error)
-        except BaseException:
-            # Ended without an outcome (cancelled, or a bug): a sweep may claim it.
-            self._forget(entry_id)
-            raise
-
-    async def _attempts(
-        self, entry_id: str, item: TaskSubmitted, attempt: int, delay: float, error: str | None
-    ) -> None:
-        timeout = self.settings.task_timeout
-        while True:
-            if error is None:
-                # The simulated delay is part of the run. A plain (sync) handler runs on
-                # the event loop and cannot be interrupted: only its awaits can be.
-                deadline = asyncio.timeout(timeout)
-                try:
-                    async with deadline:
-                        await asyncio.sleep(delay)
-                        result = self.handler(item.param_a, item.param_b)
-                        if inspect.isawaitable(result):
-                            result = await result
-                    completed = self._completed(item, int(result), False, attempt)
-                    self._record(entry_id, item, completed)
-                    return
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    if deadline.expired():
-                        error = f"TimeoutError: the run took longer than {timeout:g} s"
-                    else:
-                        error = describe(exc)
-            if not should_retry(attempt, self.settings.max_attempts):
-                self._record(entry_id, item, self._failed(item, attempt, error))
-                return
-            wait = retry_backoff(attempt, self.settings.retry_base, self.rng)
-            await self._log_quietly(self._retried(item, attempt, error, wait))
-            await asyncio.sleep(wait)
-            attempt = await self._next_attempt(item, attempt)
-            delay = self.settings.delay.draw(self.rng)
-            error = None
-            await self._log_quietly(self._started(item, attempt))
-
-    async def _next_attempt(self, item: TaskSubmitted, attempt: int) -> int:
-        """Counted in Redis, so runs add up across workers; locally if Redis is away.
-        Never less than one more than ours: a group that expired counts nothing (0)."""
-        try:
-            counted = await self.store.next_attempt(item.group_task_id, item.index)
-            return max(counted, attempt + 1)
-        except Exception as exc:
-            log.warning("could not count attempt %d of %s: %s", attempt + 1, item.task_id, exc)
-            return attempt + 1
-
-    async def _log_quietly(self, event: AnyEvent) -> None:
-        """Progress events (started, retried) are best-effort: losing one while Redis is
-        away must not lose the task, whose outcome is what counts."""
-        try:
-            await self.store.append([event])
-        except Exception as exc:
-            log.warning("could not log %s for %s: %s", type(event).__name__, event, exc)
-
-    def _retried(self, item: TaskSubmitted, attempt: int, error: str, wait: float) -> TaskRetried:
-        return TaskRetried(
-            task_id=item.task_id,
-            group_task_id=item.group_task_id,
-            index=item.index,
-            attempt=attempt,
-            error=error,
-            retry_in=round(wait, 3),
-        )
-
-    def _record(
-        self, entry_id: str, item: TaskSubmitted, event: TaskCompleted | TaskFailed
-    ) -> None:
-        self._unflushed += 1
-        self._outcomes.put_nowait(Outcome(entry_id, event, item.param_a, item.param_b))
-
-    def _started(self, item: TaskSubmitted, attempt: int) -> TaskStarted:
-        return TaskStarted(
-            task_id=item.task_id,
-            group_task_id=item.group_task_id,
-            index=item.index,
-            attempt=attempt,
-            worker=self.name,
-        )
-
-    def _failed(self, item: TaskSubmitted, attempts: int, error: str) -> TaskFailed:
-        return TaskFailed(
-            task_id=item.task_id,
-            group_task_id=item.group_task_id,
-            index=item.index,
-            attempts=attempts,
-            error=error,
-            worker=self.name,
-        )
-
-    def _completed(
-        self, item: TaskSubmitted, result: int, from_cache: bool, attempt: int
-    ) -> TaskCompleted:
-        return TaskCompleted(
-            task_id=item.task_id,
-            group_task_id=item.group_task_id,
-            index=item.index,
-            result=result,
-            from_cache=from_cache,
-            attempt=attempt,
-            worker=self.name,
-        )
-
-    async def _flush_forever(self) -> None:
-        while True:
-            batch = [await self._outcomes.get()]
-            while len(batch) < 500 and not self._outcomes.empty():
-                batch.append(self._outcomes.get_nowait())
-            # Shielded: a cancelled worker must not leave a batch half-known.
-            await asyncio.shield(self._flush(batch))
-
-    async def _flush(self, batch: list[Outcome]) -> None:
-        # Redis away or refusing: the same batch again (fenced: safe to send twice),
-        # however long it takes, as outcomes must not be lost. Any other error: split.
-        flushed = await self._apart("completions", self.store.complete, batch, retry_transient=True)
-        failed = [outcome.entry_id for outcome in flushed.failed]
-        if failed:
-            # Not acknowledged: pending, they are claimed again after the claim timeout
-            # and run as a further attempt; past max_attempts they end as FAILURE.
-            log.error(
-                "%d outcomes could not be recorded; their entries stay pending: %s",
-                len(failed), ", ".join(failed[:10]),
-            )  # fmt: skip
-        # Their group went bad while they ran: no outcome can count for them.
-        refused = {eid for _, completed in flushed.done for eid in completed.refused}
-        await self._dead_letter(
-            [(o.entry_id, to_fields(o.event)) for o in batch if o.entry_id in refused]
-        )
-        for outcome in batch:
-            self._forget(outcome.entry_id)
-            self._outcomes.task_done()
-        self._unflushed -= len(batch)
-
-    async def _apart(
-        self,
-        what: str,
-        step: Callable[[Sequence[T]], Awaitable[R]],
-        batch: Sequence[T],
-        *,
-        retry_transient: bool,
-    ) -> Apart[T, R]:
-        """Run ``step`` on ``batch``; when it fails with an error that is no outage (bad
-        data, a bug), split the batch in halves, recursively, so that only the items at
-        fault fail: at most 2n - 1 calls, no retry of those, so nothing spins. The first
-        such error is logged with its traceback. Transient errors are retried with
-        backoff (``retry_transient``) or raised to the caller's loop."""
-        outage = Outage(log, f"worker {self.name} {what}")
-        apart: Apart[T, R] = Apart()
-
-        async def attempt(part: Sequence[T]) -> None:
-            while True:
-                try:
-                    result = await step(part)
-                except Exception as exc:
-                    if not is_transient(exc):
-                        if not apart.errors:
-                            log.error(
-                                "worker %s %s: rejected (%s); isolating the items at fault",
-                                self.name,
-                                what,
-                                exc,
-                                exc_info=exc,
-                            )
-                        apart.errors += 1
-                        break
-                    if not retry_transient:
-                        raise
-                    await asyncio.sleep(outage.failed(exc))
-                    continue
-                outage.ok()
-                apart.done.append((part, result))
-                return
-            if len(part) == 1:
-                apart.failed.append(part[0])
-                return
-            half = len(part) // 2
-            await attempt(part[:half])
-            await attempt(part[half:])
-
-        await attempt(batch)
-        return apart
-
     async def _drain(self) -> None:
         """Let in-flight tasks finish and their outcomes land."""
-        while pending := [task for task, _ in self._running.values() if not task.done()]:
-            await asyncio.wait(pending)
-        await self._outcomes.join()
+        await self.runs.finish()
+        await self.outbox.join()

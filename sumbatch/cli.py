@@ -11,69 +11,20 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import Sequence
+from importlib.metadata import entry_points
 from urllib.parse import urlparse
 
 from sumbatch.config import PARENT_PID_ENV, ConfigError, Settings, parse_port, resolve_handler
 from sumbatch.outage import Outage, is_transient
-from sumbatch.store import Entry, Store, open_store
+from sumbatch.running import run_async
+from sumbatch.store import Entry, open_store
 
 log = logging.getLogger("sumbatch")
-T = TypeVar("T")
 
-
-def run_async(main: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run, on uvloop where it is installed (it is, except on Windows)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
-
-
-def _run_until_signal(consumer: Any, main: Callable[[], Awaitable[None]]) -> None:
-    """Run ``main``; the first SIGTERM/SIGINT asks ``consumer`` to stop after its
-    in-flight work, the second stops at once."""
-
-    async def runner() -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-
-        def on_signal() -> None:
-            if consumer.should_exit:
-                task.cancel()
-            consumer.should_exit = True
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-        try:
-            await main()
-        finally:
-            await consumer.store.aclose()
-
-    try:
-        run_async(runner())
-    except asyncio.CancelledError:
-        pass
-
-
-def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from consumers.worker import Worker
-
-    handler = resolve_handler(settings.handler)
-    worker = Worker(settings, open_store(settings), handler=handler, name=args.name)
-    _run_until_signal(worker, worker.run)
-    return 0
-
-
-def cmd_projector(settings: Settings, args: argparse.Namespace) -> int:
-    from consumers.projector import Projector
-
-    projector = Projector(open_store(settings))
-    _run_until_signal(projector, projector.run)
-    return 0
+# The entry-point group through which other packages add subcommands (as Flask's
+# "flask.commands"): each entry is a function given the subparsers to add to.
+COMMANDS = "sumbatch.commands"
 
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
@@ -144,7 +95,7 @@ async def _tail(settings: Settings, *, from_start: bool) -> None:
                 if after is None:
                     # A real id rather than "$", so a reconnect cannot skip what was
                     # appended while we were away.
-                    after = await _last_event_id(store)
+                    after = await store.last_event_id()
                 # A bounded block, below the client's socket timeout, in a loop.
                 entries = await store.read_events(after, 1000, block_ms=5000)
             except Exception as exc:
@@ -158,39 +109,6 @@ async def _tail(settings: Settings, *, from_start: bool) -> None:
                 after = entry[0]
     finally:
         await store.aclose()
-
-
-async def _last_event_id(store: Store) -> str:
-    last = cast(list[Entry], await store.redis.xrevrange(store.keys.events, count=1))
-    return last[0][0] if last else "0-0"
-
-
-def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from consumers.projector import Projector
-    from sumbatch.replay import differences
-
-    async def run() -> int:
-        store = open_store(settings)
-        try:
-            if args.check:
-                check = await differences(store)
-                for line in check.differences:
-                    print(line)
-                for entry in check.set_aside:
-                    print(f"set aside {entry.entry_id}: {entry.reason}")
-                print(
-                    f"replayed {check.events} events: {len(check.differences)} differences, "
-                    f"{len(check.set_aside)} entries set aside"
-                )
-                return 1 if check.differences else 0
-            await store.forget_position()
-            await Projector(store).run_until_idle()
-            print(f"views rebuilt from the log, up to {await store.position()}")
-            return 0
-        finally:
-            await store.aclose()
-
-    return asyncio.run(run())
 
 
 def cmd_redis_cli(settings: Settings, args: argparse.Namespace) -> int:
@@ -240,12 +158,6 @@ def parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=_port_arg, default=None)
     api.set_defaults(func=cmd_api)
 
-    worker = sub.add_parser("worker", help="run one worker process")
-    worker.add_argument("--name", default=None, help="consumer name (default host-pid-random)")
-    worker.set_defaults(func=cmd_worker)
-
-    sub.add_parser("projector", help="run the projector").set_defaults(func=cmd_projector)
-
     audit = sub.add_parser("audit", help="print one group's whole history")
     audit.add_argument("group_task_id")
     audit.set_defaults(func=cmd_audit)
@@ -254,13 +166,14 @@ def parser() -> argparse.ArgumentParser:
     tail.add_argument("--from-start", action="store_true", help="print the whole log first")
     tail.set_defaults(func=cmd_tail)
 
-    replay = sub.add_parser("replay", help="rebuild the views from the log")
-    replay.add_argument("--check", action="store_true", help="only compare, change nothing")
-    replay.set_defaults(func=cmd_replay)
-
     cli = sub.add_parser("redis-cli", help="run redis-cli/valkey-cli against the configured server")
     cli.add_argument("args", nargs=argparse.REMAINDER)
     cli.set_defaults(func=cmd_redis_cli)
+
+    # The commands that run the consumers of the log (worker, projector, replay) come
+    # from the consumers package, which depends on this one and never the other way.
+    for plugin in entry_points(group=COMMANDS):
+        plugin.load()(sub)
     return top
 
 

@@ -94,9 +94,8 @@ def test_a_run_whose_cancel_message_is_lost_ends_and_writes_nothing(settings: Se
     gate = Gate()
 
     async def scenario() -> None:
-        store = open_store(settings)
-        worker = Worker(settings, store, handler=gate.handler, watch_cancels=False)
-        try:
+        async with open_store(settings) as store:
+            worker = Worker(settings, store, handler=gate.handler, watch_cancels=False)
             await store.ensure_worker_group()
             gid, _ = await submit(store, [(1, 2), (3, 4)])
             running = asyncio.create_task(worker.run())
@@ -114,8 +113,6 @@ def test_a_run_whose_cancel_message_is_lost_ends_and_writes_nothing(settings: Se
             assert not await store.redis.exists(store.keys.cache(1, 2))
             (finished,) = [e for e in events if isinstance(e, GroupFinished)]
             assert (finished.tasks_revoked, finished.succeeded) == (2, False)
-        finally:
-            await store.aclose()
 
     asyncio.run(scenario())
     assert sorted(gate.returned) == [3, 7]  # the runs did end on their own
@@ -125,10 +122,9 @@ def test_the_worker_listens_again_after_its_connection_is_killed(settings: Setti
     settings = msgspec.structs.replace(settings, delay=LONG)
 
     async def scenario() -> None:
-        store = open_store(settings)
-        worker = Worker(settings, store)
-        channel = store.keys.cancellations
-        try:
+        async with open_store(settings) as store:
+            worker = Worker(settings, store)
+            channel = store.keys.cancellations
             await store.ensure_worker_group()
             gid, _ = await submit(store, [(1, 2), (3, 4), (5, 6)])
             running = asyncio.create_task(worker.run())
@@ -139,8 +135,9 @@ def test_the_worker_listens_again_after_its_connection_is_killed(settings: Setti
 
             await wait_until(runs_started(store, 3), what="the runs to start")
             await wait_until(subscribed, what="the worker to subscribe")
-            killed = await store.redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-            assert int(killed) >= 1
+            # CLIENT KILL TYPE pubsub: the number of connections killed.
+            killed = await store.redis.client_kill_filter(_type="pubsub")
+            assert killed >= 1
             await wait_until(subscribed, what="the worker to subscribe again")
 
             assert await store.cancel(gid) == CancelOutcome("cancelled", 3)
@@ -150,8 +147,6 @@ def test_the_worker_listens_again_after_its_connection_is_killed(settings: Setti
             worker.should_exit = True
             await asyncio.wait_for(running, 10)
             assert not any(isinstance(e, TaskCompleted) for e in await log_events(store))
-        finally:
-            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -160,10 +155,9 @@ def test_a_cancel_of_another_group_leaves_our_runs_alone(settings: Settings) -> 
     """The message names one group: runs of other groups go on and complete."""
 
     async def scenario() -> None:
-        store = open_store(settings)
-        gate = Gate()
-        worker = Worker(settings, store, handler=gate.handler)
-        try:
+        async with open_store(settings) as store:
+            gate = Gate()
+            worker = Worker(settings, store, handler=gate.handler)
             await store.ensure_worker_group()
             doomed, _ = await submit(store, [(1, 1), (2, 2)])
             kept, kept_tids = await submit(store, [(3, 3), (4, 4)])
@@ -172,7 +166,7 @@ def test_a_cancel_of_another_group_leaves_our_runs_alone(settings: Settings) -> 
             assert await store.cancel(doomed) == CancelOutcome("cancelled", 2)
 
             async def doomed_dropped() -> bool:
-                return await work_pending(store) == 2 and len(worker._running) == 2
+                return await work_pending(store) == 2 and len(worker.runs) == 2
 
             await wait_until(doomed_dropped, within=5, what="the cancelled runs to stop")
             gate.open()
@@ -183,7 +177,5 @@ def test_a_cancel_of_another_group_leaves_our_runs_alone(settings: Settings) -> 
             await asyncio.wait_for(running, 10)
             events = await log_events(store)
             assert sorted(e.task_id for e in events if isinstance(e, TaskCompleted)) == kept_tids
-        finally:
-            await store.aclose()
 
     asyncio.run(scenario())

@@ -47,6 +47,12 @@ class EventLog(StoreBase):
     async def event_range(self, start: str = "-", end: str = "+", count: int = 1000) -> list[Entry]:
         return cast(list[Entry], await self.redis.xrange(self.keys.events, start, end, count))
 
+    async def last_event_id(self) -> str:
+        """The id of the log's newest entry ("0-0" when empty): a real id to read on
+        from, unlike "$", so a reader that reconnects misses nothing."""
+        last = cast(list[Entry], await self.redis.xrevrange(self.keys.events, count=1))
+        return last[0][0] if last else "0-0"
+
     async def group_history(self, group_task_id: str) -> list[Entry]:
         return cast(list[Entry], await self.redis.xrange(self.keys.group_log(group_task_id)))
 

@@ -1,0 +1,87 @@
+"""A worker's outcomes on their way to the completion fence: queued as runs end,
+flushed in batches. Outcomes the fence refuses, and work entries no run can ever
+count for, are dead-lettered."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from consumers.isolate import isolate
+from sumbatch.events import TaskCompleted, TaskFailed, TaskSubmitted, to_fields
+from sumbatch.store import Outcome, Store
+
+log = logging.getLogger("sumbatch.worker")
+
+REFUSED_WHY = "the task is outside its group, or its group's keys are not what sumbatch wrote"
+
+# Outcomes flushed in one script call, at most.
+BATCH = 500
+
+
+class Outbox:
+    def __init__(self, store: Store, name: str, flushed: Callable[[str], object]) -> None:
+        self.store = store
+        self.name = name
+        # Called with each entry id once its outcome is recorded (or can never be).
+        self._flushed = flushed
+        self._queue: asyncio.Queue[Outcome] = asyncio.Queue()
+        self.unflushed = 0
+
+    def put(self, entry_id: str, item: TaskSubmitted, event: TaskCompleted | TaskFailed) -> None:
+        self.unflushed += 1
+        self._queue.put_nowait(Outcome(entry_id, event, item.param_a, item.param_b))
+
+    async def join(self) -> None:
+        """Until every outcome put so far is flushed."""
+        await self._queue.join()
+
+    async def flush_forever(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            # Shielded: a cancelled worker must not leave a batch half-known.
+            await asyncio.shield(self._flush(batch))
+
+    async def _flush(self, batch: list[Outcome]) -> None:
+        # Redis away or refusing: the same batch again (fenced: safe to send twice),
+        # however long it takes, as outcomes must not be lost. Any other error: split.
+        flushed = await isolate(
+            f"worker {self.name} completions", self.store.complete, batch, retry_transient=True
+        )
+        failed = [outcome.entry_id for outcome in flushed.failed]
+        if failed:
+            # Not acknowledged: pending, they are claimed again after the claim timeout
+            # and run as a further attempt; past max_attempts they end as FAILURE.
+            log.error(
+                "%d outcomes could not be recorded; their entries stay pending: %s",
+                len(failed), ", ".join(failed[:10]),
+            )  # fmt: skip
+        # Their group went bad while they ran: no outcome can count for them.
+        refused = {eid for _, completed in flushed.done for eid in completed.refused}
+        await self.dead_letter(
+            [(o.entry_id, to_fields(o.event)) for o in batch if o.entry_id in refused]
+        )
+        for outcome in batch:
+            self._flushed(outcome.entry_id)
+            self._queue.task_done()
+        self.unflushed -= len(batch)
+
+    async def dead_letter(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        """Dead-letter entries the scripts refused, acknowledged. Should that fail too,
+        they stay pending: claimed again, refused again, dead-lettered then."""
+        if not entries:
+            return
+        log.error(
+            "%d work entries refused (%s); dead-lettered: %s",
+            len(entries), REFUSED_WHY, ", ".join(eid for eid, _ in entries[:10]),
+        )  # fmt: skip
+        try:
+            for entry_id, fields in entries:
+                await self.store.dead_letter_entry(
+                    entry_id, fields, "RefusedWorkEntry", REFUSED_WHY
+                )
+        except Exception as exc:
+            log.warning("could not dead-letter refused entries (%s); left pending", exc)

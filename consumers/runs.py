@@ -1,0 +1,236 @@
+"""The tasks a worker runs: each entry's run from its first attempt to its outcome
+(the simulated delay, the timeout, retries), and the map of what runs, which renewals,
+cancels and a stopping worker consult."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+
+from consumers.outbox import Outbox
+from sumbatch.config import Settings
+from sumbatch.events import (
+    AnyEvent,
+    TaskCompleted,
+    TaskFailed,
+    TaskRetried,
+    TaskStarted,
+    TaskSubmitted,
+)
+from sumbatch.store import Store
+from sumbatch.tasks import retry_backoff, should_retry
+
+log = logging.getLogger("sumbatch.worker")
+
+Handler = Callable[[int, int], "int | Awaitable[int]"]
+
+
+def describe(exc: BaseException) -> str:
+    """An error as the log keeps it: any text a handler raised, lone surrogates
+    included, made encodable, so that it can never keep its outcome from landing."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class Runs:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        handler: Handler,
+        name: str,
+        outbox: Outbox,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.handler = handler
+        self.name = name
+        self.outbox = outbox
+        self.rng = random.Random()
+        # Entry id -> its run and what it runs.
+        self._running: dict[str, tuple[asyncio.Task[None], TaskSubmitted]] = {}
+        # The running entries of each group, so that a cancel finds its group's runs
+        # without a scan.
+        self._by_group: dict[str, set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def __contains__(self, entry_id: object) -> bool:
+        return entry_id in self._running
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._running))
+
+    def item(self, entry_id: str) -> TaskSubmitted:
+        return self._running[entry_id][1]
+
+    def of_groups(self, group_ids: Iterable[str]) -> list[str]:
+        """The running entries of those groups."""
+        return [eid for gid in group_ids for eid in self._by_group.get(gid, ())]
+
+    def start(self, entry_id: str, item: TaskSubmitted, attempt: int) -> TaskStarted | None:
+        """Run the entry's task from ``attempt`` on; returns its TaskStarted to log, or
+        None when it ran at once and its outcome is already in the outbox."""
+        delay = self.settings.delay.draw(self.rng)
+        error: str | None = None
+        if delay == 0 and not inspect.iscoroutinefunction(self.handler):
+            error = self._run_inline(entry_id, item, attempt)
+            if error is None:
+                return None
+        task = asyncio.create_task(self._run(entry_id, item, attempt, delay, error))
+        self._running[entry_id] = (task, item)
+        self._by_group.setdefault(item.group_task_id, set()).add(entry_id)
+        return started(item, attempt, self.name)
+
+    def forget(self, entry_id: str) -> asyncio.Task[None] | None:
+        """Stop tracking an entry's run; returns its task, if it was running."""
+        run = self._running.pop(entry_id, None)
+        if run is None:
+            return None
+        task, item = run
+        entries = self._by_group[item.group_task_id]
+        entries.discard(entry_id)
+        if not entries:
+            del self._by_group[item.group_task_id]
+        return task
+
+    def stop(self, entry_id: str) -> bool:
+        """Abandon the entry's run, if any; returns whether there was one."""
+        task = self.forget(entry_id)
+        if task is not None:
+            task.cancel()
+        return task is not None
+
+    async def finish(self) -> None:
+        """Until every run still going has ended."""
+        while pending := [task for task, _ in self._running.values() if not task.done()]:
+            await asyncio.wait(pending)
+
+    def _run_inline(self, entry_id: str, item: TaskSubmitted, attempt: int) -> str | None:
+        """With no delay and a plain function, run the task here and now: no task
+        object, and no TaskStarted (it starts and ends in the same instant; its
+        TaskCompleted names the attempt). Returns the error if it failed: the async
+        path then logs the start and retries it."""
+        try:
+            result = int(self.handler(item.param_a, item.param_b))  # type: ignore[arg-type]
+        except Exception as exc:
+            return describe(exc)
+        self.outbox.put(entry_id, item, completed(item, result, False, attempt, self.name))
+        return None
+
+    async def _run(
+        self, entry_id: str, item: TaskSubmitted, attempt: int, delay: float, error: str | None
+    ) -> None:
+        try:
+            await self._attempts(entry_id, item, attempt, delay, error)
+        except BaseException:
+            # Ended without an outcome (cancelled, or a bug): a sweep may claim it.
+            self.forget(entry_id)
+            raise
+
+    async def _attempts(
+        self, entry_id: str, item: TaskSubmitted, attempt: int, delay: float, error: str | None
+    ) -> None:
+        timeout = self.settings.task_timeout
+        while True:
+            if error is None:
+                # The simulated delay is part of the run. A plain (sync) handler runs on
+                # the event loop and cannot be interrupted: only its awaits can be.
+                deadline = asyncio.timeout(timeout)
+                try:
+                    async with deadline:
+                        await asyncio.sleep(delay)
+                        result = self.handler(item.param_a, item.param_b)
+                        if inspect.isawaitable(result):
+                            result = await result
+                    outcome = completed(item, int(result), False, attempt, self.name)
+                    self.outbox.put(entry_id, item, outcome)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if deadline.expired():
+                        error = f"TimeoutError: the run took longer than {timeout:g} s"
+                    else:
+                        error = describe(exc)
+            if not should_retry(attempt, self.settings.max_attempts):
+                self.outbox.put(entry_id, item, failed(item, attempt, error, self.name))
+                return
+            wait = retry_backoff(attempt, self.settings.retry_base, self.rng)
+            await self._log_quietly(retried(item, attempt, error, wait))
+            await asyncio.sleep(wait)
+            attempt = await self._next_attempt(item, attempt)
+            delay = self.settings.delay.draw(self.rng)
+            error = None
+            await self._log_quietly(started(item, attempt, self.name))
+
+    async def _next_attempt(self, item: TaskSubmitted, attempt: int) -> int:
+        """Counted in Redis, so runs add up across workers; locally if Redis is away.
+        Never less than one more than ours: a group that expired counts nothing (0)."""
+        try:
+            counted = await self.store.next_attempt(item.group_task_id, item.index)
+            return max(counted, attempt + 1)
+        except Exception as exc:
+            log.warning("could not count attempt %d of %s: %s", attempt + 1, item.task_id, exc)
+            return attempt + 1
+
+    async def _log_quietly(self, event: AnyEvent) -> None:
+        """Progress events (started, retried) are best-effort: losing one while Redis is
+        away must not lose the task, whose outcome is what counts."""
+        try:
+            await self.store.append([event])
+        except Exception as exc:
+            log.warning("could not log %s for %s: %s", type(event).__name__, event, exc)
+
+
+# What a worker reports about a task, built from the task's submission.
+
+
+def started(item: TaskSubmitted, attempt: int, worker: str) -> TaskStarted:
+    return TaskStarted(
+        task_id=item.task_id,
+        group_task_id=item.group_task_id,
+        index=item.index,
+        attempt=attempt,
+        worker=worker,
+    )
+
+
+def completed(
+    item: TaskSubmitted, result: int, from_cache: bool, attempt: int, worker: str
+) -> TaskCompleted:
+    return TaskCompleted(
+        task_id=item.task_id,
+        group_task_id=item.group_task_id,
+        index=item.index,
+        result=result,
+        from_cache=from_cache,
+        attempt=attempt,
+        worker=worker,
+    )
+
+
+def failed(item: TaskSubmitted, attempts: int, error: str, worker: str) -> TaskFailed:
+    return TaskFailed(
+        task_id=item.task_id,
+        group_task_id=item.group_task_id,
+        index=item.index,
+        attempts=attempts,
+        error=error,
+        worker=worker,
+    )
+
+
+def retried(item: TaskSubmitted, attempt: int, error: str, wait: float) -> TaskRetried:
+    return TaskRetried(
+        task_id=item.task_id,
+        group_task_id=item.group_task_id,
+        index=item.index,
+        attempt=attempt,
+        error=error,
+        retry_in=round(wait, 3),
+    )

@@ -1,0 +1,212 @@
+"""Helpers for tests and benchmarks that run the service's real processes; not used by
+the service itself.
+
+Free ports for servers about to start, polling a condition against a deadline, the
+environment and the process handling of real ``sumbatch`` processes, and what Linux
+/proc says about a process's connections. tests/support.py and ops/bench/ both take
+them from here, so each is written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, TypeVar
+
+from sumbatch.config import Settings
+from sumbatch.store import Store
+
+T = TypeVar("T")
+
+# The directory this sumbatch is imported from: child processes get it as their
+# PYTHONPATH and cwd, so they run this very code, installed or not.
+SOURCE = Path(__file__).resolve().parent.parent
+
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A port free now, for a server about to be started. Taken below the kernel's
+    ephemeral range, so that no outgoing connection can be given it before that server
+    binds it (as a port from bind(0) can be), and never one handed out before in this
+    process, so that two servers started together never get the same."""
+    first_ephemeral = 32768
+    with contextlib.suppress(OSError, ValueError):
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(20000, max(20001, first_ephemeral))
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+
+
+# -- waiting on a condition, with a deadline -----------------------------------------
+
+
+async def eventually(
+    predicate: Callable[[], Awaitable[T]], within: float, interval: float = 0.05
+) -> T | None:
+    """``predicate``'s first truthy value, polled every ``interval`` s; None when it
+    has given none after ``within`` s. For a benchmark, where a timeout is an outcome
+    to report rather than a failure."""
+    deadline = time.monotonic() + within
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            return None
+        await asyncio.sleep(interval)
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[T]], within: float = 30.0, what: str = "condition"
+) -> T:
+    """``predicate``'s first truthy value; AssertionError after ``within`` s."""
+    value = await eventually(predicate, within)
+    if value is None:
+        raise AssertionError(f"timed out after {within}s waiting for {what}")
+    return value
+
+
+def wait_until_sync(
+    predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition"
+) -> T:
+    """``predicate``'s first truthy value; AssertionError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+# -- real sumbatch processes ---------------------------------------------------------
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    """This process's environment with ``values``, but no SUMBATCH_ variable of its
+    own: a setting left in the shell must not change what a child runs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUMBATCH_")}
+    env.update(values)
+    return env
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    """The environment that configures a sumbatch process like ``settings``."""
+    return clean_env(
+        REDIS_URL=settings.client_url,
+        SUMBATCH_NAMESPACE=settings.namespace,
+        SUMBATCH_DELAY=f"{settings.delay.low}-{settings.delay.high}",
+        SUMBATCH_CLAIM_TIMEOUT=str(settings.claim_timeout),
+        SUMBATCH_MAX_ATTEMPTS=str(settings.max_attempts),
+        SUMBATCH_RETRY_BASE=str(settings.retry_base),
+        SUMBATCH_HANDLER=settings.handler,
+        SUMBATCH_LOG_LEVEL="WARNING",
+        PYTHONPATH=str(SOURCE),
+    )
+
+
+class Processes:
+    """Real sumbatch processes, each logging to a file in ``logs``; all killed at
+    ``cleanup``."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.started: list[subprocess.Popen[bytes]] = []
+        self.files: list[IO[bytes]] = []
+
+    def start(
+        self, settings: Settings, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{args[0]}-{len(self.started)}.log").open("wb")
+        self.files.append(log)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sumbatch", *args],
+            env=env or env_for(settings),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=SOURCE,
+        )
+        self.started.append(process)
+        return process
+
+    @staticmethod
+    def kill9(process: subprocess.Popen[bytes]) -> None:
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+    def cleanup(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+        for log in self.files:
+            log.close()
+
+
+@contextmanager
+def processes(logs: Path) -> Iterator[Processes]:
+    procs = Processes(logs)
+    try:
+        yield procs
+    finally:
+        procs.cleanup()
+
+
+# -- what Linux /proc says about a process's connections ---------------------------
+
+
+def local_ports(pid: int) -> set[int]:
+    """The local ports of the TCP sockets process ``pid`` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target.removeprefix("socket:[").removesuffix("]"))
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        path = Path(f"/proc/{pid}/net/{table}")
+        for line in path.read_text().splitlines()[1:] if path.exists() else []:
+            columns = line.split()
+            if columns[9] in inodes:
+                ports.add(int(columns[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def blocked_in_xreadgroup(store: Store, workers: list[subprocess.Popen[bytes]]) -> bool:
+    """Whether every one of ``workers`` has a connection blocked in XREADGROUP, that
+    is, waits for work. Not XINFO CONSUMERS: before Redis 7.2 it lists a consumer only
+    once it has been served an entry, so it never lists a worker that waits for its
+    first. Raises RuntimeError when one of them has exited: it never will."""
+    for worker in workers:
+        if worker.poll() is not None:
+            raise RuntimeError(f"worker {worker.pid} exited with {worker.returncode}")
+    blocked = {
+        int(c["addr"].rsplit(":", 1)[1])
+        for c in await store.redis.client_list()
+        if c["cmd"] == "xreadgroup" and "b" in c["flags"]
+    }
+    return all(local_ports(worker.pid) & blocked for worker in workers)
