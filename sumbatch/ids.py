@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import uuid
 
+# A task id's last INDEX_DIGITS hex digits hold its index + 1; a group id's are zero.
+INDEX_DIGITS = 8
 _TASK_BITS = 32
 _TASK_MASK = (1 << _TASK_BITS) - 1
 
@@ -24,13 +26,18 @@ def new_group_id() -> str:
     return str(uuid.UUID(bytes=bytes(raw)))
 
 
+def group_prefix(group_id: str) -> str:
+    """What every task id of the group starts with."""
+    return group_id[:-INDEX_DIGITS]
+
+
 def task_ids(group_id: str, count: int) -> list[str]:
-    prefix = group_id[:-8]
-    return [f"{prefix}{index + 1:08x}" for index in range(count)]
+    prefix = group_prefix(group_id)
+    return [f"{prefix}{index + 1:0{INDEX_DIGITS}x}" for index in range(count)]
 
 
 def task_id(group_id: str, index: int) -> str:
-    return f"{group_id[:-8]}{index + 1:08x}"
+    return f"{group_prefix(group_id)}{index + 1:0{INDEX_DIGITS}x}"
 
 
 def parse_uuid(text: str) -> str | None:
@@ -43,10 +50,10 @@ def parse_uuid(text: str) -> str | None:
 
 def split_task_id(task_id: str) -> tuple[str, int] | None:
     """(group id, index) of a canonical task id, or None if it cannot be one."""
-    low = int(task_id[-8:], 16)
+    low = int(task_id[-INDEX_DIGITS:], 16)
     if low == 0:
         return None
-    return task_id[:-8] + "00000000", low - 1
+    return group_prefix(task_id) + "0" * INDEX_DIGITS, low - 1
 
 
 def entry_order(entry_id: str) -> tuple[int, int]:
@@ -56,4 +63,4 @@ def entry_order(entry_id: str) -> tuple[int, int]:
 
 
 def is_group_id(group_id: str) -> bool:
-    return group_id.endswith("00000000")
+    return group_id.endswith("0" * INDEX_DIGITS)

@@ -62,12 +62,16 @@ class GroupSummary(msgspec.Struct, rename="camel", kw_only=True):
     tasks_failed: int = 0
     tasks_revoked: int = 0
     cancelled: bool = False
+    # Set by GroupFinished: the write side's word (its ledger, which also answers a
+    # DELETE with 409) that every task has ended. The one source of "processed"; the
+    # counts above are for progress.
+    finished: bool = False
     # By submission index; None until that task succeeded.
     results: list[int | None] = msgspec.field(default_factory=list)
 
     @property
     def processed(self) -> bool:
-        return self.tasks_completed >= self.tasks_total
+        return self.finished
 
     @property
     def succeeded(self) -> bool:
@@ -89,6 +93,7 @@ class GroupView(GroupSummary, kw_only=True):
             len(self.states) == len(self.results) == len(self.attempts) == total
             and all(letter in STATE_OF_LETTER for letter in self.states)
             and 0 <= self.tasks_failed + self.tasks_revoked <= self.tasks_completed <= total
+            and (not self.finished or self.tasks_completed == total)
         )
 
     @classmethod
@@ -174,7 +179,9 @@ def apply(views: Views, event: AnyEvent) -> None:
             group.tasks_revoked += 1
         case GroupCancelled():
             group.cancelled = True
-        case TaskSubmitted() | GroupFinished() | TaskDeadLettered():
+        case GroupFinished():
+            group.finished = True
+        case TaskSubmitted() | TaskDeadLettered():
             # Covered by GroupSubmitted, or derivable; kept in the log for readers.
             pass
         case _:
@@ -206,6 +213,9 @@ def problem(views: Views, event: AnyEvent) -> str | None:
     group = views.groups.get(gid)
     if group is None:
         return f"unknown group {gid} (never submitted, or expired)"
+    if isinstance(event, GroupFinished) and group.tasks_completed < group.tasks_total:
+        # The scripts append it after the last task's outcome, never before.
+        return "GroupFinished before every task of the group ended"
     index: int | None = getattr(event, "index", None)
     if index is not None:
         if not 0 <= index < group.tasks_total:

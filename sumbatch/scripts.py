@@ -7,8 +7,8 @@ that is fine, as every key they touch is in the slot of their declared keys.
 
 Events are built in Python (``events.to_flat``) and come in as one JSON argument
 (decoded with the server's cjson, all values strings); the only events built here are
-GroupFinished and TaskRevoked, whose fields mirror ``events.py`` and ``ids.py`` (tests
-decode them with ``events.from_fields``).
+GroupFinished and TaskRevoked, whose field lists are generated below from their
+definitions in ``events.py`` and the task-id layout in ``ids.py``.
 
 Per group, the write side is three keys: the ledger hash (counters), the ``ended``
 bitmap (the completion fence: one bit per task) and the ``attempts`` string (one byte
@@ -17,10 +17,52 @@ per task, BITFIELD u8).
 
 from __future__ import annotations
 
+import msgspec
+
+from sumbatch import ids
 from sumbatch.config import MAX_TASKS_LIMIT
+from sumbatch.events import Event, GroupFinished, TaskRevoked
+
+
+def _lua_fields(cls: type[Event], **values: str) -> str:
+    """A Lua table of an event's stream fields in the order ``events.to_flat`` gives
+    them: the names come from the event's definition, each value is a Lua expression
+    giving its text, and every field must be given, so the two cannot drift apart."""
+    fields = msgspec.structs.fields(cls)
+    if (names := {f.name for f in fields}) != values.keys():
+        raise TypeError(f"{cls.__name__}: fields {sorted(names)}, given {sorted(values)}")
+    pairs = [f"'{f.encode_name}', {values[f.name]}" for f in fields]
+    return "{" + ", ".join([f"'type', '{cls.__name__}'", *pairs]) + "}"
+
+
+_GENERATED = f"""
+local MAX_TASKS = {MAX_TASKS_LIMIT}  -- the most tasks a group can have
+
+-- The events built here. Counts are the ledger's, as text.
+local function group_finished(gid, total, failed, revoked)
+  return {_lua_fields(
+      GroupFinished,
+      group_task_id="gid",
+      tasks_total="total",
+      tasks_failed="failed",
+      tasks_revoked="revoked",
+      succeeded="(failed == '0' and revoked == '0') and 'true' or 'false'",
+  )}
+end
+
+-- prefix: the group id less its last {ids.INDEX_DIGITS} hex digits, which hold index + 1.
+local function task_revoked(gid, prefix, index)
+  return {_lua_fields(
+      TaskRevoked,
+      task_id=f"prefix .. string.format('%0{ids.INDEX_DIGITS}x', index + 1)",
+      group_task_id="gid",
+      index="tostring(index)",
+  )}
+end
+"""
 
 _LIB = (
-    f"local MAX_TASKS = {MAX_TASKS_LIMIT}  -- the most tasks a group can have\n"
+    _GENERATED
     + """
 -- A key's type, 'none' when it does not exist.
 local function key_type(key)
@@ -94,9 +136,7 @@ local function tasks_ended(events, P, gid, ended, failed, revoked, ttl)
   local c = redis.call('HMGET', ledger, 'total', 'failed', 'revoked')
   if finished ~= tonumber(c[1]) then return end
   local log = P.log .. gid
-  append(events, log, {'type', 'GroupFinished', 'groupTaskId', gid,
-    'tasksTotal', c[1], 'tasksFailed', c[2], 'tasksRevoked', c[3],
-    'succeeded', (c[2] == '0' and c[3] == '0') and 'true' or 'false'})
+  append(events, log, group_finished(gid, c[1], c[2], c[3]))
   for _, key in ipairs({ledger, P.ended .. gid, P.attempts .. gid, log}) do
     redis.call('EXPIRE', key, ttl)
   end
@@ -327,9 +367,7 @@ for index = 0, total - 1 do
   if not bit_set(ended, index) then
     redis.call('SETBIT', KEYS[3], index, 1)
     revoked = revoked + 1
-    append(KEYS[1], KEYS[5], {'type', 'TaskRevoked',
-      'taskId', ARGV[4] .. string.format('%08x', index + 1),
-      'groupTaskId', ARGV[1], 'index', tostring(index)})
+    append(KEYS[1], KEYS[5], task_revoked(ARGV[1], ARGV[4], index))
   end
 end
 if revoked > 0 then

@@ -1,10 +1,10 @@
 """Helpers for tests and benchmarks that run the service's real processes; not used by
 the service itself.
 
-Free ports for servers about to start, polling a condition against a deadline, the
-environment and the process handling of real ``sumbatch`` processes, and what Linux
-/proc says about a process's connections. tests/support.py and ops/bench/ both take
-them from here, so each is written once.
+Free ports for servers about to start, submitting groups and seeing them processed,
+polling a condition against a deadline, the environment and the handling of real
+``sumbatch`` processes, and what Linux /proc says about a process's connections.
+tests/support.py and ops/bench/ both take them from here, so each is written once.
 """
 
 from __future__ import annotations
@@ -21,10 +21,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 from sumbatch.config import Settings
+from sumbatch.projection import GroupView
 from sumbatch.store import Store
+from sumbatch.submission import Submission
+from sumbatch.wire import TaskIn
 
 T = TypeVar("T")
 
@@ -54,6 +57,36 @@ def free_port() -> int:
                 continue
         _handed_out.add(port)
         return port
+
+
+# -- submitting groups, and seeing them processed ------------------------------------
+
+Groups = list[tuple[str, list[str]]]
+"""Submitted groups: each group's id and its task ids."""
+
+
+def body_of(pairs: list[tuple[int, int]]) -> dict[str, Any]:
+    """The POST /grouptasks body of these (paramA, paramB) pairs."""
+    return {"tasks": [{"paramA": a, "paramB": b} for a, b in pairs]}
+
+
+async def submit(store: Store, pairs: list[tuple[int, int]]) -> tuple[str, list[str]]:
+    """Submit the group straight to the store, as the API does; (group id, task ids)."""
+    sub = Submission.of([TaskIn(a, b) for a, b in pairs])
+    created = sub.created
+    await store.submit(
+        [sub.event], sub.work, GroupView.submitted(created.group_task_id, len(pairs))
+    )
+    return created.group_task_id, created.task_ids
+
+
+async def all_processed(store: Store, groups: Groups) -> bool:
+    """Whether every one of ``groups`` has a view that says processed."""
+    for gid, _ in groups:
+        view = await store.group_view(gid)
+        if view is None or not view.processed:
+            return False
+    return True
 
 
 # -- waiting on a condition, with a deadline -----------------------------------------

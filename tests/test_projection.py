@@ -114,8 +114,40 @@ def test_cancel_and_revoke() -> None:
     )
     group = views.groups["g"]
     assert state(views, 1) == "REVOKED"
-    assert (group.cancelled, group.processed, group.succeeded) == (True, True, False)
+    assert (group.cancelled, group.processed, group.succeeded) == (True, False, False)
     assert (group.tasks_completed, group.tasks_revoked, group.results) == (2, 1, [10, None])
+    apply(
+        views,
+        GroupFinished(
+            group_task_id="g", tasks_total=2, tasks_failed=0, tasks_revoked=1, succeeded=False
+        ),
+    )
+    assert group.processed
+
+
+def test_processed_is_the_write_sides_word_not_a_count() -> None:
+    """Every task ended is progress; "processed" waits for the GroupFinished that the
+    ledger appends, so GET and DELETE's 409 rest on one fact."""
+    views = fold([*submitted(1), done(0, 10)])
+    group = views.groups["g"]
+    assert (group.tasks_completed, group.processed) == (1, False)
+    finished = GroupFinished(
+        group_task_id="g", tasks_total=1, tasks_failed=0, tasks_revoked=0, succeeded=True
+    )
+    apply(views, finished)
+    assert group.processed
+
+
+def test_a_group_finished_before_its_tasks_ended_is_set_aside() -> None:
+    early = GroupFinished(
+        group_task_id="g", tasks_total=2, tasks_failed=0, tasks_revoked=0, succeeded=True
+    )
+    views = fold([*submitted(2), done(0, 10)])
+    set_aside = fold_entries([("1-1", to_fields(early))], views)
+    assert [entry.reason for entry in set_aside] == [
+        "GroupFinished before every task of the group ended"
+    ]
+    assert not views.groups["g"].processed
 
 
 def test_events_for_unknown_groups_are_ignored() -> None:

@@ -9,6 +9,7 @@ from typing import Literal
 
 from redis.exceptions import NoPermissionError, ResponseError
 
+from sumbatch import ids
 from sumbatch.events import (
     AnyEvent,
     GroupCancelled,
@@ -156,7 +157,7 @@ class Producer(StoreBase):
             group_task_id,
             self.retention.results,
             _json.encode(fields),
-            group_task_id[:-8],
+            ids.group_prefix(group_task_id),
             self._prefixes,
             self.keys.cancellations,
         ]

@@ -1,0 +1,59 @@
+"""The two events the Lua scripts build themselves (GroupFinished, TaskRevoked) are
+field for field what ``events.py`` writes for them: their field lists are generated
+from the event definitions, so the two cannot drift."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+
+from sumbatch import ids
+from sumbatch.config import Settings
+from sumbatch.events import GroupFinished, Keys, TaskRevoked, from_fields, to_fields
+from sumbatch.scripts import _lua_fields
+from sumbatch.store import open_store
+from tests.support import entries, submit, work
+
+
+def test_a_field_list_must_name_every_field_of_its_event() -> None:
+    with pytest.raises(TypeError, match="TaskRevoked"):
+        _lua_fields(TaskRevoked, task_id="a", group_task_id="b")
+    with pytest.raises(TypeError, match="TaskRevoked"):
+        _lua_fields(TaskRevoked, task_id="a", group_task_id="b", index="c", extra="d")
+
+
+def test_the_events_the_scripts_build_are_what_events_py_writes(
+    settings: Settings, raw: redis.Redis
+) -> None:
+    async def submit_and_cancel() -> tuple[str, list[str]]:
+        async with open_store(settings) as store:
+            first = await submit(store, [(1, 2)])
+            gid, task_ids = await submit(store, [(3, 4), (5, 6), (7, 8)])
+            await store.cancel(gid)
+            return first[0], [gid, *task_ids]
+
+    done_gid, (gid, *task_ids) = asyncio.run(submit_and_cancel())
+    work(settings)  # finishes the first group; the cancelled one has nothing to run
+    built = {
+        (fields["type"], fields["groupTaskId"], fields.get("index")): fields
+        for _, fields in entries(raw, Keys(settings.namespace).events)
+        if fields["type"] in ("GroupFinished", "TaskRevoked")
+    }
+    expected = [TaskRevoked(task_id=task_ids[i], group_task_id=gid, index=i) for i in range(3)] + [
+        GroupFinished(
+            group_task_id=gid, tasks_total=3, tasks_failed=0, tasks_revoked=3, succeeded=False
+        ),
+        GroupFinished(
+            group_task_id=done_gid, tasks_total=1, tasks_failed=0, tasks_revoked=0, succeeded=True
+        ),
+    ]
+    for event in expected:
+        index = str(event.index) if isinstance(event, TaskRevoked) else None
+        fields = built.pop((type(event).__name__, event.group_task_id, index))
+        # The same names, values and order as XADD gets from events.to_flat.
+        assert list(fields.items()) == list(to_fields(event).items())
+        assert from_fields(fields) == event
+    assert built == {}
+    assert task_ids == [ids.task_id(gid, i) for i in range(3)]
