@@ -35,8 +35,12 @@ DurableMode = Literal["waitaof", "always"]
 
 
 def connect(url: str, **options: Any) -> Redis:
-    """Bounded timeouts and one quick retry: callers own their backoff, and a script
-    that a retry could apply twice is fenced or guarded."""
+    """Bounded timeouts and one quick retry on a lost connection; callers own any
+    longer backoff. A retried call runs twice on the server when the first run's reply
+    was lost: SUBMIT, COMPLETE, CANCEL and COMMIT see their own first run (ledger,
+    fence, position) and change nothing more; BEGIN and NEXT_ATTEMPT may count one
+    attempt too many, APPEND may log a progress event twice, which the fold ignores,
+    and a dead-letter copy may be made twice (its entry is acknowledged either way)."""
     options.setdefault("decode_responses", True)
     # Bytes that are not UTF-8 (an entry written by hand) read as escapes such as
     # "\\xff", so they reach the checks that set them aside instead of failing the
