@@ -35,29 +35,32 @@ def _lua_fields(cls: type[Event], **values: str) -> str:
     return "{" + ", ".join([f"'type', '{cls.__name__}'", *pairs]) + "}"
 
 
+_GROUP_FINISHED = _lua_fields(
+    GroupFinished,
+    group_task_id="gid",
+    tasks_total="total",
+    tasks_failed="failed",
+    tasks_revoked="revoked",
+    succeeded="(failed == '0' and revoked == '0') and 'true' or 'false'",
+)
+_TASK_REVOKED = _lua_fields(
+    TaskRevoked,
+    task_id=f"prefix .. string.format('%0{ids.INDEX_DIGITS}x', index + 1)",
+    group_task_id="gid",
+    index="tostring(index)",
+)
+
 _GENERATED = f"""
 local MAX_TASKS = {MAX_TASKS_LIMIT}  -- the most tasks a group can have
 
 -- The events built here. Counts are the ledger's, as text.
 local function group_finished(gid, total, failed, revoked)
-  return {_lua_fields(
-      GroupFinished,
-      group_task_id="gid",
-      tasks_total="total",
-      tasks_failed="failed",
-      tasks_revoked="revoked",
-      succeeded="(failed == '0' and revoked == '0') and 'true' or 'false'",
-  )}
+  return {_GROUP_FINISHED}
 end
 
 -- prefix: the group id less its last {ids.INDEX_DIGITS} hex digits, which hold index + 1.
 local function task_revoked(gid, prefix, index)
-  return {_lua_fields(
-      TaskRevoked,
-      task_id=f"prefix .. string.format('%0{ids.INDEX_DIGITS}x', index + 1)",
-      group_task_id="gid",
-      index="tostring(index)",
-  )}
+  return {_TASK_REVOKED}
 end
 """
 
