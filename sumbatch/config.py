@@ -18,7 +18,7 @@ T = TypeVar("T")
 
 EMBEDDED_PORT_DEFAULT = 6399
 # Tasks per group at most: a task's attempts byte must stay within one Redis string
-# (2^32 bits). The scripts refuse a group above it (scripts.py MAX_TASKS).
+# (2^32 bits). The scripts refuse a group above it (MAX_TASKS in scripts/lib.py).
 MAX_TASKS_LIMIT = 2**29
 # Set by `sumbatch up` for its children: its pid; they stop when it is gone.
 PARENT_PID_ENV = "SUMBATCH_PARENT_PID"

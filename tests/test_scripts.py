@@ -12,16 +12,16 @@ import redis
 from sumbatch import ids
 from sumbatch.config import Settings
 from sumbatch.events import GroupFinished, Keys, TaskRevoked, from_fields, to_fields
-from sumbatch.scripts import _lua_fields
+from sumbatch.scripts.lib import lua_fields
 from sumbatch.store import open_store
 from tests.support import entries, submit, work
 
 
 def test_a_field_list_must_name_every_field_of_its_event() -> None:
     with pytest.raises(TypeError, match="TaskRevoked"):
-        _lua_fields(TaskRevoked, task_id="a", group_task_id="b")
+        lua_fields(TaskRevoked, task_id="a", group_task_id="b")
     with pytest.raises(TypeError, match="TaskRevoked"):
-        _lua_fields(TaskRevoked, task_id="a", group_task_id="b", index="c", extra="d")
+        lua_fields(TaskRevoked, task_id="a", group_task_id="b", index="c", extra="d")
 
 
 def test_the_events_the_scripts_build_are_what_events_py_writes(

@@ -3,8 +3,9 @@
 ``log`` (the event log, the projector's commit, the views), on ``base`` (the
 connection, the keys, the scripts). ``Store`` has every role on one connection pool.
 Every step that must be atomic (submission, start, completion, cancellation,
-projection commit) is one Lua script from ``scripts.py``, run from here, so the rules
-that keep work from being lost or doubled live in these files and that one.
+projection commit) is one Lua script from the ``scripts`` package (a module per role
+too), run from here, so the rules that keep work from being lost or doubled live in
+these two packages.
 
 Streams, in brief: the event log is append-only; the work stream is read by the
 ``workers`` consumer group, whose pending-entries list (PEL) holds what was handed out

@@ -1,0 +1,49 @@
+"""The Lua scripts behind every atomic step, by the role of the store that runs them
+(``store/producer.py``, ``store/work.py``, ``store/log.py``); only the store runs them.
+
+Every key has the namespace's hash tag, so all of them live in one cluster slot. The
+scripts that run per task (begin, append, complete) name a group's keys themselves from
+prefixes that ``events.Keys`` sends, instead of passing five keys per task: on a cluster
+that is fine, as every key they touch is in the slot of their declared keys.
+
+Events are built in Python (``events.to_flat``) and come in as one JSON argument
+(decoded with the server's cjson, all values strings); the only events built here are
+GroupFinished and TaskRevoked, whose field lists ``lib.py`` generates from their
+definitions in ``events.py`` and the task-id layout in ``ids.py``.
+
+Per group, the write side is three keys: the ledger hash (counters), the ``ended``
+bitmap (the completion fence: one bit per task) and the ``attempts`` string (one byte
+per task, BITFIELD u8).
+
+Every script checks all it can before its first write, and nothing after that can
+fail: a script that errors half-way keeps what it wrote (no rollback), which could log
+an outcome without counting it. Shared streams are checked with ``is_or_none``, group
+keys with ``group_state``; items that fail a check are refused, not half-done.
+"""
+
+from sumbatch.scripts.log import COMMIT
+from sumbatch.scripts.producer import CANCEL, SUBMIT
+from sumbatch.scripts.work import (
+    APPEND,
+    BEGIN,
+    COMPLETE,
+    FORGET_CONSUMER,
+    NEXT_ATTEMPT,
+    RELEASE_ENDED,
+    RENEW,
+    TRIM_WORK,
+)
+
+__all__ = [
+    "APPEND",
+    "BEGIN",
+    "CANCEL",
+    "COMMIT",
+    "COMPLETE",
+    "FORGET_CONSUMER",
+    "NEXT_ATTEMPT",
+    "RELEASE_ENDED",
+    "RENEW",
+    "SUBMIT",
+    "TRIM_WORK",
+]

@@ -1,0 +1,140 @@
+"""What the scripts share: the Lua functions every script is prefixed with, and the
+two events built in Lua, whose field lists are generated from ``events.py``."""
+
+from __future__ import annotations
+
+import msgspec
+
+from sumbatch import ids
+from sumbatch.config import MAX_TASKS_LIMIT
+from sumbatch.events import Event, GroupFinished, TaskRevoked
+
+
+def lua_fields(cls: type[Event], **values: str) -> str:
+    """A Lua table of an event's stream fields in the order ``events.to_flat`` gives
+    them: the names come from the event's definition, each value is a Lua expression
+    giving its text, and every field must be given, so the two cannot drift apart."""
+    fields = msgspec.structs.fields(cls)
+    if (names := {f.name for f in fields}) != values.keys():
+        raise TypeError(f"{cls.__name__}: fields {sorted(names)}, given {sorted(values)}")
+    pairs = [f"'{f.encode_name}', {values[f.name]}" for f in fields]
+    return "{" + ", ".join([f"'type', '{cls.__name__}'", *pairs]) + "}"
+
+
+_GROUP_FINISHED = lua_fields(
+    GroupFinished,
+    group_task_id="gid",
+    tasks_total="total",
+    tasks_failed="failed",
+    tasks_revoked="revoked",
+    succeeded="(failed == '0' and revoked == '0') and 'true' or 'false'",
+)
+_TASK_REVOKED = lua_fields(
+    TaskRevoked,
+    task_id=f"prefix .. string.format('%0{ids.INDEX_DIGITS}x', index + 1)",
+    group_task_id="gid",
+    index="tostring(index)",
+)
+
+_GENERATED = f"""
+local MAX_TASKS = {MAX_TASKS_LIMIT}  -- the most tasks a group can have
+
+-- The events built here. Counts are the ledger's, as text.
+local function group_finished(gid, total, failed, revoked)
+  return {_GROUP_FINISHED}
+end
+
+-- prefix: the group id less its last {ids.INDEX_DIGITS} hex digits, which hold index + 1.
+local function task_revoked(gid, prefix, index)
+  return {_TASK_REVOKED}
+end
+"""
+
+LIB = (
+    _GENERATED
+    + """
+-- A key's type, 'none' when it does not exist.
+local function key_type(key)
+  return redis.call('TYPE', key)['ok']
+end
+
+-- Whether a key is of type t or absent. Checked before a script's first write: a key
+-- of another type (written by hand) would fail a command half-way through a script,
+-- and Lua does not roll back what was already written.
+local function is_or_none(key, t)
+  local found = key_type(key)
+  return found == t or found == 'none'
+end
+
+-- A group's write side, checked before any write: 'gone' (its ledger expired or never
+-- was), 'bad' (a key of the wrong type or a ledger that is not counters), or the
+-- ledger's total as a number.
+local function group_state(P, gid)
+  local ledger = P.ledger .. gid
+  local t = key_type(ledger)
+  if t == 'none' then return 'gone' end
+  if t ~= 'hash' then return 'bad' end
+  local c = redis.call('HMGET', ledger, 'total', 'finished', 'failed', 'revoked')
+  for k = 1, 4 do
+    -- What HINCRBY takes: plain integers (tonumber would also pass '1e3' or '0x10').
+    if not (c[k] and string.match(c[k], '^%-?%d+$') and #c[k] <= 15) then return 'bad' end
+  end
+  -- A task's attempts byte must stay within a string's 2^32 bits (BITFIELD u8).
+  if tonumber(c[1]) > MAX_TASKS then return 'bad' end
+  if not (is_or_none(P.ended .. gid, 'string') and is_or_none(P.attempts .. gid, 'string')
+      and is_or_none(P.log .. gid, 'stream')) then
+    return 'bad'
+  end
+  return tonumber(c[1])
+end
+
+-- A group an item names, checked once per script run: its group_state, and its
+-- fence bitmap when it is live. `seen` caches them by group id.
+local function group_of(P, seen, gid)
+  local g = seen[gid]
+  if g == nil then
+    g = {state = group_state(P, gid)}
+    if type(g.state) == 'number' then g.ended = redis.call('GET', P.ended .. gid) or '' end
+    seen[gid] = g
+  end
+  return g
+end
+
+-- Whether a task index is a number within a group of `total` tasks.
+local function index_ok(index, total)
+  return type(index) == 'number' and index >= 0 and index < total and index % 1 == 0
+end
+
+-- Append to the log and to the group's audit stream, with the same entry id. The
+-- audit stream only ever gets ids from the log, so they go up; should someone have
+-- written it ahead by hand, the copy is skipped (pcall) rather than fail the step
+-- after its first write.
+local function append(events, log, fields)
+  local id = redis.call('XADD', events, '*', unpack(fields))
+  redis.pcall('XADD', log, id, unpack(fields))
+  return id
+end
+
+-- Count tasks that just ended in one group; if that was its last, append
+-- GroupFinished and start the clock on the group's write-side keys.
+local function tasks_ended(events, P, gid, ended, failed, revoked, ttl)
+  local ledger = P.ledger .. gid
+  if failed > 0 then redis.call('HINCRBY', ledger, 'failed', failed) end
+  if revoked > 0 then redis.call('HINCRBY', ledger, 'revoked', revoked) end
+  local finished = redis.call('HINCRBY', ledger, 'finished', ended)
+  local c = redis.call('HMGET', ledger, 'total', 'failed', 'revoked')
+  if finished ~= tonumber(c[1]) then return end
+  local log = P.log .. gid
+  append(events, log, group_finished(gid, c[1], c[2], c[3]))
+  for _, key in ipairs({ledger, P.ended .. gid, P.attempts .. gid, log}) do
+    redis.call('EXPIRE', key, ttl)
+  end
+end
+
+-- Whether bit i (from 0) is set in a bitmap read with GET.
+local function bit_set(bitmap, i)
+  local byte = string.byte(bitmap, math.floor(i / 8) + 1) or 0
+  return math.floor(byte / 2 ^ (7 - i % 8)) % 2 == 1
+end
+"""
+)

@@ -1,0 +1,83 @@
+"""The producer's scripts: submit a group, cancel one."""
+
+from sumbatch.scripts.lib import LIB
+
+# A group's events, work entries and first view, or nothing; with an Idempotency-Key,
+# a repeated POST gets the first answer back instead.
+# KEYS: events, work, ledger, group log, idempotency key, group view.
+# ARGV: tasksTotal, idempotency record ('' = no key), its ttl, group view json,
+#       events json, work entries json.  Returns the earlier idempotency record if any.
+SUBMIT = (
+    LIB
+    + """
+local earlier = ARGV[2] ~= '' and is_or_none(KEYS[5], 'string')
+  and redis.call('GET', KEYS[5])
+-- A client library's retry of this very call (same ids) must not append twice.
+local again = redis.call('EXISTS', KEYS[3]) == 1
+if not earlier and not again then
+  if not (is_or_none(KEYS[1], 'stream') and is_or_none(KEYS[2], 'stream')
+      and is_or_none(KEYS[5], 'string') and key_type(KEYS[4]) == 'none') then
+    return redis.error_reply('ERR a sumbatch key has the wrong type (written by hand?)')
+  end
+end
+if earlier then
+  -- A write, so that a WAITAOF on this connection covers the first submission too
+  -- (the AOF is fsynced in order).
+  redis.call('EXPIRE', KEYS[5], ARGV[3])
+  return earlier
+end
+if ARGV[2] ~= '' then redis.call('SET', KEYS[5], ARGV[2], 'EX', ARGV[3]) end
+if again then
+  -- A write that changes nothing, so that a WAITAOF after this retry waits for the
+  -- first submission's fsync too, not for nothing.
+  redis.call('HINCRBY', KEYS[3], 'total', 0)
+  return false
+end
+for _, fields in ipairs(cjson.decode(ARGV[5])) do append(KEYS[1], KEYS[4], fields) end
+for _, fields in ipairs(cjson.decode(ARGV[6])) do
+  redis.call('XADD', KEYS[2], '*', unpack(fields))
+end
+redis.call('HSET', KEYS[3], 'total', ARGV[1], 'finished', 0, 'failed', 0, 'revoked', 0)
+redis.call('SET', KEYS[6], ARGV[4])
+return false
+"""
+)
+
+# Cancel a group: append GroupCancelled and revoke every task that has not ended,
+# running ones included (their late outcome meets the fence and writes nothing), then
+# tell the workers on the cancellations channel, so they stop those runs.
+# KEYS: events, ledger, ended, attempts, group log.
+# ARGV: group id, result ttl, GroupCancelled json, task id prefix (ids.py), prefixes,
+#       cancellations channel.
+# Returns -1 unknown group, -2 finished without being cancelled (nothing to cancel),
+# 0 cancelled before, else 1 + the number of tasks revoked.
+CANCEL = (
+    LIB
+    + """
+local P = cjson.decode(ARGV[5])
+local total = group_state(P, ARGV[1])
+if total == 'gone' then return -1 end
+if total == 'bad' or not is_or_none(KEYS[1], 'stream') then
+  return redis.error_reply('ERR this group has keys sumbatch did not write')
+end
+if redis.call('HEXISTS', KEYS[2], 'cancelled') == 1 then return 0 end
+if tonumber(redis.call('HGET', KEYS[2], 'finished')) == total then return -2 end
+local ended = redis.call('GET', KEYS[3]) or ''
+-- Every check done: now the writes.
+redis.call('HSET', KEYS[2], 'cancelled', 1)
+append(KEYS[1], KEYS[5], cjson.decode(ARGV[3]))
+local revoked = 0
+for index = 0, total - 1 do
+  if not bit_set(ended, index) then
+    redis.call('SETBIT', KEYS[3], index, 1)
+    revoked = revoked + 1
+    append(KEYS[1], KEYS[5], task_revoked(ARGV[1], ARGV[4], index))
+  end
+end
+if revoked > 0 then
+  tasks_ended(KEYS[1], P, ARGV[1], revoked, 0, revoked, ARGV[2])
+  redis.call('PUBLISH', ARGV[6], ARGV[1])
+end
+return 1 + revoked
+"""
+)

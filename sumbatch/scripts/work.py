@@ -1,0 +1,223 @@
+"""The workers' scripts: begin a task, count and log its attempts, record its outcome
+through the completion fence, and keep the work stream's claims and length in hand."""
+
+from sumbatch.scripts.lib import LIB
+
+# What a worker does with each handed-out entry. Per-group keys are named here from
+# the prefixes ``Keys.prefixes()`` sends (all share the hash tag of KEYS).
+# KEYS: work. ARGV: group, prefixes json, items json: [entry id, group id, index,
+# cache suffix] per item.  Returns per item: {0} ended already or expired
+# (acknowledged here), {1, result} cache hit, {2, attempt} run it (attempts counted
+# across every worker), or {3} refused: its group's keys are not what sumbatch wrote,
+# or its index is outside the group (left pending, untouched).
+BEGIN = (
+    LIB
+    + """
+local P = cjson.decode(ARGV[2])
+local items = cjson.decode(ARGV[3])
+local out = {}
+local seen = {}
+for n, item in ipairs(items) do
+  local g, index = group_of(P, seen, item[2]), item[3]
+  if g.state == 'gone' then
+    out[n] = {0}
+  elseif g.state == 'bad' or not index_ok(index, g.state) then
+    out[n] = {3}
+  elseif bit_set(g.ended, index) then
+    out[n] = {0}
+  else
+    local cached = redis.call('GET', P.cache .. item[4])
+    out[n] = cached and {1, cached} or {2}
+  end
+end
+-- Every check done: now the writes.
+for n, item in ipairs(items) do
+  if out[n][1] == 0 then
+    redis.call('XACK', KEYS[1], ARGV[1], item[1])
+  elseif out[n][1] == 2 then
+    out[n][2] = redis.call('BITFIELD', P.attempts .. item[2],
+      'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' .. item[3], 1)[1]
+  end
+end
+return out
+"""
+)
+
+# Count one more run of a task (a retry in the same worker), unless its group is gone
+# (expired: a late run must not bring its keys back). KEYS: attempts, ledger.
+# ARGV: index. Returns the attempt number, or 0.
+NEXT_ATTEMPT = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+return redis.call('BITFIELD', KEYS[1], 'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' .. ARGV[1], 1)[1]
+"""
+
+# Append progress events (started, retried) to the log and their group's audit
+# stream, unless the group is gone (expired: a late run must not bring its keys back)
+# or its keys are not what sumbatch wrote.
+# KEYS: events. ARGV: prefixes json, items json: [group id, event fields] per event.
+APPEND = (
+    LIB
+    + """
+local P = cjson.decode(ARGV[1])
+if not is_or_none(KEYS[1], 'stream') then
+  return redis.error_reply('ERR the event log key is not a stream (written by hand?)')
+end
+local items = cjson.decode(ARGV[2])
+local live = {}
+for _, item in ipairs(items) do
+  if live[item[1]] == nil then live[item[1]] = type(group_state(P, item[1])) == 'number' end
+end
+local appended = 0
+for _, item in ipairs(items) do
+  if live[item[1]] then
+    append(KEYS[1], P.log .. item[1], item[2])
+    appended = appended + 1
+  end
+end
+return appended
+"""
+)
+
+# The completion fence. Per item, atomically: if the task has not ended yet, mark it
+# ended, append its outcome (and a dead-letter note), cache a computed sum, copy a
+# failure to the dead-letter stream; then count the ended tasks per group, ending the
+# groups whose last task this was; and acknowledge every work entry. Items whose
+# group's keys are not what sumbatch wrote, or whose index is outside the group, are
+# refused: left pending, untouched.
+# KEYS: events, work, dead letters.
+# ARGV: group, result ttl, cache ttl, prefixes json, items json: per item
+#   [entry id, index, group id, state, cache it (1/0), result, cache suffix,
+#    outcome, after], outcome one event and after a list of events.
+# Returns {outcomes recorded, {refused entry ids}}.
+COMPLETE = (
+    LIB
+    + """
+local P = cjson.decode(ARGV[4])
+if not (is_or_none(KEYS[1], 'stream') and is_or_none(KEYS[2], 'stream')
+    and is_or_none(KEYS[3], 'stream')) then
+  return redis.error_reply('ERR a sumbatch stream key is not a stream (written by hand?)')
+end
+local items = cjson.decode(ARGV[5])
+local seen = {}
+local refused = {}
+local todo = {}
+for _, item in ipairs(items) do
+  local entry, index = item[1], item[2]
+  local total = group_of(P, seen, item[3]).state
+  if total == 'bad' or (total ~= 'gone' and not index_ok(index, total)) then
+    refused[#refused + 1] = entry
+  else
+    todo[#todo + 1] = item
+  end
+end
+-- Every check done: now the writes.
+local recorded = 0
+local groups, counts = {}, {}  -- groups in first-seen order; per group {ended, failed}
+local acks = {}
+for _, item in ipairs(todo) do
+  local entry, index, gid, state_, cache_it, result, cache, outcome, after = unpack(item)
+  if seen[gid].state ~= 'gone' and redis.call('SETBIT', P.ended .. gid, index, 1) == 0 then
+    recorded = recorded + 1
+    local log = P.log .. gid
+    local id = append(KEYS[1], log, outcome)
+    if state_ == 'FAILURE' then
+      -- Its own ids ('*'): other writers add to this stream too.
+      local copy = {unpack(outcome)}
+      copy[#copy + 1] = 'eventId'
+      copy[#copy + 1] = id
+      redis.call('XADD', KEYS[3], '*', unpack(copy))
+    end
+    for _, fields in ipairs(after) do append(KEYS[1], log, fields) end
+    if cache_it == '1' then redis.call('SET', P.cache .. cache, result, 'EX', ARGV[3]) end
+    if not counts[gid] then
+      counts[gid] = {0, 0}
+      groups[#groups + 1] = gid
+    end
+    counts[gid][1] = counts[gid][1] + 1
+    if state_ == 'FAILURE' then counts[gid][2] = counts[gid][2] + 1 end
+  end
+  acks[#acks + 1] = entry
+end
+for _, gid in ipairs(groups) do
+  tasks_ended(KEYS[1], P, gid, counts[gid][1], counts[gid][2], 0, ARGV[2])
+end
+if #acks > 0 then redis.call('XACK', KEYS[2], ARGV[1], unpack(acks)) end
+return {recorded, refused}
+"""
+)
+
+# Acknowledge work entries whose task has ended (revoked by a cancel, or finished
+# elsewhere) or whose group is gone; leave the others pending.
+# KEYS: work. ARGV: group, prefixes json, items json: [entry id, group id, index].
+# Returns the entry ids acknowledged.
+RELEASE_ENDED = (
+    LIB
+    + """
+local P = cjson.decode(ARGV[2])
+local released = {}
+local seen = {}
+for _, item in ipairs(cjson.decode(ARGV[3])) do
+  local entry, index = item[1], item[3]
+  local g = group_of(P, seen, item[2])
+  if g.state == 'gone' or (type(g.state) == 'number' and index_ok(index, g.state)
+      and bit_set(g.ended, index)) then
+    released[#released + 1] = entry
+  end
+end
+if #released > 0 then redis.call('XACK', KEYS[1], ARGV[1], unpack(released)) end
+return released
+"""
+)
+
+# Reset the idle time of entries this consumer still owns, so a live worker keeps its
+# long tasks; or, with a non-zero idle, hand them back (make them claimable at once).
+# KEYS: work. ARGV: group, consumer, idle ms, ids... Returns the ids another consumer
+# took over (ids no longer pending were acknowledged: nothing to do).
+RENEW = """
+local lost = {}
+for a = 4, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[a], ARGV[a], 1)
+  if p[1] then
+    if p[1][2] == ARGV[2] then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[a], 'IDLE', ARGV[3], 'JUSTID')
+    else
+      lost[#lost + 1] = ARGV[a]
+    end
+  end
+end
+return lost
+"""
+
+# Drop work entries every consumer is done with: those below the oldest pending entry,
+# or below the last one handed out when none is pending. KEYS: work. ARGV: group.
+TRIM_WORK = """
+local last
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for j = 1, #g, 2 do info[g[j]] = g[j + 1] end
+  if info['name'] == ARGV[1] then last = info['last-delivered-id'] end
+end
+if not last then return 0 end
+local summary = redis.call('XPENDING', KEYS[1], ARGV[1])
+local minid = last
+if tonumber(summary[1]) > 0 then minid = summary[2] end
+return redis.call('XTRIM', KEYS[1], 'MINID', minid)
+"""
+
+# Remove a consumer only if it still has nothing pending and is still idle: XGROUP
+# DELCONSUMER drops a consumer's pending entries, which would lose tasks.
+# KEYS: work. ARGV: group, consumer, min idle ms. Returns 1 if removed.
+FORGET_CONSUMER = """
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for j = 1, #c, 2 do info[c[j]] = c[j + 1] end
+  if info['name'] == ARGV[2] then
+    if info['pending'] == 0 and info['idle'] >= tonumber(ARGV[3]) then
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+      return 1
+    end
+    return 0
+  end
+end
+return 0
+"""
