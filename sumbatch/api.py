@@ -18,15 +18,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from sumbatch import ids
 from sumbatch.config import Settings
 from sumbatch.openapi import openapi_schema
-from sumbatch.outage import REDIS_DOWN, is_transient, refusal
+from sumbatch.outage import is_transient
 from sumbatch.projection import GroupView
+from sumbatch.responses import EXCEPTION_HANDLERS, JSONResponse, error
 from sumbatch.store import CancelOutcome, NotDurable, Store, open_store
 from sumbatch.submission import Submission
 from sumbatch.wire import Cancelled, GroupCreated, GroupIn, GroupStatus, TaskStatus
@@ -43,17 +44,6 @@ REDIS_TIMEOUT = 1.0
 # How long durable mode waits for the fsync; the socket timeout is raised above it, so
 # a slow fsync answers "not confirmed", never a timeout.
 FSYNC_TIMEOUT_MS = 2000
-
-
-class JSONResponse(Response):
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return _encoder.encode(content)
-
-
-def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -229,34 +219,6 @@ async def openapi(request: Request) -> Response:
     return Response(request.state.openapi, media_type="application/json")
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    return error(exc.status_code, exc.detail, dict(exc.headers or {}))
-
-
-async def _redis_error(request: Request, exc: Exception) -> Response:
-    """Redis away, or refusing for now (out of memory, read-only, loading, busy, a
-    failover): not the client's fault, so 503 and try again. Anything else is ours."""
-    name = refusal(exc)
-    if name is not None:
-        return error(503, f"storage refused the request ({name}); retry later",
-                     {"Retry-After": "1"})  # fmt: skip
-    if isinstance(exc, REDIS_DOWN):
-        return error(503, "storage unavailable, retry later", {"Retry-After": "1"})
-    return await _internal(request, exc)
-
-
-async def _client_gone(request: Request, exc: Exception) -> Response:
-    # The client left mid-body, or the server's body timeout cut it off: nothing was
-    # appended, and it is not a server error.
-    return error(408, "the request body did not arrive in time")
-
-
-async def _internal(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error(500, "internal error")
-
-
 async def durable_problem(settings: Settings) -> str | None:
     """Why durable mode cannot run on the configured server, or None (also when Redis
     cannot be reached: then the first POST checks). For a clean refusal at start,
@@ -318,10 +280,5 @@ def create_app(settings: Settings) -> Starlette:
     return Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={
-            HTTPException: _http_error,
-            RedisError: _redis_error,
-            ClientDisconnect: _client_gone,
-            Exception: _internal,
-        },
+        exception_handlers=EXCEPTION_HANDLERS,
     )
