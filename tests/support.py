@@ -1,22 +1,15 @@
-"""Helpers the tests share: submitting groups, reading what was written, running the
-consumers in-process, waiting on conditions, running our real processes."""
+"""Helpers the tests share: posting groups, reading what was written, running the
+consumers in-process. Submitting groups, waiting on conditions and running our real
+processes come from sumbatch.testing, which the benchmarks share; they are named here
+too, so a test takes all its helpers from one place."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import random
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO, Any, TypeVar, cast
+from typing import Any, cast
 
 import redis
 from starlette.testclient import TestClient
@@ -33,72 +26,27 @@ from sumbatch.events import (
     TaskStarted,
     from_fields,
 )
-from sumbatch.projection import GroupView
 from sumbatch.replay import differences
-from sumbatch.store import Store, open_store
-from sumbatch.submission import Submission
-from sumbatch.wire import TaskIn
+from sumbatch.store import Entry, Store, open_store
+from sumbatch.testing import Groups as Groups
+from sumbatch.testing import Processes as Processes
+from sumbatch.testing import all_processed as all_processed
+from sumbatch.testing import body_of as body_of
+from sumbatch.testing import env_for as env_for
+from sumbatch.testing import free_port as free_port
+from sumbatch.testing import processes as processes
+from sumbatch.testing import submit as submit
+from sumbatch.testing import wait_until as wait_until
+from sumbatch.testing import wait_until_sync as wait_until_sync
 
-T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A port free now, for a server a test is about to start. Taken below the kernel's
-    ephemeral range, so that no outgoing connection can be given it before that server
-    binds it (as a port from bind(0) can be), and never one handed out before in this
-    run, so that two servers of one test never get the same."""
-    first_ephemeral = 32768
-    with contextlib.suppress(OSError, ValueError):
-        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    while True:
-        port = random.randrange(20000, max(20001, first_ephemeral))
-        if port in _handed_out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-
-
-async def wait_until(
-    predicate: Callable[[], Awaitable[T]], within: float = 30.0, what: str = "condition"
-) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``within`` s."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-def wait_until_sync(
-    predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition"
-) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def has_waitaof(url: str) -> bool:
     """Whether the server knows WAITAOF (Redis 7.2+, Valkey): durable mode's check."""
     client = redis.Redis.from_url(url)
     try:
-        client.execute_command("WAITAOF", 0, 0, 1)
+        client.execute_command("WAITAOF", 0, 0, 1)  # type: ignore[no-untyped-call]
     except redis.ResponseError as exc:
         return "unknown command" not in str(exc)
     finally:
@@ -106,15 +54,7 @@ def has_waitaof(url: str) -> bool:
     return True
 
 
-Groups = list[tuple[str, list[str]]]
-"""Submitted groups: each group's id and its task ids."""
-
-
 # -- submitting ---------------------------------------------------------------------
-
-
-def body_of(pairs: list[tuple[int, int]]) -> dict[str, Any]:
-    return {"tasks": [{"paramA": a, "paramB": b} for a, b in pairs]}
 
 
 def post_group(client: TestClient, pairs: list[tuple[int, int]]) -> dict[str, Any]:
@@ -123,16 +63,6 @@ def post_group(client: TestClient, pairs: list[tuple[int, int]]) -> dict[str, An
     assert response.status_code == 200, response.text
     created: dict[str, Any] = response.json()
     return created
-
-
-async def submit(store: Store, pairs: list[tuple[int, int]]) -> tuple[str, list[str]]:
-    """Submit the group straight to the store, as the API does; (group id, task ids)."""
-    sub = Submission.of([TaskIn(a, b) for a, b in pairs])
-    created = sub.created
-    await store.submit(
-        [sub.event], sub.work, GroupView.submitted(created.group_task_id, len(pairs))
-    )
-    return created.group_task_id, created.task_ids
 
 
 # -- reading what was written, over a plain client ----------------------------------
@@ -163,7 +93,8 @@ def appended(raw: redis.Redis, settings: Settings) -> tuple[int, int]:
 
 
 async def log_events(store: Store) -> list[AnyEvent]:
-    return [from_fields(fields) for _, fields in await store.redis.xrange(store.keys.events)]
+    read = cast(list[Entry], await store.redis.xrange(store.keys.events))
+    return [from_fields(fields) for _, fields in read]
 
 
 async def log_of(settings: Settings) -> list[AnyEvent]:
@@ -199,14 +130,6 @@ def worker_idle(store: Store, worker: Worker) -> Callable[[], Awaitable[bool]]:
 async def group_finished(store: Store, gid: str) -> bool:
     events = await log_events(store)
     return any(isinstance(e, GroupFinished) and e.group_task_id == gid for e in events)
-
-
-async def all_processed(store: Store, groups: Groups) -> bool:
-    for gid, _ in groups:
-        view = await store.group_view(gid)
-        if view is None or not view.processed:
-            return False
-    return True
 
 
 async def assert_exactly_once(store: Store, groups: Groups) -> None:
@@ -287,67 +210,3 @@ class Gate:
 
     def open(self) -> None:
         self.opened.set()
-
-
-def env_for(settings: Settings) -> dict[str, str]:
-    """The environment that configures a sumbatch process like ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SUMBATCH_")}
-    env.update(
-        REDIS_URL=settings.client_url,
-        SUMBATCH_NAMESPACE=settings.namespace,
-        SUMBATCH_DELAY=f"{settings.delay.low}-{settings.delay.high}",
-        SUMBATCH_CLAIM_TIMEOUT=str(settings.claim_timeout),
-        SUMBATCH_MAX_ATTEMPTS=str(settings.max_attempts),
-        SUMBATCH_RETRY_BASE=str(settings.retry_base),
-        SUMBATCH_HANDLER=settings.handler,
-        SUMBATCH_LOG_LEVEL="WARNING",
-        PYTHONPATH=str(ROOT),
-    )
-    return env
-
-
-class Processes:
-    """Real sumbatch processes started by a test; all killed at teardown."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.started: list[subprocess.Popen[bytes]] = []
-        self.files: list[IO[bytes]] = []
-
-    def start(
-        self, settings: Settings, *args: str, env: dict[str, str] | None = None
-    ) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{args[0]}-{len(self.started)}.log").open("wb")
-        self.files.append(log)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "sumbatch", *args],
-            env=env or env_for(settings),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-        self.started.append(process)
-        return process
-
-    @staticmethod
-    def kill9(process: subprocess.Popen[bytes]) -> None:
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
-
-    def cleanup(self) -> None:
-        for process in self.started:
-            if process.poll() is None:
-                process.kill()
-                process.wait(10)
-        for log in self.files:
-            log.close()
-
-
-@contextmanager
-def processes(logs: Path) -> Iterator[Processes]:
-    procs = Processes(logs)
-    try:
-        yield procs
-    finally:
-        procs.cleanup()

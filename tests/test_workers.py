@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 from collections import Counter
 from pathlib import Path
+from typing import cast
 
 import msgspec
 import pytest
@@ -15,8 +14,9 @@ from consumers.projector import Projector
 from consumers.worker import Worker
 from sumbatch.config import Settings
 from sumbatch.events import GroupFinished, TaskCompleted, TaskStarted
-from sumbatch.store import Outcome, Store, open_store
+from sumbatch.store import Entry, Outcome, open_store
 from sumbatch.tasks import Delay
+from sumbatch.testing import blocked_in_xreadgroup
 from tests.support import Processes, log_events, submit, wait_until, work_pending
 
 
@@ -149,9 +149,7 @@ def test_load_spreads_over_worker_processes(settings: Settings, procs: Processes
             async def all_reading() -> bool:
                 return await blocked_in_xreadgroup(store, workers)
 
-            # Before Redis 7.2, XINFO CONSUMERS lists a consumer only once it has been
-            # served an entry; a blocked XREADGROUP on each process's connection is what
-            # says both are waiting for work, on every server line.
+            # Both waiting for work, or the first to come up would take every group.
             await wait_until(all_reading, what="both worker processes to block in XREADGROUP")
             groups = []
             for g in range(10):
@@ -171,39 +169,6 @@ def test_load_spreads_over_worker_processes(settings: Settings, procs: Processes
             await store.aclose()
 
     asyncio.run(scenario())
-
-
-def local_ports(pid: int) -> set[int]:
-    """The local ports of the TCP sockets process ``pid`` holds (from Linux /proc)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:  # closed meanwhile
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target.removeprefix("socket:[").removesuffix("]"))
-    ports = set()
-    for table in ("tcp", "tcp6"):
-        path = Path(f"/proc/{pid}/net/{table}")
-        for line in path.read_text().splitlines()[1:] if path.exists() else []:
-            columns = line.split()
-            if columns[9] in inodes:
-                ports.add(int(columns[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
-async def blocked_in_xreadgroup(store: Store, workers: list[subprocess.Popen[bytes]]) -> bool:
-    """Whether every one of ``workers`` has a connection blocked in XREADGROUP."""
-    for worker in workers:
-        assert worker.poll() is None, f"worker {worker.pid} exited with {worker.returncode}"
-    clients = await store.redis.client_list()
-    blocked = {
-        int(c["addr"].rsplit(":", 1)[1])
-        for c in clients
-        if c["cmd"] == "xreadgroup" and "b" in c["flags"]
-    }
-    return all(local_ports(worker.pid) & blocked for worker in workers)
 
 
 def test_a_failing_task_is_retried_then_ends_as_failure_and_the_group_finishes(
@@ -254,7 +219,7 @@ def test_an_unreadable_work_entry_is_dead_lettered_and_blocks_nothing(settings: 
             await Projector(store).run_until_idle()
             view = await store.group_view(gid)
             assert view is not None and view.results == [3, 7]
-            [(_, dead)] = await store.redis.xrange(store.keys.dead_letters)
+            [(_, dead)] = cast(list[Entry], await store.redis.xrange(store.keys.dead_letters))
             assert dead["type"] == "UnreadableWorkEntry" and dead["x"] == "1"
             assert await work_pending(store) == 0
         finally:

@@ -7,104 +7,35 @@ Starts its own Redis-compatible server, measures the raw Streams ceiling loop on
 (ops/bench/ceiling.py) and the HTTP client's floor against an in-memory stub
 (ops/bench/stub.py), then runs each scenario against `sumbatch api`, `sumbatch
 worker` and `sumbatch projector` processes, checking every sum. Prints a table and
-writes JSON to ops/bench/results/.
+writes JSON to ops/bench/results/ (ops/bench/report.py); a figure not measured is
+printed as missing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
-import random
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
+import ceiling
 import httpx2 as httpx
 import redis
+from common import peak_rss_kib, service, tasks_for, wait_ready
+from report import Row, report
+
+from sumbatch.embedded import EmbeddedServer
+from sumbatch.testing import free_port
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import ceiling  # noqa: E402
-from common import free_port, peak_rss_kib  # noqa: E402
-
-from sumbatch.embedded import EmbeddedServer  # noqa: E402
-
-ME = [sys.executable, "-m", "sumbatch"]
 # Groups each client keeps in flight: one at a time, a client polling every 50 ms can
 # never pass 100 tasks / 50 ms = 2,000 tasks/s, whatever the server does.
 WINDOW = 4
-
-
-@dataclass
-class Row:
-    figure: str
-    value: float
-    unit: str
-    reference: float | None = None
-    reference_name: str = ""
-    goal: str = ""
-
-    @property
-    def ratio(self) -> float | None:
-        return None if not self.reference else self.value / self.reference
-
-
-def wait_ready(base: str, path: str = "/readyz", timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + path, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit(f"{base} not ready")
-
-
-@contextmanager
-def service(
-    url: str, namespace: str, delay: str, workers: int, up: bool = False
-) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
-    """The real processes, configured by environment as a user would."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SUMBATCH_")}
-    env.update(
-        REDIS_URL=url, SUMBATCH_NAMESPACE=namespace, SUMBATCH_DELAY=delay,
-        SUMBATCH_LOG_LEVEL="WARNING",
-    )  # fmt: skip
-    if up:
-        cmd = [*ME, "up", "--port", str(port)]
-        children = [subprocess.Popen(cmd, env=env)]
-    else:
-        children = [subprocess.Popen([*ME, "api", "--port", str(port)], env=env)]
-        children += [subprocess.Popen([*ME, "worker"], env=env) for _ in range(workers)]
-        children.append(subprocess.Popen([*ME, "projector"], env=env))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base)
-        yield base, children
-    finally:
-        for child in children:
-            child.send_signal(signal.SIGTERM)
-        for child in children:
-            child.wait(60)
-
-
-def tasks_for(n: int) -> tuple[dict[str, Any], list[int]]:
-    pairs = [(random.randrange(-(10**9), 10**9), random.randrange(10**9)) for _ in range(n)]
-    return {"tasks": [{"paramA": a, "paramB": b} for a, b in pairs]}, [a + b for a, b in pairs]
 
 
 async def run_group(client: httpx.AsyncClient, size: int, poll: float) -> tuple[float, float, int]:
@@ -166,8 +97,9 @@ async def latencies(base: str, reps: int, size: int, poll: float) -> list[tuple[
         return out
 
 
-async def poll_cost(base: str, size: int) -> dict[str, float]:
-    """GET latency of one big group early in its life and late (many more events)."""
+async def poll_cost(base: str, size: int) -> dict[str, float | None]:
+    """GET latency of one big group while it runs, early in its life, and once finished
+    (its log longest). A phase no GET landed in has no figure (None)."""
     body, expected = tasks_for(size)
     async with httpx.AsyncClient(base_url=base, timeout=60) as client:
         gid = (await client.post("/grouptasks", json=body)).json()["groupTaskId"]
@@ -179,20 +111,24 @@ async def poll_cost(base: str, size: int) -> dict[str, float]:
             if group["grouptaskProcessed"]:
                 break
             await asyncio.sleep(0.005)
-        assert group["results"] == expected, "wrong results"
-        # Cost after the group ended, when its log is longest.
+        if group["results"] != expected:
+            raise SystemExit(f"wrong results for group {gid}")
         late = []
         for _ in range(50):
             start = time.perf_counter()
             await client.get(f"/grouptasks/{gid}")
             late.append(time.perf_counter() - start)
     running = [s for done, s in samples if done < size]
-    early = [s for done, s in samples if done <= size // 10] or running[:5]
+    early = [s for done, s in samples if done <= size // 10]
     return {
-        "p50_while_running_ms": statistics.median(running or late) * 1000,
-        "p50_early_ms": statistics.median(early or late) * 1000,
-        "p50_finished_ms": statistics.median(late) * 1000,
+        "p50_while_running_ms": p50_ms(running),
+        "p50_early_ms": p50_ms(early),
+        "p50_finished_ms": p50_ms(late),
     }
+
+
+def p50_ms(seconds: list[float]) -> float | None:
+    return statistics.median(seconds) * 1000 if seconds else None
 
 
 def pct(values: list[float], q: float) -> float:
@@ -202,9 +138,12 @@ def pct(values: list[float], q: float) -> float:
 
 def redis_memory_per_task(url: str, base: str, groups: int, size: int) -> float:
     client = redis.Redis.from_url(url)
-    before = int(client.info("memory")["used_memory"])
-    asyncio.run(throughput(base, groups, size, clients=4, poll=0.05))
-    after = int(client.info("memory")["used_memory"])
+    try:
+        before = int(client.info("memory")["used_memory"])
+        asyncio.run(throughput(base, groups, size, clients=4, poll=0.05))
+        after = int(client.info("memory")["used_memory"])
+    finally:
+        client.close()
     return (after - before) / (groups * size)
 
 
@@ -223,11 +162,14 @@ def main() -> None:
     try:
         wait_ready(f"http://127.0.0.1:{stub_port}")
         print("measuring the ceiling loop ...", flush=True)
-        ceil = ceiling.measure(server.url, 50_000 if quick else 200_000)
+        loop_tasks = 50_000 if quick else 200_000
+        ceil = ceiling.measure(server.url, loop_tasks)
         e2e_ceiling = ceil["end_to_end_tasks_per_s"]
         produce_ceiling = ceil["produce_tasks_per_s"]
-        rows.append(Row("ceiling: end-to-end tasks/s", e2e_ceiling, "tasks/s"))
-        rows.append(Row("ceiling: produce tasks/s", produce_ceiling, "tasks/s"))
+        rows.append(Row(f"ceiling: end-to-end tasks/s ({loop_tasks:,} tasks)", e2e_ceiling,
+                        "tasks/s"))  # fmt: skip
+        rows.append(Row(f"ceiling: produce tasks/s ({loop_tasks:,} tasks)", produce_ceiling,
+                        "tasks/s"))  # fmt: skip
 
         stub_base = f"http://127.0.0.1:{stub_port}"
         groups = 50 if quick else 200
@@ -260,15 +202,16 @@ def main() -> None:
                             floor_p50, "client floor", "<= 3 ms"))  # fmt: skip
             rows.append(Row("latency: 4 tasks, POST until processed p99", pct(totals, 0.99), "ms",
                             goal="<= 15 ms"))  # fmt: skip
-            cost = asyncio.run(poll_cost(base, 2000 if quick else 10_000))
-            rows.append(Row("polling: GET of a 10,000-task group while running p50",
+            big = 2000 if quick else 10_000
+            cost = asyncio.run(poll_cost(base, big))
+            rows.append(Row(f"polling: GET of a {big:,}-task group while running p50",
                             cost["p50_while_running_ms"], "ms", goal="<= 5 ms"))  # fmt: skip
-            rows.append(Row("polling: GET p50 when finished / when 10% done",
+            rows.append(Row("polling: GET p50 when finished / when <= 10% done",
                             cost["p50_finished_ms"], "ms", cost["p50_early_ms"], "early GET",
                             "~1 (O(1))"))  # fmt: skip
             per_task = redis_memory_per_task(server.url, base, 20, 500)
-            rows.append(Row("Redis memory per finished task (before expiry)", per_task, "bytes",
-                            goal="<= 1024"))  # fmt: skip
+            rows.append(Row("Redis memory per finished task: 20 x 500, before expiry", per_task,
+                            "bytes", goal="<= 1024"))  # fmt: skip
 
         if not quick:
             print("the original workload: 1,000 x 3-10 s on one worker ...", flush=True)
@@ -281,8 +224,8 @@ def main() -> None:
                 _, total, _ = asyncio.run(one_group(base, 10_000, 0.1))
                 rows.append(Row("10,000 tasks x 3-10 s, `sumbatch up`: processed in", total, "s",
                                 goal="<= 15 s"))  # fmt: skip
-                rss = max(worker_rss(procs[0].pid))
-                rows.append(Row("  worker peak RSS", rss / 1024, "MiB"))
+                rss = peak_worker_rss(procs[0].pid)
+                rows.append(Row("  worker peak RSS", None if rss is None else rss / 1024, "MiB"))
     finally:
         stub.send_signal(signal.SIGTERM)
         stub.wait(10)
@@ -291,39 +234,16 @@ def main() -> None:
     report(rows, args)
 
 
-def worker_rss(up_pid: int) -> list[int]:
-    """Peak RSS of `sumbatch worker` children of a `sumbatch up` process."""
+def peak_worker_rss(up_pid: int) -> int | None:
+    """The largest peak RSS (KiB) of the `sumbatch worker` children of a `sumbatch up`
+    process; None unless every one was found and read, since the largest of some is
+    not the figure."""
     out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(up_pid)],
-                         capture_output=True, text=True).stdout  # fmt: skip
+                         capture_output=True, text=True, check=False).stdout  # fmt: skip
     pids = [int(line.split()[0]) for line in out.splitlines() if " worker" in line]
-    return [peak_rss_kib(pid) for pid in pids] or [0]
-
-
-def report(rows: list[Row], args: argparse.Namespace) -> None:
-    width = max(len(r.figure) for r in rows)
-    print()
-    print(f"{'figure':<{width}}  {'value':>12}  {'unit':<8} {'ratio':>7}  reference / goal")
-    for r in rows:
-        ratio = f"{r.ratio:7.3f}" if r.ratio is not None else " " * 7
-        ref = f"{r.reference_name} {r.reference:,.1f}" if r.reference else ""
-        print(f"{r.figure:<{width}}  {r.value:12,.2f}  {r.unit:<8} {ratio}  {ref} {r.goal}")
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    out = results / time.strftime("bench-%Y%m%d-%H%M%S.json")
-    out.write_text(
-        json.dumps(
-            {
-                "settings": {
-                    **vars(args),
-                    "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                },
-                "rows": [{**asdict(r), "ratio": r.ratio} for r in rows],
-            },
-            indent=2,
-        )
-    )
-    print(f"\nwritten to {out}")
+    peaks = [peak_rss_kib(pid) for pid in pids]
+    known = [kib for kib in peaks if kib is not None]
+    return max(known) if known and len(known) == len(peaks) else None
 
 
 if __name__ == "__main__":

@@ -1,29 +1,78 @@
-"""Small helpers the benchmark scripts share (each script runs with this folder on
-sys.path, as `python ops/bench/<script>.py` puts it there)."""
+"""What the benchmark scripts share beyond sumbatch.testing: running the service's real
+processes as a user would, and reading figures off them. (Each script runs with this
+folder on sys.path, as `python ops/bench/<script>.py` puts it there.)"""
 
 from __future__ import annotations
 
 import random
-import socket
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+
+from sumbatch.testing import body_of, clean_env, free_port, wait_until_sync
+
+ME = [sys.executable, "-m", "sumbatch"]
 
 
-def free_port() -> int:
-    """A free port below the kernel's ephemeral range (as tests/support.py picks
-    them), so no outgoing connection takes it before the server that is to bind it."""
-    while True:
-        port = random.randrange(20000, 32768)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-
-
-def peak_rss_kib(pid: int) -> int:
-    """A live process's peak resident memory (VmHWM), in KiB; 0 if unknown."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+def peak_rss_kib(pid: int) -> int | None:
+    """A live process's peak resident memory (VmHWM), in KiB; None when it is not
+    known (the process is gone, or the kernel does not say)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
-    return 0
+    return None
+
+
+def wait_ready(base: str, path: str = "/readyz", timeout: float = 30) -> None:
+    def ready() -> bool:
+        try:
+            return httpx.get(base + path, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until_sync(ready, timeout, f"{base}{path} to answer 200")
+
+
+@contextmanager
+def service(
+    url: str, namespace: str, delay: str, workers: int, up: bool = False
+) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+    """The real processes, configured by environment as a user would: the API's base
+    URL, and the children, in order the API, the workers, the projector (with ``up``,
+    the one `sumbatch up`, whose children they are)."""
+    port = free_port()
+    env = clean_env(
+        REDIS_URL=url, SUMBATCH_NAMESPACE=namespace, SUMBATCH_DELAY=delay,
+        SUMBATCH_LOG_LEVEL="WARNING",
+    )  # fmt: skip
+    if up:
+        children = [subprocess.Popen([*ME, "up", "--port", str(port)], env=env)]
+    else:
+        children = [subprocess.Popen([*ME, "api", "--port", str(port)], env=env)]
+        children += [subprocess.Popen([*ME, "worker"], env=env) for _ in range(workers)]
+        children.append(subprocess.Popen([*ME, "projector"], env=env))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base)
+        yield base, children
+    finally:
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+        for child in children:
+            child.wait(60)
+
+
+def tasks_for(n: int) -> tuple[dict[str, Any], list[int]]:
+    """A POST body of ``n`` random tasks, and the sums it must come back with."""
+    pairs = [(random.randrange(-(10**9), 10**9), random.randrange(10**9)) for _ in range(n)]
+    return body_of(pairs), [a + b for a, b in pairs]

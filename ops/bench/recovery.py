@@ -19,12 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -32,200 +28,149 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from common import free_port
-
 from sumbatch.config import Settings
 from sumbatch.embedded import EmbeddedServer
 from sumbatch.events import WORKER_GROUP
-from sumbatch.projection import GroupView
 from sumbatch.store import Entry, Store, open_store
-from sumbatch.submission import Submission
-from sumbatch.wire import TaskIn
+from sumbatch.tasks import Delay
+from sumbatch.testing import (
+    Processes,
+    all_processed,
+    blocked_in_xreadgroup,
+    eventually,
+    free_port,
+    processes,
+    submit,
+    wait_until,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-DELAY = "1-2"
+DELAY = Delay(1.0, 2.0)
 
 
 @dataclass
 class Result:
+    """One claim timeout's figures, in seconds from the kill; None where nothing was
+    measured (no orphan restarted, or none completed within the wait)."""
+
     claim_timeout_s: float
     tasks: int
     orphaned: int
-    first_restart_s: float  # kill -> first orphan started again (attempt 2)
-    last_restart_s: float
-    first_completion_s: float  # kill -> first orphan completed elsewhere
-    median_completion_s: float
-    recovery_s: float  # kill -> last orphan completed elsewhere
+    orphans_completed: int  # of them, within claim timeout x 1.5 + 15 s of the kill
+    first_restart_s: float | None  # kill -> first orphan started again (attempt 2+)
+    last_restart_s: float | None
+    first_completion_s: float | None  # kill -> first orphan completed elsewhere
+    median_completion_s: float | None
+    recovery_s: float | None  # kill -> last orphan completed elsewhere; None if not all did
     expected_s: str  # the window the policy predicts, delay included
-    group_processed: bool
+    group_processed: bool  # the group's view says processed, within 15 s after that
 
 
 def entry_ms(entry_id: str) -> int:
     return int(entry_id.partition("-")[0])
 
 
-async def wait_for(what: str, within: float, predicate: Any) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out after {within:.0f} s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def local_ports(pid: int) -> set[int]:
-    """The local ports of the TCP sockets process ``pid`` holds (from Linux /proc)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:  # closed meanwhile
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target.removeprefix("socket:[").removesuffix("]"))
-    ports = set()
-    for table in ("tcp", "tcp6"):
-        path = Path(f"/proc/{pid}/net/{table}")
-        for line in path.read_text().splitlines()[1:] if path.exists() else []:
-            columns = line.split()
-            if columns[9] in inodes:
-                ports.add(int(columns[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
-async def blocked_in_xreadgroup(store: Store, workers: list[subprocess.Popen[bytes]]) -> bool:
-    """Whether every one of ``workers`` has a connection blocked in XREADGROUP."""
-    for worker in workers:
-        if worker.poll() is not None:
-            raise SystemExit(f"worker {worker.pid} exited with {worker.returncode}")
-    blocked = {
-        int(c["addr"].rsplit(":", 1)[1])
-        for c in await store.redis.client_list()
-        if c["cmd"] == "xreadgroup" and "b" in c["flags"]
-    }
-    return all(local_ports(worker.pid) & blocked for worker in workers)
+def since(killed_ms: float, times_ms: list[int]) -> list[float]:
+    return sorted(round((ms - killed_ms) / 1000, 3) for ms in times_ms)
 
 
 async def measure(url: str, claim_timeout: float, tasks: int, logs: Path) -> Result:
     namespace = f"recovery-{uuid.uuid4().hex[:8]}"
-    settings = Settings(redis_url=url, namespace=namespace)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SUMBATCH_")}
-    env.update(
-        REDIS_URL=url,
-        SUMBATCH_NAMESPACE=namespace,
-        SUMBATCH_DELAY=DELAY,
-        SUMBATCH_CLAIM_TIMEOUT=str(claim_timeout),
-        SUMBATCH_LOG_LEVEL="WARNING",
+    settings = Settings(
+        redis_url=url, namespace=namespace, delay=DELAY, claim_timeout=claim_timeout
     )
+    logs = logs / namespace
+    logs.mkdir()
     store: Store = open_store(settings)
-    children: dict[str, subprocess.Popen[bytes]] = {}
-    files = []
-
-    def start(name: str, *args: str) -> None:
-        log = (logs / f"{namespace}-{name}.log").open("wb")
-        files.append(log)
-        children[name] = subprocess.Popen(
-            [sys.executable, "-m", "sumbatch", *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-
     try:
-        await store.ensure_worker_group()
-        for name in ("w1", "w2"):
-            start(name, "worker", "--name", name)
-        start("projector", "projector")
-
-        async def both_reading() -> bool:
-            # Not XINFO CONSUMERS: before Redis 7.2 it lists a consumer only once it has
-            # been served an entry, so it would never list a worker that waits for work.
-            return await blocked_in_xreadgroup(store, [children["w1"], children["w2"]])
-
-        await wait_for("both workers to block in XREADGROUP", 30, both_reading)
-        rand = random.randrange
-        sub = Submission.of([TaskIn(rand(10**9), rand(10**9)) for _ in range(tasks)])
-        gid = sub.created.group_task_id
-        await store.submit([sub.event], sub.work, GroupView.submitted(gid, tasks))
-
-        async def log_of(kind: str) -> list[tuple[str, dict[str, str]]]:
-            entries = cast(list[Entry], await store.redis.xrange(store.keys.group_log(gid)))
-            return [(eid, f) for eid, f in entries if f["type"] == kind]
-
-        async def all_started() -> bool:
-            return len(await log_of("TaskStarted")) >= tasks
-
-        await wait_for("every task to start", 30, all_started)
-        summary: dict[str, Any] = await store.redis.xpending(store.keys.work, WORKER_GROUP)
-        holders = {c["name"]: int(c["pending"]) for c in summary["consumers"] or []}
-        victim = max(holders, key=lambda name: holders[name])
-        pending: list[dict[str, Any]] = await store.redis.xpending_range(
-            store.keys.work, WORKER_GROUP, min="-", max="+", count=tasks, consumername=victim
-        )
-        orphan_entries = [p["message_id"] for p in pending]
-        orphans = set()
-        for entry_id in orphan_entries:
-            work = await store.redis.xrange(store.keys.work, entry_id, entry_id)
-            [(_, fields)] = cast(list[Entry], work)
-            orphans.add(fields["taskId"])
-
-        children[victim].send_signal(signal.SIGKILL)
-        killed_ms = time.time() * 1000
-        children[victim].wait(10)
-
-        async def orphans_done() -> list[tuple[str, dict[str, str]]]:
-            done = [(e, f) for e, f in await log_of("TaskCompleted") if f["taskId"] in orphans]
-            return done if len(done) == len(orphans) else []
-
-        completions = await wait_for(
-            "the orphans to complete elsewhere", claim_timeout * 1.5 + 15, orphans_done
-        )
-        restarts = [
-            entry_ms(e)
-            for e, f in await log_of("TaskStarted")
-            if f["taskId"] in orphans and f["attempt"] != "1"
-        ]
-        done_s = sorted((entry_ms(e) - killed_ms) / 1000 for e, _ in completions)
-        assert all(f["worker"] != victim for _, f in completions)
-
-        async def processed() -> bool:
-            view = await store.group_view(gid)
-            return view is not None and view.processed
-
-        group_processed = bool(await wait_for("the group view", 15, processed))
-        low, high = (float(x) for x in DELAY.split("-"))
-        return Result(
-            claim_timeout_s=claim_timeout,
-            tasks=tasks,
-            orphaned=len(orphans),
-            first_restart_s=round((min(restarts) - killed_ms) / 1000, 3),
-            last_restart_s=round((max(restarts) - killed_ms) / 1000, 3),
-            first_completion_s=round(done_s[0], 3),
-            median_completion_s=round(statistics.median(done_s), 3),
-            recovery_s=round(done_s[-1], 3),
-            expected_s=f"{0.75 * claim_timeout + low:.2f}-{1.25 * claim_timeout + high:.2f}",
-            group_processed=group_processed,
-        )
+        with processes(logs) as procs:
+            return await _measure(store, settings, tasks, procs)
     finally:
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children.values():
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        for log in files:
-            log.close()
         keys = [k async for k in store.redis.scan_iter(match=f"{{{namespace}}}:*")]
         if keys:
             await store.redis.delete(*keys)
         await store.aclose()
+
+
+async def _measure(store: Store, settings: Settings, tasks: int, procs: Processes) -> Result:
+    await store.ensure_worker_group()
+    workers = {name: procs.start(settings, "worker", "--name", name) for name in ("w1", "w2")}
+    procs.start(settings, "projector")
+
+    async def both_reading() -> bool:
+        return await blocked_in_xreadgroup(store, list(workers.values()))
+
+    # Both waiting for work, so that both take entries and one has some to orphan.
+    await wait_until(both_reading, 30, "both workers to block in XREADGROUP")
+    rand = random.randrange
+    group = await submit(store, [(rand(10**9), rand(10**9)) for _ in range(tasks)])
+    gid = group[0]
+
+    async def log_of(kind: str) -> list[Entry]:
+        entries = cast(list[Entry], await store.redis.xrange(store.keys.group_log(gid)))
+        return [(eid, f) for eid, f in entries if f["type"] == kind]
+
+    async def all_started() -> bool:
+        return len(await log_of("TaskStarted")) >= tasks
+
+    await wait_until(all_started, 30, "every task to start")
+    summary: dict[str, Any] = await store.redis.xpending(store.keys.work, WORKER_GROUP)
+    holders = {c["name"]: int(c["pending"]) for c in summary["consumers"] or []}
+    victim = max(holders, key=lambda name: holders[name])
+    pending: list[dict[str, Any]] = await store.redis.xpending_range(
+        store.keys.work, WORKER_GROUP, min="-", max="+", count=tasks, consumername=victim
+    )
+    orphans = set()
+    for p in pending:
+        work = await store.redis.xrange(store.keys.work, p["message_id"], p["message_id"])
+        [(_, fields)] = cast(list[Entry], work)
+        orphans.add(fields["taskId"])
+
+    workers[victim].kill()
+    # The log's entry ids carry the server's clock in ms: the same host's wall clock.
+    killed_ms = time.time() * 1000
+    workers[victim].wait(10)
+
+    async def orphans_done() -> list[Entry]:
+        return [(e, f) for e, f in await log_of("TaskCompleted") if f["taskId"] in orphans]
+
+    async def all_orphans_done() -> bool:
+        return len(await orphans_done()) == len(orphans)
+
+    # A timeout is a figure here (recovery took longer than this), not a failure.
+    await eventually(all_orphans_done, settings.claim_timeout * 1.5 + 15)
+    completions = await orphans_done()
+    if any(f["worker"] == victim for _, f in completions):
+        raise SystemExit(f"an orphan completed on {victim}, which was killed")
+    restarts = since(
+        killed_ms,
+        [
+            entry_ms(e)
+            for e, f in await log_of("TaskStarted")
+            if f["taskId"] in orphans and f["attempt"] != "1"
+        ],
+    )
+    done_s = since(killed_ms, [entry_ms(e) for e, _ in completions])
+
+    group_processed = bool(await eventually(lambda: all_processed(store, [group]), 15))
+    low, high = DELAY
+    timeout = settings.claim_timeout
+    return Result(
+        claim_timeout_s=timeout,
+        tasks=tasks,
+        orphaned=len(orphans),
+        orphans_completed=len(completions),
+        first_restart_s=restarts[0] if restarts else None,
+        last_restart_s=restarts[-1] if restarts else None,
+        first_completion_s=done_s[0] if done_s else None,
+        median_completion_s=round(statistics.median(done_s), 3) if done_s else None,
+        recovery_s=done_s[-1] if done_s and len(done_s) == len(orphans) else None,
+        expected_s=f"{0.75 * timeout + low:.2f}-{1.25 * timeout + high:.2f}",
+        group_processed=group_processed,
+    )
+
+
+def seconds(value: float | None) -> str:
+    return f"{'missing':>12}" if value is None else f"{value:>11.2f}s"
 
 
 def main() -> None:
@@ -246,9 +191,11 @@ def main() -> None:
         finally:
             server.stop()
 
-    print(f"recovery after kill -9 of the worker holding the entries (tasks of {DELAY} s)")
-    head = ("timeout", "orphans", "restart 1st", "restart last", "done 1st", "median")
-    print("  ".join(f"{h:>12}" for h in head) + "      recovery  expected (s)")
+    print(f"recovery after kill -9 of the worker holding the entries (tasks of "
+          f"{DELAY.low:g}-{DELAY.high:g} s)")  # fmt: skip
+    head = ("timeout", "orphans", "completed", "restart 1st", "restart last", "done 1st")
+    print("  ".join(f"{h:>12}" for h in head)
+          + f"  {'median':>12}  {'recovery':>12}  group done  expected (s)")  # fmt: skip
     for r in results:
         row = (
             r.first_restart_s,
@@ -258,9 +205,9 @@ def main() -> None:
             r.recovery_s,
         )
         print(
-            f"{r.claim_timeout_s:>11.0f}s  {r.orphaned:>12}  "
-            + "  ".join(f"{x:>11.2f}s" for x in row)
-            + f"  {r.expected_s}"
+            f"{r.claim_timeout_s:>11g}s  {r.orphaned:>12}  {r.orphans_completed:>12}  "
+            + "  ".join(seconds(x) for x in row)
+            + f"  {'yes' if r.group_processed else 'NO':>10}  {r.expected_s}"
         )
     print(json.dumps([asdict(r) for r in results], indent=2))
 
