@@ -28,7 +28,7 @@ def test_a_reset_connection_is_a_connection_error_and_the_next_command_reconnect
     async def scenario() -> None:
         async with open_store(settings) as store:
             pool = store.redis.connection_pool
-            connection = await pool.get_connection()
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
                 await connection.send_command("PING")
                 assert await connection.read_response() == "PONG"
@@ -50,7 +50,7 @@ def test_a_reset_pooled_connection_is_retried_by_a_command(settings: Settings) -
         async with open_store(settings) as store:
             assert await store.redis.set("reset-probe", "1") is True
             pool = store.redis.connection_pool
-            connection = await pool.get_connection()
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             await pool.release(connection)
             _reset(connection)
             await asyncio.sleep(0)
