@@ -27,12 +27,12 @@ from tests.support import Processes, free_port, processes
 
 def _docker_redis_url() -> Iterator[str] | None:
     try:
-        import docker  # type: ignore[import-untyped]
+        import docker  # type: ignore[import-untyped]  # docker-py ships no types
 
         docker.from_env().ping()
     except Exception:
         return None
-    from testcontainers.redis import RedisContainer  # type: ignore[import-untyped]
+    from testcontainers.redis import RedisContainer
 
     def run() -> Iterator[str]:
         with RedisContainer("redis:7.4-alpine") as container:

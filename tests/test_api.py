@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 from sumbatch.api import create_app
 from sumbatch.config import Settings
 from sumbatch.events import Keys
-from tests.support import appended
+from tests.support import appended, entries
 
 ORIGINAL_EXAMPLE = {
     "tasks": [
@@ -68,7 +68,7 @@ def test_submission_appends_events_and_work_entries(
     keys = Keys(settings.namespace)
     created = client.post("/grouptasks", json=ORIGINAL_EXAMPLE).json()
     gid = created["groupTaskId"]
-    [(_, submitted)] = raw.xrange(keys.group_log(gid))
+    [(_, submitted)] = entries(raw, keys.group_log(gid))
     assert submitted == {
         "type": "GroupSubmitted",
         "groupTaskId": gid,
@@ -77,7 +77,7 @@ def test_submission_appends_events_and_work_entries(
         "paramsB": "5 10 13 1",
     }
     assert raw.xlen(keys.events) == 1
-    work = [fields for _, fields in raw.xrange(keys.work)]
+    work = [fields for _, fields in entries(raw, keys.work)]
     assert [w["type"] for w in work] == ["TaskSubmitted"] * 4
     assert [w["taskId"] for w in work] == created["taskIds"]
     assert [(w["paramA"], w["paramB"]) for w in work] == [

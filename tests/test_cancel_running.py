@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import msgspec
 import redis
@@ -41,8 +40,7 @@ LONG = Delay(30.0, 30.0)  # far longer than any wait below
 
 
 def pending(raw: redis.Redis, settings: Settings) -> int:
-    summary: Any = raw.xpending(Keys(settings.namespace).work, WORKER_GROUP)
-    return int(summary["pending"])
+    return int(raw.xpending(Keys(settings.namespace).work, WORKER_GROUP)["pending"])
 
 
 def test_delete_stops_running_tasks_of_a_worker_process(

@@ -46,7 +46,9 @@ def run_example(base: str) -> tuple[str, dict[str, object]]:
         body: dict[str, object] = httpx.get(f"{base}/grouptasks/{gid}").json()
         return body if body["grouptaskProcessed"] else None
 
-    return gid, wait_until_sync(processed, timeout=30, what="the group to be processed")
+    group = wait_until_sync(processed, timeout=30, what="the group to be processed")
+    assert group is not None  # wait_until_sync returns only a truthy answer
+    return gid, group
 
 
 def _ok(url: str) -> bool:
@@ -132,11 +134,8 @@ def test_tail_prints_events_as_they_are_appended(settings: Settings, procs: Proc
     procs.start(settings, "tail", "--from-start")
 
     async def go() -> str:
-        store = open_store(settings)
-        try:
+        async with open_store(settings) as store:
             gid, _ = await submit(store, [(1, 2)])
-        finally:
-            await store.aclose()
         return gid
 
     gid = asyncio.run(go())

@@ -8,17 +8,16 @@ import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from functools import cache
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no types (no types-PyYAML here)
 
 from sumbatch.config import Settings
 from sumbatch.http import Limits
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "ops" / "Dockerfile"
 REDIS_CONF_MOUNT = "/usr/local/etc/redis/redis.conf"

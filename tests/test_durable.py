@@ -27,7 +27,7 @@ from sumbatch.store import NotDurable, Store, _durable_mode, open_store
 from sumbatch.submission import Submission
 from sumbatch.tasks import Delay
 from sumbatch.wire import TaskIn
-from tests.support import ROOT, env_for, free_port, has_waitaof
+from tests.support import ROOT, entries, env_for, free_port, has_waitaof
 
 BODY = {"tasks": [{"paramA": 1, "paramB": 2}]}
 
@@ -148,7 +148,7 @@ def test_a_503_retried_with_the_same_key_gets_the_first_answer_once_confirmed(
         admin.config_set("appendfsync", "everysec")
         confirmed = client.post("/grouptasks", json=BODY, headers=headers)
     keys = Keys(settings.namespace)
-    submitted = [f for _, f in admin.xrange(keys.events) if f["type"] == "GroupSubmitted"]
+    submitted = [f for _, f in entries(admin, keys.events) if f["type"] == "GroupSubmitted"]
     admin.close()
     for refused in (first, again):
         assert (refused.status_code, refused.headers["retry-after"]) == (503, "1")
@@ -212,11 +212,8 @@ def test_a_submission_sent_again_on_a_new_connection_waits_for_the_first_ones_fs
     async def scenario() -> list[bool | None]:
         answers = []
         for _ in range(2):  # the first send, then the resend on its own new connection
-            store = open_store(settings)
-            try:
+            async with open_store(settings) as store:
                 answers.append(await send(store))
-            finally:
-                await store.aclose()
         return answers
 
     admin.config_set("appendfsync", "no")

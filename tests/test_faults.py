@@ -28,8 +28,7 @@ def test_a_killed_worker_s_tasks_complete_elsewhere_exactly_once(
     settings = msgspec.structs.replace(settings, delay=Delay(1.5, 2.0), claim_timeout=1.0)
 
     async def scenario() -> None:
-        store = open_store(settings)
-        try:
+        async with open_store(settings) as store:
             await store.ensure_worker_group()
             doomed = procs.start(settings, "worker")
             groups = [await submit(store, [(i, 100) for i in range(20)])]
@@ -46,8 +45,6 @@ def test_a_killed_worker_s_tasks_complete_elsewhere_exactly_once(
             assert starts == Counter({1: 20, 2: 20})  # each ran again, once, elsewhere
             view = await store.group_view(groups[0][0])
             assert view is not None and view.results == [i + 100 for i in range(20)]
-        finally:
-            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -60,8 +57,7 @@ def test_a_live_worker_keeps_tasks_longer_than_the_claim_timeout(
     settings = msgspec.structs.replace(settings, delay=Delay(2.5, 3.0), claim_timeout=1.0)
 
     async def scenario() -> None:
-        store = open_store(settings)
-        try:
+        async with open_store(settings) as store:
             await store.ensure_worker_group()
             for _ in range(2):
                 procs.start(settings, "worker")
@@ -73,8 +69,6 @@ def test_a_live_worker_keeps_tasks_longer_than_the_claim_timeout(
                 e.task_id for e in await log_events(store) if isinstance(e, TaskStarted)
             )
             assert set(started.values()) == {1}
-        finally:
-            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -85,8 +79,7 @@ def test_a_killed_projector_resumes_without_loss_or_double_counting(
     settings = msgspec.structs.replace(settings, delay=Delay(0.0, 0.05))
 
     async def scenario() -> None:
-        store = open_store(settings)
-        try:
+        async with open_store(settings) as store:
             await store.ensure_worker_group()
             procs.start(settings, "worker")
             projector = procs.start(settings, "projector")
@@ -106,7 +99,5 @@ def test_a_killed_projector_resumes_without_loss_or_double_counting(
             for gid, tids in groups:
                 view = await store.group_view(gid)
                 assert view is not None and view.tasks_completed == len(tids) == 200
-        finally:
-            await store.aclose()
 
     asyncio.run(scenario())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import Any
 
+import pytest
 from starlette.testclient import TestClient
 
 from consumers.projector import Projector
@@ -13,7 +13,7 @@ from consumers.worker import Worker
 from sumbatch.config import Settings
 from sumbatch.events import GroupFinished, TaskCompleted, TaskStarted
 from sumbatch.replay import differences
-from sumbatch.store import open_store
+from sumbatch.store import Entry, open_store
 from tests.support import log_of, post_group, wait_until, work_and_project
 
 
@@ -37,8 +37,7 @@ def test_progress_is_visible_before_the_group_ends(client: TestClient, settings:
     second = post_group(client, [(40, 2), (1, 1)])  # (1, 1) is cached now
 
     async def only_cache_hits() -> None:
-        store = open_store(settings)
-        try:
+        async with open_store(settings) as store:
             # A handler that never finishes: only cached tasks can end.
             async def stuck(a: int, b: int) -> int:
                 await asyncio.Event().wait()
@@ -55,8 +54,6 @@ def test_progress_is_visible_before_the_group_ends(client: TestClient, settings:
 
             await wait_until(one_done, what="the cached task to be projected")
             worker_task.cancel()
-        finally:
-            await store.aclose()
 
     asyncio.run(only_cache_hits())
     group = client.get(f"/grouptasks/{second['groupTaskId']}").json()
@@ -105,21 +102,18 @@ def test_replay_check_ignores_views_that_expired(client: TestClient, settings: S
     work_and_project(settings)
 
     async def check() -> None:
-        store = open_store(settings)
-        try:
+        async with open_store(settings) as store:
             gid = created["groupTaskId"]
             # What expiry does: the view and the ledger go, the log stays.
             await store.redis.delete(store.keys.group_view(gid), store.keys.ledger(gid))
             check = await differences(store)
             assert (check.events, check.differences) == (3, [])
-        finally:
-            await store.aclose()
 
     asyncio.run(check())
 
 
 def test_replay_check_is_not_fooled_by_a_projector_at_work(
-    client: TestClient, settings: Settings
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The views move on while the check runs; it must still find no difference."""
     for _ in range(5):
@@ -127,13 +121,14 @@ def test_replay_check_is_not_fooled_by_a_projector_at_work(
     work_and_project(settings)
 
     async def check() -> None:
-        store = open_store(settings)
-        try:
+        async with open_store(settings) as store:
             base = (await differences(store)).events
             # More work lands between the check's fold and its reads.
             original = store.event_range
 
-            async def slow_range(start: str, end: str, count: int = 1000) -> list[Any]:
+            async def slow_range(
+                start: str = "-", end: str = "+", count: int = 1000
+            ) -> list[Entry]:
                 entries = await original(start, end, count)
                 if not moved:
                     moved.append(True)
@@ -143,13 +138,11 @@ def test_replay_check_is_not_fooled_by_a_projector_at_work(
                 return entries
 
             moved: list[bool] = []
-            store.event_range = slow_range  # type: ignore[method-assign]
+            monkeypatch.setattr(store, "event_range", slow_range)
             check = await differences(store)
             count, diffs = check.events, check.differences
             assert moved and diffs == []
             assert count == base + 3
-        finally:
-            await store.aclose()
 
     asyncio.run(check())
 
@@ -161,8 +154,7 @@ def test_replay_matches_the_projection_and_rebuilds_it(
     work_and_project(settings)
 
     async def check() -> None:
-        store = open_store(settings)
-        try:
+        async with open_store(settings) as store:
             check = await differences(store)
             assert (check.events, check.differences) == (4, [])  # submitted, 2 completed, finished
             # Damage a view; the check must see it and the rebuild must mend it.
@@ -173,8 +165,6 @@ def test_replay_matches_the_projection_and_rebuilds_it(
             await Projector(store).run_until_idle()
             check = await differences(store)
             assert (check.events, check.differences) == (4, [])
-        finally:
-            await store.aclose()
 
     asyncio.run(check())
     assert client.get(f"/grouptasks/{created['groupTaskId']}").json()["results"] == [7, 11]
@@ -184,8 +174,7 @@ def test_an_entry_in_the_log_that_is_no_event_is_skipped(
     client: TestClient, settings: Settings
 ) -> None:
     async def scenario() -> None:
-        store = open_store(settings)
-        try:
+        async with open_store(settings) as store:
             await store.redis.xadd(store.keys.events, {"type": "FromTheFuture", "x": "1"})
             created = post_group(client, [(2, 3)])
             await Worker(settings, store).run_until_idle()
@@ -193,7 +182,5 @@ def test_an_entry_in_the_log_that_is_no_event_is_skipped(
             view = await store.group_view(created["groupTaskId"])
             assert view is not None and view.results == [5]
             assert (await differences(store)).differences == []
-        finally:
-            await store.aclose()
 
     asyncio.run(scenario())

@@ -9,7 +9,6 @@ import importlib.metadata
 import re
 import tomllib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jsonschema_rs
@@ -27,9 +26,8 @@ from sumbatch.api import create_app
 from sumbatch.config import Settings
 from sumbatch.events import Keys
 from sumbatch.openapi import openapi_schema, package_version
-from tests.support import free_port
+from tests.support import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 # Starlette answers HEAD on every GET route, as GET without the body (RFC 9110
 # §9.3.2); describing it would repeat every GET operation.
 IMPLIED = {"HEAD"}

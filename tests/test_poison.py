@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from collections.abc import Mapping
+from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -18,19 +20,29 @@ from consumers.projector import Projector
 from consumers.worker import Worker
 from sumbatch import ids
 from sumbatch.config import Settings
-from sumbatch.events import GroupFinished, Keys
+from sumbatch.events import GroupFinished, Keys, TaskCompleted
 from sumbatch.replay import differences
 from sumbatch.store import Store, open_store
 from tests.support import (
+    entries,
+    group_finished,
     log_events,
     post_group,
     processes,
     project,
     run_with_store,
     wait_until,
+    wait_until_sync,
     work,
     work_pending,
 )
+
+
+def xadd(raw: redis.Redis, key: str, fields: Mapping[str, str]) -> str:
+    """Append ``fields`` to the stream ``key`` by hand; the new entry's id. (Copied
+    into a dict of redis-py's own field types, which a dict[str, str] is not; ``raw``
+    decodes replies, so the id is text.)"""
+    return cast(str, raw.xadd(key, dict(fields.items())))
 
 
 def completed(gid: str, position: int, **overrides: str) -> dict[str, str]:
@@ -90,12 +102,11 @@ def test_malformed_log_entries_are_set_aside_and_later_groups_still_finish(
     keys = Keys(settings.namespace)
     first = post_group(client, [(1, 2), (3, 4)])
     gid = first["groupTaskId"]
-    bad = {kind: raw.xadd(keys.events, fields) for kind, fields in poison(gid).items()}
+    bad = {kind: xadd(raw, keys.events, fields) for kind, fields in poison(gid).items()}
     later = post_group(client, [(5, 6)])
 
     async def scenario() -> None:
-        store = open_store(settings)
-        try:
+        async with open_store(settings) as store:
             await Worker(settings, store).run_until_idle()
             with caplog.at_level(logging.ERROR, logger="sumbatch.projector"):
                 projector = Projector(store)
@@ -104,8 +115,6 @@ def test_malformed_log_entries_are_set_aside_and_later_groups_still_finish(
             check = await differences(store)
             assert check.differences == []
             assert {s.entry_id for s in check.set_aside} == set(bad.values())
-        finally:
-            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -115,7 +124,7 @@ def test_malformed_log_entries_are_set_aside_and_later_groups_still_finish(
         assert (group["results"], group["tasksCompleted"]) == (results, len(results))
     assert [client.get(f"/tasks/{t}").json()["result"] for t in first["taskIds"]] == [3, 7]
 
-    rejected = raw.xrange(keys.rejected)
+    rejected = entries(raw, keys.rejected)
     assert {fields["entryId"]: fields["reason"] for _, fields in rejected}.keys() == set(
         bad.values()
     )
@@ -130,7 +139,7 @@ def test_malformed_log_entries_are_set_aside_and_later_groups_still_finish(
 
 
 def test_the_projector_process_survives_a_bad_entry_in_a_live_log(
-    client: TestClient, settings: Settings, raw: redis.Redis, tmp_path: Any
+    client: TestClient, settings: Settings, raw: redis.Redis, tmp_path: Path
 ) -> None:
     """The reproduction from the issue: a real projector process, a bad entry between
     two groups; the second group is processed and the process logged the entry once."""
@@ -139,25 +148,18 @@ def test_the_projector_process_survives_a_bad_entry_in_a_live_log(
         projector = procs.start(settings, "projector")
         procs.start(settings, "worker")
         first = post_group(client, [(1, 1)])
-        bad_id = raw.xadd(keys.events, completed(first["groupTaskId"], 99999))
+        bad_id = xadd(raw, keys.events, completed(first["groupTaskId"], 99999))
         second = post_group(client, [(2, 2)])
 
         def processed() -> bool:
             answer = client.get(f"/grouptasks/{second['groupTaskId']}").json()
             return bool(answer["grouptaskProcessed"])
 
-        asyncio.run(wait_until(_async(processed), what="the later group to be processed"))
+        wait_until_sync(processed, what="the later group to be processed")
         assert projector.poll() is None
     text = (tmp_path / "projector-0.log").read_text()
     assert text.count(bad_id) == 1, text
     assert "redis unavailable" not in text
-
-
-def _async(predicate: Any) -> Any:
-    async def check() -> bool:
-        return bool(predicate())
-
-    return check
 
 
 def test_a_failed_task_finishes_its_group_when_the_dead_letter_stream_is_ahead(
@@ -177,8 +179,7 @@ def test_a_failed_task_finishes_its_group_when_the_dead_letter_stream_is_ahead(
         return a + b
 
     async def scenario() -> None:
-        store = open_store(settings)
-        try:
+        async with open_store(settings) as store:
             await Worker(settings, store, handler=unlucky).run_until_idle()
             await Projector(store).run_until_idle()
             finished = [e for e in await log_events(store) if isinstance(e, GroupFinished)]
@@ -186,13 +187,11 @@ def test_a_failed_task_finishes_its_group_when_the_dead_letter_stream_is_ahead(
                 (created["groupTaskId"], 1)
             ]
             assert await work_pending(store) == 0
-        finally:
-            await store.aclose()
 
     asyncio.run(scenario())
     group = client.get(f"/grouptasks/{created['groupTaskId']}").json()
     assert (group["grouptaskProcessed"], group["tasksFailed"]) == (True, 1)
-    dead = [fields for _, fields in raw.xrange(keys.dead_letters) if fields["type"] == "TaskFailed"]
+    dead = [f for _, f in entries(raw, keys.dead_letters) if f["type"] == "TaskFailed"]
     assert [d["taskId"] for d in dead] == [created["taskIds"][0]]
     # The group's ledger started to expire with the group: nothing is left behind.
     assert raw.ttl(keys.ledger(created["groupTaskId"])) > 0
@@ -218,14 +217,12 @@ def test_a_group_key_of_the_wrong_type_is_refused_before_any_write(
         worker = Worker(settings, store)
         running = asyncio.create_task(worker.run())
 
-        async def fine_done() -> bool:
-            return any(
-                isinstance(e, GroupFinished) and e.group_task_id == fine["groupTaskId"]
-                for e in await log_events(store)
-            )
-
         try:
-            await wait_until(fine_done, within=20, what="the other group to finish")
+            await wait_until(
+                lambda: group_finished(store, fine["groupTaskId"]),
+                within=20,
+                what="the other group to finish",
+            )
         finally:
             worker.should_exit = True
             await asyncio.wait_for(running, 10)
@@ -233,7 +230,7 @@ def test_a_group_key_of_the_wrong_type_is_refused_before_any_write(
         assert not [
             e for e in events if e.group_task_id == sgid and type(e).__name__ != "GroupSubmitted"
         ]
-        completed_fine = [e for e in events if type(e).__name__ == "TaskCompleted"]
+        completed_fine = [e for e in events if isinstance(e, TaskCompleted)]
         assert sorted(e.index for e in completed_fine) == [0, 1]
 
     run_with_store(settings, scenario)
@@ -261,9 +258,9 @@ def test_bytes_that_are_not_utf8_stall_neither_the_projector_nor_the_workers(
     for created in (first, later):
         group = client.get(f"/grouptasks/{created['groupTaskId']}").json()
         assert group["grouptaskProcessed"] is True, group
-    [(_, rejected)] = raw.xrange(keys.rejected)
+    [(_, rejected)] = entries(raw, keys.rejected)
     assert rejected["taskId"] == "\\xff\\xfe"
-    [(_, dead)] = raw.xrange(keys.dead_letters)
+    [(_, dead)] = entries(raw, keys.dead_letters)
     assert (dead["type"], dead["taskId"]) == ("UnreadableWorkEntry", "\\xff\\xfe")
     assert raw.xpending(keys.work, "workers")["pending"] == 0
 
@@ -277,7 +274,8 @@ def test_a_work_entry_outside_its_group_is_dead_lettered_and_trimming_goes_on(
     keys = Keys(settings.namespace)
     created = post_group(client, [(1, 1), (2, 2)])
     gid = created["groupTaskId"]
-    stray = raw.xadd(
+    stray = xadd(
+        raw,
         keys.work,
         {"type": "TaskSubmitted", "taskId": ids.task_id(gid, 5), "groupTaskId": gid,
          "index": "5", "paramA": "1", "paramB": "1"},
@@ -285,16 +283,13 @@ def test_a_work_entry_outside_its_group_is_dead_lettered_and_trimming_goes_on(
     later = post_group(client, [(3, 3)] * 5)
 
     async def scenario() -> None:
-        store = open_store(settings)
-        try:
+        async with open_store(settings) as store:
             await asyncio.wait_for(Worker(settings, store).run_until_idle(), 30)
             assert await store.trim_work() > 0
-        finally:
-            await store.aclose()
 
     asyncio.run(scenario())
     assert raw.xpending(keys.work, "workers")["pending"] == 0
-    [(_, dead)] = raw.xrange(keys.dead_letters)
+    [(_, dead)] = entries(raw, keys.dead_letters)
     assert (dead["type"], dead["workEntryId"], dead["index"]) == ("RefusedWorkEntry", stray, "5")
     assert raw.xlen(keys.work) <= 1  # trimmed below the last entry handed out
     project(settings)
@@ -334,14 +329,11 @@ def test_a_ledger_counter_that_is_no_integer_refuses_the_group_before_any_write(
     raw.hset(keys.ledger(spoiled["groupTaskId"]), "finished", "0.0")
 
     async def scenario() -> None:
-        store = open_store(settings)
-        try:
+        async with open_store(settings) as store:
             await asyncio.wait_for(Worker(settings, store).run_until_idle(), 30)
-        finally:
-            await store.aclose()
 
     asyncio.run(scenario())
     assert raw.getbit(keys.ended(spoiled["groupTaskId"]), 0) == 0  # no half-done step
-    kinds = [f["type"] for _, f in raw.xrange(keys.group_log(spoiled["groupTaskId"]))]
+    kinds = [f["type"] for _, f in entries(raw, keys.group_log(spoiled["groupTaskId"]))]
     assert kinds == ["GroupSubmitted"]
     assert raw.getbit(keys.ended(fine["groupTaskId"]), 0) == 1

@@ -12,10 +12,10 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
+import httpx2 as httpx
 import msgspec
 import pytest
 import redis
@@ -78,7 +78,7 @@ def written(admin: redis.Redis, keys: Keys) -> tuple[int, int, int]:
     )
 
 
-def assert_refused(answer: Any, word: str) -> None:
+def assert_refused(answer: httpx.Response, word: str) -> None:
     assert answer.status_code == 503, answer.text
     assert answer.headers["retry-after"] == "1"
     assert answer.headers["content-type"] == "application/json"
@@ -128,7 +128,7 @@ def test_a_read_only_replica_is_503_and_a_stale_one_that_will_not_serve_too(
     replica-serve-stale-data no, reads are MASTERDOWN."""
     client, keys = app
     gid = client.post("/grouptasks", json=BODY).json()["groupTaskId"]
-    admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+    admin.replicaof("127.0.0.1", str(free_port()))
     try:
         refuses_writes(client, admin, keys, gid, "READONLY")
         assert client.get(f"/grouptasks/{gid}").status_code == 200  # stale reads served
@@ -137,7 +137,7 @@ def test_a_read_only_replica_is_503_and_a_stale_one_that_will_not_serve_too(
         assert_refused(client.get(f"/tasks/{gid[:-1]}1"), "MASTERDOWN")
     finally:
         admin.config_set("replica-serve-stale-data", "yes")
-        admin.execute_command("REPLICAOF", "NO", "ONE")
+        admin.replicaof("NO", "ONE")
     assert client.delete(f"/grouptasks/{gid}").status_code == 202
 
 
@@ -234,7 +234,7 @@ def test_a_server_loading_its_data_is_503(tmp_path: Path) -> None:
         loading.wait(10)
 
 
-def _answers(client: redis.Redis) -> Any:
+def _answers(client: redis.Redis) -> Callable[[], bool]:
     def check() -> bool:
         try:
             return bool(client.ping())
@@ -252,17 +252,18 @@ def test_a_hung_server_gets_a_503_within_about_the_redis_timeout(
     patience; with the server back, everything works again."""
     client, _ = app
     gid = client.post("/grouptasks", json=BODY).json()["groupTaskId"]
+    calls: dict[str, Callable[[], httpx.Response]] = {
+        "GET group": lambda: client.get(f"/grouptasks/{gid}"),
+        "GET task": lambda: client.get(f"/tasks/{gid[:-1]}1"),
+        "POST": lambda: client.post("/grouptasks", json=BODY),
+        "DELETE": lambda: client.delete(f"/grouptasks/{gid}"),
+        "readyz": lambda: client.get("/readyz"),
+    }
     assert server.process is not None
     os.kill(server.process.pid, signal.SIGSTOP)
     took: dict[str, float] = {}
     try:
-        for name, call in {
-            "GET group": lambda: client.get(f"/grouptasks/{gid}"),
-            "GET task": lambda: client.get(f"/tasks/{gid[:-1]}1"),
-            "POST": lambda: client.post("/grouptasks", json=BODY),
-            "DELETE": lambda: client.delete(f"/grouptasks/{gid}"),
-            "readyz": lambda: client.get("/readyz"),
-        }.items():
+        for name, call in calls.items():
             started = time.monotonic()
             answer = call()
             took[name] = time.monotonic() - started

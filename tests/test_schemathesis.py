@@ -233,6 +233,8 @@ def test_stateful_workflows(app: Starlette, first_use: FirstUse) -> None:
     tested.app = app
     steps: Counter[tuple[str, str, int]] = Counter()
 
+    # schemathesis builds the state machine class from the schema at run time: a base
+    # class mypy cannot see.
     class Workflow(tested.as_state_machine()):  # type: ignore[misc]
         def get_call_kwargs(self, case: schemathesis.Case[Any]) -> dict[str, Any]:
             return {"app": app}

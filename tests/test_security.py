@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
+import httpx2 as httpx
 import msgspec
 import pytest
 import redis
@@ -26,8 +27,8 @@ from sumbatch.api import create_app
 from sumbatch.config import Settings
 from sumbatch.embedded import EmbeddedServer, find_server
 from sumbatch.events import GroupFinished, GroupSubmitted, Keys, TaskCompleted, from_fields
-from sumbatch.store import Entry, open_store
-from tests.support import appended, free_port, wait_until_sync
+from sumbatch.store import open_store
+from tests.support import appended, entries, free_port, wait_until_sync
 
 TOKEN = "s3cret"
 TASKS = {"tasks": [{"paramA": 1, "paramB": 2}, {"paramA": 3, "paramB": 4}]}
@@ -58,7 +59,7 @@ def auth(value: str | None) -> dict[str, str]:
     return {} if value is None else {"authorization": value}
 
 
-def assert_401(response: Any) -> None:
+def assert_401(response: httpx.Response) -> None:
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == "Bearer"
     assert response.headers["content-type"] == "application/json"
@@ -152,13 +153,10 @@ def run_flow(settings: Settings) -> tuple[dict[str, Any], str]:
         whoami: list[str] = []
 
         async def work_and_project() -> None:
-            store = open_store(settings)
-            try:
+            async with open_store(settings) as store:
                 whoami.append(str(await store.redis.acl_whoami()))
                 await Worker(settings, store).run_until_idle()
                 await Projector(store).run_until_idle()
-            finally:
-                await store.aclose()
 
         asyncio.run(work_and_project())
         group = client.get(f"/grouptasks/{created.json()['groupTaskId']}")
@@ -301,7 +299,7 @@ def assert_the_log_holds_the_flow(
     but progress notes (TaskStarted, at most one per task: it ran once). Derived from
     the events present, so it holds whether or not a worker logs TaskStarted."""
     key = Keys(settings.namespace).events
-    events = [from_fields(fields) for _, fields in cast(list[Entry], client.xrange(key))]
+    events = [from_fields(fields) for _, fields in entries(client, key)]
     gid = group["groupTaskId"]
     assert {e.group_task_id for e in events} == {gid}
     kinds = Counter(type(e).__name__ for e in events)

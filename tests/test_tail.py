@@ -13,7 +13,7 @@ import redis
 
 from sumbatch.config import Settings
 from sumbatch.embedded import EmbeddedServer
-from tests.support import ROOT, env_for, free_port, wait_until_sync
+from tests.support import ROOT, entries, env_for, free_port, wait_until_sync
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_tail_goes_on_across_redis_restarts_missing_and_doubling_nothing(
             append(client, key, 100 * (n + 1), 5)
             wait_until_sync(said_back(err, times=n + 1), timeout=30, what="tail to reconnect")
             append(client, key, 100 * (n + 1) + 50, 5)
-            expected = [entry_id for entry_id, _ in client.xrange(key)]
+            expected = [entry_id for entry_id, _ in entries(client, key)]
             wait_until_sync(printed_at_least(out, len(expected)), timeout=30, what="tail")
             assert printed_ids(out) == expected
         client.close()

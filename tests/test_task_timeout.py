@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from typing import cast
 
 import msgspec
 import pytest
@@ -25,11 +26,12 @@ from sumbatch.events import (
     TaskRetried,
     TaskStarted,
 )
-from sumbatch.store import open_store
+from sumbatch.store import Entry, open_store
 from tests.support import (
     Gate,
     Processes,
     env_for,
+    group_finished,
     log_events,
     log_of,
     runs_started,
@@ -52,8 +54,7 @@ def test_a_run_that_never_returns_times_out_and_the_task_ends_as_failure(
     settings = msgspec.structs.replace(settings, task_timeout=0.5, max_attempts=2)
 
     async def scenario() -> None:
-        store = open_store(settings)
-        try:
+        async with open_store(settings) as store:
             gid, (hung, fine) = await submit(store, [(1, 2), (3, 4)])
 
             async def sometimes_hangs(a: int, b: int) -> int:
@@ -89,8 +90,6 @@ def test_a_run_that_never_returns_times_out_and_the_task_ends_as_failure(
             assert await store.redis.xlen(store.keys.dead_letters) == 1
             assert sum(isinstance(e, GroupFinished) for e in events) == 1
             assert await work_pending(store) == 0
-        finally:
-            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -106,8 +105,7 @@ def test_a_run_that_hangs_once_succeeds_on_its_second_attempt(settings: Settings
         return a + b
 
     async def scenario() -> None:
-        store = open_store(settings)
-        try:
+        async with open_store(settings) as store:
             gid, (tid,) = await submit(store, [(20, 22)])
             worker = Worker(settings, store, handler=hangs_the_first_time)
             await asyncio.wait_for(worker.run_until_idle(), 20)
@@ -121,8 +119,6 @@ def test_a_run_that_hangs_once_succeeds_on_its_second_attempt(settings: Settings
             completed = [e for e in events if isinstance(e, TaskCompleted)]
             assert [(e.result, e.attempt) for e in completed] == [(42, 2)]
             assert [e.attempt for e in events if isinstance(e, TaskStarted)] == [1, 2]
-        finally:
-            await store.aclose()
 
     asyncio.run(scenario())
     assert calls == Counter({(20, 22): 2})
@@ -138,26 +134,21 @@ def test_a_worker_process_reads_the_timeout_from_its_environment(
     )
 
     async def scenario() -> None:
-        store = open_store(settings)
-        try:
+        async with open_store(settings) as store:
             await store.ensure_worker_group()
             env = env_for(settings)
             env["SUMBATCH_TASK_TIMEOUT"] = "0.3"
             procs.start(settings, "worker", env=env)
             gid, tids = await submit(store, [(1, 1), (2, 2)])
-
-            async def finished() -> bool:
-                return any(isinstance(e, GroupFinished) for e in await log_events(store))
-
-            await wait_until(finished, within=20, what="the group to finish")
+            await wait_until(
+                lambda: group_finished(store, gid), within=20, what="the group to finish"
+            )
             await Projector(store).run_until_idle()
             for tid in tids:
                 task = await store.task_view(tid)
                 assert task is not None
                 assert (task.state, task.attempts) == ("FAILURE", 2)
                 assert task.error == "TimeoutError: the run took longer than 0.3 s"
-        finally:
-            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -177,10 +168,9 @@ def test_a_group_with_a_damaged_key_does_not_hold_up_the_batch_nor_spin(
     caplog.set_level(logging.INFO, logger="sumbatch.worker")
 
     async def scenario() -> None:
-        store = open_store(settings)
-        gate = Gate()
-        worker = Worker(settings, store, handler=gate.handler)
-        try:
+        async with open_store(settings) as store:
+            gate = Gate()
+            worker = Worker(settings, store, handler=gate.handler)
             await store.ensure_worker_group()
             good, good_tids = await submit(store, [(1, 1), (2, 2), (3, 3)])
             bad, bad_tids = await submit(store, [(4, 4), (5, 5), (6, 6)])
@@ -200,11 +190,10 @@ def test_a_group_with_a_damaged_key_does_not_hold_up_the_batch_nor_spin(
                 isinstance(e, TaskCompleted | GroupFinished) and e.group_task_id == bad
                 for e in events
             )
-            dead = [f for _, f in await store.redis.xrange(store.keys.dead_letters)]
+            dead_letters = cast(list[Entry], await store.redis.xrange(store.keys.dead_letters))
+            dead = [f for _, f in dead_letters]
             assert sorted(f["taskId"] for f in dead) == sorted(bad_tids)
             assert {f["type"] for f in dead} == {"RefusedWorkEntry"}
-        finally:
-            await store.aclose()
 
     asyncio.run(scenario())
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
@@ -227,8 +216,7 @@ def test_an_error_text_that_cannot_be_encoded_is_kept_escaped(settings: Settings
     settings = msgspec.structs.replace(settings, max_attempts=2)
 
     async def scenario() -> None:
-        store = open_store(settings)
-        try:
+        async with open_store(settings) as store:
             gid, tids = await submit(store, [(1, 1), (-1, 1), (2, 2)])
             await asyncio.wait_for(
                 Worker(settings, store, handler=fails_with_undecodable_text).run_until_idle(), 20
@@ -240,8 +228,6 @@ def test_an_error_text_that_cannot_be_encoded_is_kept_escaped(settings: Settings
             task = await store.task_view(tids[1])
             assert task is not None and task.state == "FAILURE"
             assert task.error == "OSError: cannot open '\\udcff'"
-        finally:
-            await store.aclose()
 
     asyncio.run(scenario())
 
@@ -257,14 +243,11 @@ def test_a_step_the_server_refuses_for_one_group_is_isolated_and_the_rest_go_thr
     keys = Keys(ns)
 
     async def prepare() -> tuple[str, str]:
-        store = open_store(settings)
-        try:
+        async with open_store(settings) as store:
             await store.ensure_worker_group()
             denied, _ = await submit(store, [(5, 5), (6, 6)])
             allowed, _ = await submit(store, [(1, 1), (2, 2), (3, 3)])
             return denied, allowed
-        finally:
-            await store.aclose()
 
     denied, allowed = asyncio.run(prepare())
     user = f"w{ns}"
@@ -279,23 +262,19 @@ def test_a_step_the_server_refuses_for_one_group_is_isolated_and_the_rest_go_thr
     caplog.set_level(logging.INFO, logger="sumbatch.worker")
 
     async def scenario() -> None:
-        store = open_store(limited)
-        worker = Worker(limited, store)
-        running = asyncio.create_task(worker.run())
-        try:
-
-            async def allowed_finished() -> bool:
-                return any(
-                    isinstance(e, GroupFinished) and e.group_task_id == allowed
-                    for e in await log_events(store)
+        async with open_store(limited) as store:
+            worker = Worker(limited, store)
+            running = asyncio.create_task(worker.run())
+            try:
+                await wait_until(
+                    lambda: group_finished(store, allowed),
+                    within=20,
+                    what="the allowed group to finish",
                 )
-
-            await wait_until(allowed_finished, within=20, what="the allowed group to finish")
-            assert await work_pending(store) == 2  # the denied group's entries, untouched
-        finally:
-            worker.should_exit = True
-            await asyncio.wait_for(running, 10)
-            await store.aclose()
+                assert await work_pending(store) == 2  # the denied group's entries, untouched
+            finally:
+                worker.should_exit = True
+                await asyncio.wait_for(running, 10)
 
     try:
         asyncio.run(scenario())

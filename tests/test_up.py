@@ -27,7 +27,7 @@ from sumbatch.embedded import (
     parse_server_version,
     server_version,
 )
-from tests.support import ROOT, free_port, wait_until_sync
+from tests.support import ROOT, entries, free_port, wait_until_sync
 
 GROUP = {"tasks": [{"paramA": 1, "paramB": 5}, {"paramA": 9, "paramB": 10}]}
 
@@ -236,7 +236,7 @@ def test_ctrl_c_stops_the_children_first_and_the_server_last(tmp_path: Path) -> 
     server.start()
     try:
         client = redis.Redis(port=server.port, decode_responses=True)
-        kinds = [fields["type"] for _, fields in client.xrange(f"{{sumbatch}}:log:{gid}")]
+        kinds = [fields["type"] for _, fields in entries(client, f"{{sumbatch}}:log:{gid}")]
         client.close()
     finally:
         server.stop()
@@ -259,6 +259,7 @@ def test_a_killed_embedded_server_is_restarted_on_its_data(tmp_path: Path) -> No
             return str(answer.json()["groupTaskId"]) if answer.status_code == 200 else None
 
         after = wait_until_sync(post, timeout=30, what="a POST to succeed again")
+        assert after is not None  # wait_until_sync returns only a truthy answer
         wait_until_sync(lambda: _processed(up.base, after), timeout=30, what="the new group")
         assert _processed(up.base, before)  # the data dir came back with it
         assert int(client.info("server")["process_id"]) != pid
@@ -317,12 +318,14 @@ def test_a_child_that_keeps_dying_at_start_stops_up_with_one_message(tmp_path: P
     it runs): validation at start cannot see it, so the crash-loop guard must."""
     module = tmp_path / "mysum.py"
     module.write_text("def add(a, b):\n    return a + b\n")
-    extra = {
-        "SUMBATCH_HANDLER": "mysum:add",
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}",
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-    with running_up(tmp_path, "--workers", "1", **extra) as up:
+    with running_up(
+        tmp_path,
+        "--workers",
+        "1",
+        SUMBATCH_HANDLER="mysum:add",
+        PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}",
+        PYTHONDONTWRITEBYTECODE="1",
+    ) as up:
         module.write_text("raise RuntimeError('the handler module broke')\n")
         worker = next(
             pid
