@@ -43,11 +43,23 @@ from sumbatch.tasks import compute
 
 log = logging.getLogger("sumbatch.worker")
 
-__all__ = ["Handler", "Worker", "consumer_name"]
+__all__ = ["Handler", "Load", "Worker", "consumer_name"]
 
 
 def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{random.randrange(16**4):04x}"
+
+
+class Load:
+    """The runs of a process's workers (one per partition it consumes) against the
+    process's one concurrency limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.workers: list[Worker] = []
+
+    def room(self) -> int:
+        return self.limit - sum(len(worker.runs) for worker in self.workers)
 
 
 class Worker:
@@ -60,6 +72,7 @@ class Worker:
         name: str | None = None,
         read_count: int = 500,
         watch_cancels: bool = True,
+        load: Load | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -74,6 +87,8 @@ class Worker:
         self.outbox = Outbox(store, self.name, flushed=self._flushed)
         handler = handler or resolve_handler(settings.handler) or compute
         self.runs = Runs(settings, store, handler, self.name, self.outbox)
+        self.load = load or Load(settings.worker_concurrency)
+        self.load.workers.append(self)
 
     @property
     def busy(self) -> bool:
@@ -147,7 +162,7 @@ class Worker:
         return helpers
 
     async def _read(self, block_ms: int) -> int:
-        capacity = self.settings.worker_concurrency - len(self.runs)
+        capacity = self.load.room()
         if capacity <= 0:
             await asyncio.sleep(0.01)
             return 0

@@ -28,7 +28,8 @@ from sumbatch.openapi import openapi_schema
 from sumbatch.outage import is_transient
 from sumbatch.projection import GroupView
 from sumbatch.responses import EXCEPTION_HANDLERS, JSONResponse, error
-from sumbatch.store import CancelOutcome, NotDurable, Store, open_store
+from sumbatch.store import CancelOutcome, NotDurable
+from sumbatch.store.partitions import LazyPartitions, Partitions, open_partitions
 from sumbatch.submission import Submission
 from sumbatch.wire import Cancelled, GroupCreated, GroupIn, GroupStatus, TaskStatus
 
@@ -125,18 +126,17 @@ async def create_group(request: Request) -> Response:
         return error(400, f"malformed JSON: duplicate key `{duplicate}`")
     if len(submitted.tasks) > settings.max_tasks_per_group:
         return error(413, f"at most {settings.max_tasks_per_group} tasks per group - at `$.tasks`")
-    submission = Submission.of(submitted.tasks)
+    # Hashed: a client's header never becomes part of a key name as it is.
+    key_hash = None if idem_key is None else hashlib.sha256(idem_key.encode()).hexdigest()
+    partitions = await _partitions(request)
+    partition = partitions.for_new_group(key_hash)
+    submission = Submission.of(submitted.tasks, partition)
     created = submission.created
     answer = _encoder.encode(created)
     idempotency = None
-    if idem_key is not None:
-        # Hashed: a client's header never becomes part of a key name as it is.
-        body_hash = hashlib.sha256(body).hexdigest()
-        idempotency = (
-            hashlib.sha256(idem_key.encode()).hexdigest(),
-            f"{body_hash} {answer.decode()}",
-        )
-    store: Store = request.state.store
+    if key_hash is not None:
+        idempotency = (key_hash, f"{hashlib.sha256(body).hexdigest()} {answer.decode()}")
+    store = partitions.stores[partition]
     if settings.durable and store.durable is None:
         try:  # Redis was away when the API started
             await store.check_durable()
@@ -164,11 +164,10 @@ async def cancel_group(request: Request) -> Response:
     if not _authorised(request, settings):
         return _unauthorised()
     gid = ids.parse_uuid(request.path_params["group_task_id"])
-    store: Store = request.state.store
     outcome = (
         CancelOutcome("unknown")
         if gid is None or not ids.is_group_id(gid)
-        else await store.cancel(gid)
+        else await (await _partitions(request)).of(gid).cancel(gid)
     )
     if outcome.status == "unknown":
         return error(404, "no such groupTaskId")
@@ -188,8 +187,7 @@ async def group(request: Request) -> Response:
 
 async def get_group(request: Request) -> Response:
     gid = ids.parse_uuid(request.path_params["group_task_id"])
-    store: Store = request.state.store
-    view = None if gid is None else await store.group_summary(gid)
+    view = None if gid is None else await (await _partitions(request)).of(gid).group_summary(gid)
     if view is None:
         return error(404, "no such groupTaskId")
     return JSONResponse(GroupStatus.of(view))
@@ -197,8 +195,7 @@ async def get_group(request: Request) -> Response:
 
 async def get_task(request: Request) -> Response:
     tid = ids.parse_uuid(request.path_params["task_id"])
-    store: Store = request.state.store
-    view = None if tid is None else await store.task_view(tid)
+    view = None if tid is None else await (await _partitions(request)).of(tid).task_view(tid)
     if view is None:
         return error(404, "no such taskId")
     return JSONResponse(TaskStatus.of(view))
@@ -209,8 +206,8 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    store: Store = request.state.store
-    if not await store.workers_ready():
+    partitions = await _partitions(request)
+    if not all([await store.workers_ready() for store in partitions]):
         return error(503, "the workers' consumer group does not exist yet", {"Retry-After": "1"})
     return JSONResponse({"status": "ready"})
 
@@ -223,9 +220,16 @@ async def durable_problem(settings: Settings) -> str | None:
     """Why durable mode cannot run on the configured server, or None (also when Redis
     cannot be reached: then the first POST checks). For a clean refusal at start,
     before the app is served."""
-    store = open_store(settings, socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=5)
     try:
-        await store.check_durable()
+        partitions = await open_partitions(
+            settings, socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=5
+        )
+    except RedisError as exc:
+        if is_transient(exc):
+            return None
+        raise
+    try:
+        await partitions.stores[0].check_durable()
     except NotDurable as exc:
         return str(exc)
     except RedisError as exc:
@@ -233,14 +237,19 @@ async def durable_problem(settings: Settings) -> str | None:
             return None
         raise
     finally:
-        await store.aclose()
+        await partitions.aclose()
     return None
+
+
+async def _partitions(request: Request) -> Partitions:
+    lazy: LazyPartitions = request.state.partitions
+    return await lazy.get()
 
 
 def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        store = open_store(
+        lazy = LazyPartitions(
             settings,
             socket_connect_timeout=REDIS_TIMEOUT,
             socket_timeout=REDIS_TIMEOUT + (FSYNC_TIMEOUT_MS / 1000 if settings.durable else 0),
@@ -250,9 +259,9 @@ def create_app(settings: Settings) -> Starlette:
         )
         try:
             try:
-                await store.ensure_worker_group()
+                partitions = await lazy.get()
                 if settings.durable:
-                    mode = await store.check_durable()
+                    mode = await partitions.stores[0].check_durable()
                     log.info("durable mode: a POST is answered once it is fsynced (%s)", mode)
             except RedisError as exc:
                 if not is_transient(exc):
@@ -263,11 +272,11 @@ def create_app(settings: Settings) -> Starlette:
                 raise
             yield {
                 "settings": settings,
-                "store": store,
+                "partitions": lazy,
                 "openapi": _encoder.encode(openapi_schema(settings)),
             }
         finally:
-            await store.aclose()
+            await lazy.aclose()
 
     routes = [
         Route("/grouptasks", create_group, methods=["POST"]),

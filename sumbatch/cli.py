@@ -15,10 +15,13 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from urllib.parse import urlparse
 
+from sumbatch import ids
 from sumbatch.config import PARENT_PID_ENV, ConfigError, Settings, parse_port, resolve_handler
 from sumbatch.outage import Outage, is_transient
-from sumbatch.running import run_async
-from sumbatch.store import Entry, open_store
+from sumbatch.running import run_async, when_reachable
+from sumbatch.store import Entry
+from sumbatch.store.partitions import Partitions, open_partitions
+from sumbatch.tailing import Merge
 
 log = logging.getLogger("sumbatch")
 
@@ -56,11 +59,11 @@ def _describe(entry: Entry) -> str:
 
 def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     async def audit() -> int:
-        store = open_store(settings)
-        try:
-            history = await store.group_history(args.group_task_id)
-        finally:
-            await store.aclose()
+        async with await open_partitions(settings) as partitions:
+            gid = args.group_task_id
+            history = (
+                [] if ids.parse_uuid(gid) != gid else await partitions.of(gid).group_history(gid)
+            )
         if not history:
             print(f"no events for group {args.group_task_id}", file=sys.stderr)
             return 1
@@ -83,32 +86,58 @@ def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# Entries read from one partition at a time; how long tail waits when all are idle.
+TAIL_BATCH = 1000
+TAIL_IDLE = 0.1
+
+
+async def _until_more(partitions: Partitions, after: list[str | None]) -> None:
+    """Wait while the log is idle. One partition: a blocking read, which returns as
+    soon as an entry comes, or fails at once when Redis goes away. Several: a short
+    pause, as one read cannot block on streams in different cluster slots."""
+    if partitions.count == 1:
+        # Bounded, below the client's socket timeout; what it returns is read again.
+        await partitions.stores[0].read_events(str(after[0]), 1, block_ms=5000)
+    else:
+        await asyncio.sleep(TAIL_IDLE)
+
+
 async def _tail(settings: Settings, *, from_start: bool) -> None:
-    """Print events as they are appended. Across a Redis restart it reconnects with
-    backoff and goes on after the last id printed: nothing missed, nothing twice."""
-    store = open_store(settings)
+    """Print events as they are appended, every partition's merged in id order. Across
+    a Redis restart it reconnects with backoff and goes on after the last id read:
+    nothing missed, nothing twice."""
+    partitions = await when_reachable("tail", lambda: open_partitions(settings))
     outage = Outage(log, "tail")
-    after = "0-0" if from_start else None
+    merge = Merge(partitions.count)
+    after: list[str | None] = ["0-0" if from_start else None] * partitions.count
     try:
         while True:
             try:
-                if after is None:
-                    # A real id rather than "$", so a reconnect cannot skip what was
-                    # appended while we were away.
-                    after = await store.last_event_id()
-                # A bounded block, below the client's socket timeout, in a loop.
-                entries = await store.read_events(after, 1000, block_ms=5000)
+                for n, store in enumerate(partitions):
+                    if after[n] is None:
+                        # A real id rather than "$", so a reconnect cannot skip what was
+                        # appended while we were away.
+                        after[n] = await store.last_event_id()
+                    now_ms, entries = await store.read_since(str(after[n]), TAIL_BATCH)
+                    merge.read(n, now_ms, entries, TAIL_BATCH)
+                    if entries:
+                        after[n] = entries[-1][0]
+                ready = merge.release()
+                for entry in ready:
+                    print(_describe(entry), flush=True)
+                if merge.held and not ready:
+                    # Held entries wait for a slower partition's clock: ask again soon.
+                    await asyncio.sleep(TAIL_IDLE / 10)
+                elif not ready:
+                    await _until_more(partitions, after)
             except Exception as exc:
                 if not is_transient(exc):
                     raise
                 await asyncio.sleep(outage.failed(exc))
                 continue
             outage.ok()
-            for entry in entries:
-                print(_describe(entry), flush=True)
-                after = entry[0]
     finally:
-        await store.aclose()
+        await partitions.aclose()
 
 
 def cmd_redis_cli(settings: Settings, args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from sumbatch.ids import MAX_PARTITIONS
 from sumbatch.tasks import Delay, parse_delay
 
 T = TypeVar("T")
@@ -32,6 +33,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # None means: `sumbatch up` starts an embedded server; other commands connect to it.
     redis_url: str | None = None
     namespace: str = "sumbatch"
+    # None: what the namespace was created with, or for a new one 1 on a single server
+    # and several per master on a cluster (``store.partitions``).
+    partitions: int | None = None
     delay: Delay = Delay(3.0, 10.0)
     host: str = "127.0.0.1"
     port: int = 5000
@@ -213,6 +217,7 @@ def _parse(name: str, raw: str, parse: Callable[[str], T]) -> T:
 VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "redis_url": ("REDIS_URL", _redis_url),
     "namespace": ("SUMBATCH_NAMESPACE", str),
+    "partitions": ("SUMBATCH_PARTITIONS", _between(1, MAX_PARTITIONS)),
     "delay": ("SUMBATCH_DELAY", parse_delay),
     "host": ("SUMBATCH_HOST", str),
     "port": ("SUMBATCH_PORT", parse_port),

@@ -13,10 +13,12 @@ shared tag keeps them in one cluster slot.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any, Final, get_args
 
 import msgspec
+from redis.crc import key_slot
 
 
 class Event(msgspec.Struct, tag_field="type", rename="camel", frozen=True, kw_only=True):
@@ -186,11 +188,23 @@ WORKER_GROUP: Final = "workers"
 
 
 class Keys:
-    """Every key name, built from one namespace; nothing else writes a key literal."""
+    """Every key name of one partition of a namespace, built in one place; nothing else
+    writes a key literal. A partition's keys share one hash tag (one cluster slot),
+    so every atomic step stays within it; the cache's keys have no tag and spread."""
 
-    def __init__(self, namespace: str = "sumbatch") -> None:
+    def __init__(
+        self, namespace: str = "sumbatch", partition: int = 0, partitions: int = 1
+    ) -> None:
         self.namespace = namespace
-        self.tag = "{" + namespace + "}"
+        self.partition = partition
+        self.partitions = partitions
+        self.tag = partition_tag(namespace, partition, partitions)
+
+    @staticmethod
+    def partitions_key(namespace: str) -> str:
+        """How many partitions the namespace has, written by the first process to start:
+        every id's partition depends on it, so it cannot change under live data."""
+        return "{" + namespace + "}:partitions"
 
     @property
     def events(self) -> str:
@@ -228,26 +242,33 @@ class Keys:
         return f"{self.tag}:rejected"
 
     def cache(self, param_a: int, param_b: int) -> str:
-        """A computed sum, with its own TTL."""
-        return f"{self.cache_prefix}{param_a}:{param_b}"
+        """A computed sum, with its own TTL; shared by every partition. With several
+        partitions each sum is a hash tag of its own, spread over a cluster's slots;
+        with one, the partition's tag, as before partitions existed."""
+        if self.partitions == 1:
+            return f"{self.tag}:cache:{param_a}:{param_b}"
+        return "{" + f"{self.namespace}:cache:{param_a}:{param_b}" + "}"
+
+    @property
+    def pattern(self) -> str:
+        """A glob that matches every key of the namespace, in every partition, and no
+        other namespace's: for an ACL user's key pattern, or SCAN."""
+        if self.partitions == 1:
+            return f"{self.tag}:*"
+        return "{" + self.namespace + "[:}]*"
 
     def idempotency(self, key: str) -> str:
         """The answer given to a POST with this Idempotency-Key (hashed by the API)."""
         return f"{self.tag}:idem:{key}"
 
-    def prefixes(self) -> dict[str, str]:
-        """Per-group key prefixes, for scripts that name a group's keys themselves."""
-        return {
-            "ledger": self.ledger(""),
-            "ended": self.ended(""),
-            "attempts": self.attempts(""),
-            "log": self.group_log(""),
-            "cache": self.cache_prefix,
-        }
-
-    @property
-    def cache_prefix(self) -> str:
-        return f"{self.tag}:cache:"
+    def of_group(self, group_task_id: str) -> list[str]:
+        """A group's write-side keys, in the order the scripts declare them."""
+        return [
+            self.ledger(group_task_id),
+            self.ended(group_task_id),
+            self.attempts(group_task_id),
+            self.group_log(group_task_id),
+        ]
 
     def group_log(self, group_task_id: str) -> str:
         """One group's history (same entry ids as in the event log), for audit."""
@@ -269,3 +290,23 @@ class Keys:
     def group_view(self, group_task_id: str) -> str:
         """The projected status of a group and its tasks (JSON)."""
         return f"{self.tag}:view:{group_task_id}"
+
+
+def partition_tag(namespace: str, partition: int, partitions: int) -> str:
+    """The hash tag of one partition's keys. With one partition, ``{namespace}``, as
+    before partitions existed. With more, each tag is picked to hash into the middle
+    of its own equal share of the 16,384 cluster slots, so that a cluster whose masters
+    hold equal slot ranges (as ``--cluster create`` makes them) gets an equal share of
+    partitions on each master."""
+    if partitions == 1:
+        return "{" + namespace + "}"
+    share = SLOTS / partitions
+    low, high = (partition + 0.25) * share, (partition + 0.75) * share
+    for attempt in itertools.count():
+        name = f"{namespace}:{partition}" + (f"~{attempt}" if attempt else "")
+        if low <= key_slot(name.encode()) < high:
+            return "{" + name + "}"
+    raise AssertionError("unreachable")
+
+
+SLOTS = 16384

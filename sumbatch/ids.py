@@ -3,8 +3,10 @@
 A group id is a random UUID (version 4 layout) whose last 8 hex digits are zero; the
 id of the group's task at index i is the same UUID with i + 1 in those digits. So a
 task id names its group and its position: GET /tasks/{id} needs no lookup table, and
-``redis-cli`` readers can see which group a task belongs to. 90 random bits per group
-keep collisions out of reach; a group holds at most 2**32 - 1 tasks.
+``redis-cli`` readers can see which group a task belongs to. The two hex digits before
+those hold the group's partition (``partition_of``), so a read goes straight to it.
+82 random bits per group keep collisions out of reach; a group holds at most
+2**32 - 1 tasks.
 """
 
 from __future__ import annotations
@@ -14,16 +16,27 @@ import uuid
 
 # A task id's last INDEX_DIGITS hex digits hold its index + 1; a group id's are zero.
 INDEX_DIGITS = 8
+# The most partitions a namespace can have: one byte of the id names a group's.
+MAX_PARTITIONS = 256
+# Where that byte is in the id's text: the two hex digits before the index.
+_PARTITION = slice(-INDEX_DIGITS - 2, -INDEX_DIGITS)
 _TASK_BITS = 32
 _TASK_MASK = (1 << _TASK_BITS) - 1
 
 
-def new_group_id() -> str:
+def new_group_id(partition: int = 0) -> str:
     raw = bytearray(os.urandom(16))
     raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
     raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    raw[11] = partition
     raw[12:16] = b"\0\0\0\0"
     return str(uuid.UUID(bytes=bytes(raw)))
+
+
+def partition_of(group_or_task_id: str, partitions: int) -> int:
+    """The partition a group (or one of its tasks) lives in. With one partition, every
+    id is in it, those made before partitions existed too."""
+    return int(group_or_task_id[_PARTITION], 16) % partitions
 
 
 def group_prefix(group_id: str) -> str:

@@ -19,8 +19,8 @@ class Submission:
     work: list[TaskSubmitted]
 
     @classmethod
-    def of(cls, tasks: list[TaskIn]) -> Submission:
-        gid = ids.new_group_id()
+    def of(cls, tasks: list[TaskIn], partition: int = 0) -> Submission:
+        gid = ids.new_group_id(partition)
         tids = ids.task_ids(gid, len(tasks))
         event = GroupSubmitted(
             group_task_id=gid,

@@ -141,8 +141,9 @@ def test_cancel_of_an_unknown_or_malformed_id_is_404_and_appends_nothing(
     assert response.json() == {"error": "no such groupTaskId", "status": 404}
     assert appended(raw, settings) == (0, 0)
     keys = Keys(settings.namespace)
-    # Nothing but the work stream the app's start-up created.
-    assert set(raw.scan_iter(match=f"{keys.tag}:*")) == {keys.work}
+    # Nothing but what the app's start-up created: the work stream, the partition count.
+    created = {keys.work, Keys.partitions_key(settings.namespace)}
+    assert set(raw.scan_iter(match=f"{keys.tag}:*")) == created
 
 
 def test_revoked_entries_are_acknowledged_without_running(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+from redis.crc import key_slot
 
 from sumbatch.events import (
     AnyEvent,
@@ -75,12 +76,11 @@ def test_unknown_type_is_rejected() -> None:
         from_fields({"type": "Nope", "groupTaskId": "g"})
 
 
-def test_keys_share_one_hash_tag() -> None:
+def test_a_partitions_keys_share_one_hash_tag_and_the_cache_has_none() -> None:
     keys = Keys("ns")
     names = [
         keys.events,
         keys.work,
-        keys.cache(1, 2),
         keys.dead_letters,
         keys.idempotency("k"),
         keys.projector_position,
@@ -92,3 +92,23 @@ def test_keys_share_one_hash_tag() -> None:
     ]
     assert all(name.startswith("{ns}:") for name in names)
     assert len(set(names)) == len(names)
+    assert keys.cache(1, 2) == "{ns}:cache:1:2"
+    # With several partitions: shared by them, and spread over a cluster's slots.
+    assert Keys("ns", 1, 3).cache(1, 2) == "{ns:cache:1:2}"
+
+
+def test_partitions_spread_evenly_over_the_cluster_slots() -> None:
+    for count in (2, 3, 9, 64):
+        slots = []
+        for partition in range(count):
+            keys = Keys("ns", partition, count)
+            names = [keys.events, keys.work, *keys.of_group("g"), keys.group_view("g")]
+            # One slot per partition: its scripts touch only keys of that slot.
+            assert len({key_slot(name.encode()) for name in names}) == 1
+            slots.append(key_slot(keys.events.encode()))
+        # Partition p hashes into the p-th of `count` equal shares of the slots, so
+        # masters with equal slot ranges get equal shares of partitions.
+        share = 16384 / count
+        assert [int(slot // share) for slot in slots] == list(range(count))
+    # One partition: the names of before partitions existed.
+    assert Keys("ns", 0, 1).events == "{ns}:events"

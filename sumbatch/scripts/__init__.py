@@ -21,7 +21,7 @@ an outcome without counting it. Shared streams are checked with ``is_or_none``, 
 keys with ``group_state``; items that fail a check are refused, not half-done.
 """
 
-from sumbatch.scripts.log import COMMIT
+from sumbatch.scripts.log import COMMIT, READ_SINCE
 from sumbatch.scripts.producer import CANCEL, SUBMIT
 from sumbatch.scripts.work import (
     APPEND,
@@ -42,6 +42,7 @@ __all__ = [
     "COMPLETE",
     "FORGET_CONSUMER",
     "NEXT_ATTEMPT",
+    "READ_SINCE",
     "RELEASE_ENDED",
     "RENEW",
     "SUBMIT",

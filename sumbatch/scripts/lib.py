@@ -66,11 +66,22 @@ local function is_or_none(key, t)
   return found == t or found == 'none'
 end
 
+-- The write-side keys of the groups a script works on, declared in KEYS: four per
+-- group from KEYS[first] on, in the order of `gids` (``Keys.of_group``).
+local function declared(first, gids)
+  local G = {}
+  for n, gid in ipairs(gids) do
+    local k = first + 4 * (n - 1)
+    G[gid] = {ledger = KEYS[k], ended = KEYS[k + 1], attempts = KEYS[k + 2], log = KEYS[k + 3]}
+  end
+  return G
+end
+
 -- A group's write side, checked before any write: 'gone' (its ledger expired or never
 -- was), 'bad' (a key of the wrong type or a ledger that is not counters), or the
--- ledger's total as a number.
-local function group_state(P, gid)
-  local ledger = P.ledger .. gid
+-- ledger's total as a number. K: the group's keys.
+local function group_state(K)
+  local ledger = K.ledger
   local t = key_type(ledger)
   if t == 'none' then return 'gone' end
   if t ~= 'hash' then return 'bad' end
@@ -81,20 +92,22 @@ local function group_state(P, gid)
   end
   -- A task's attempts byte must stay within a string's 2^32 bits (BITFIELD u8).
   if tonumber(c[1]) > MAX_TASKS then return 'bad' end
-  if not (is_or_none(P.ended .. gid, 'string') and is_or_none(P.attempts .. gid, 'string')
-      and is_or_none(P.log .. gid, 'stream')) then
+  if not (is_or_none(K.ended, 'string') and is_or_none(K.attempts, 'string')
+      and is_or_none(K.log, 'stream')) then
     return 'bad'
   end
   return tonumber(c[1])
 end
 
--- A group an item names, checked once per script run: its group_state, and its
--- fence bitmap when it is live. `seen` caches them by group id.
-local function group_of(P, seen, gid)
+-- A group an item names, checked once per script run: its keys (from `declared`), its
+-- group_state, and its fence bitmap when it is live. `seen` caches them by group id. A
+-- group whose keys were not declared is 'bad': refused, never touched.
+local function group_of(G, seen, gid)
   local g = seen[gid]
   if g == nil then
-    g = {state = group_state(P, gid)}
-    if type(g.state) == 'number' then g.ended = redis.call('GET', P.ended .. gid) or '' end
+    local K = G[gid]
+    g = {keys = K, state = K and group_state(K) or 'bad'}
+    if type(g.state) == 'number' then g.ended = redis.call('GET', K.ended) or '' end
     seen[gid] = g
   end
   return g
@@ -116,17 +129,17 @@ local function append(events, log, fields)
 end
 
 -- Count tasks that just ended in one group; if that was its last, append
--- GroupFinished and start the clock on the group's write-side keys.
-local function tasks_ended(events, P, gid, ended, failed, revoked, ttl)
-  local ledger = P.ledger .. gid
+-- GroupFinished and start the clock on the group's write-side keys. K: its keys.
+local function tasks_ended(events, K, gid, ended, failed, revoked, ttl)
+  local ledger = K.ledger
   if failed > 0 then redis.call('HINCRBY', ledger, 'failed', failed) end
   if revoked > 0 then redis.call('HINCRBY', ledger, 'revoked', revoked) end
   local finished = redis.call('HINCRBY', ledger, 'finished', ended)
   local c = redis.call('HMGET', ledger, 'total', 'failed', 'revoked')
   if finished ~= tonumber(c[1]) then return end
-  local log = P.log .. gid
+  local log = K.log
   append(events, log, group_finished(gid, c[1], c[2], c[3]))
-  for _, key in ipairs({ledger, P.ended .. gid, P.attempts .. gid, log}) do
+  for _, key in ipairs({ledger, K.ended, K.attempts, log}) do
     redis.call('EXPIRE', key, ttl)
   end
 end

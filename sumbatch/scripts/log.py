@@ -28,3 +28,13 @@ end
 redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
+
+# The log's entries after an id, and the server's clock read in the same step: no entry
+# the read missed can get an id at or below that time, so readers of several partitions
+# know how far each one is complete (``sumbatch tail``).
+# KEYS: events. ARGV: after (exclusive), count. Returns {now ms, entries}.
+READ_SINCE = """
+local now = redis.call('TIME')
+local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+return {tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), entries}
+"""

@@ -47,15 +47,15 @@ return false
 # running ones included (their late outcome meets the fence and writes nothing), then
 # tell the workers on the cancellations channel, so they stop those runs.
 # KEYS: events, ledger, ended, attempts, group log.
-# ARGV: group id, result ttl, GroupCancelled json, task id prefix (ids.py), prefixes,
+# ARGV: group id, result ttl, GroupCancelled json, task id prefix (ids.py),
 #       cancellations channel.
 # Returns -1 unknown group, -2 finished without being cancelled (nothing to cancel),
 # 0 cancelled before, else 1 + the number of tasks revoked.
 CANCEL = (
     LIB
     + """
-local P = cjson.decode(ARGV[5])
-local total = group_state(P, ARGV[1])
+local K = {ledger = KEYS[2], ended = KEYS[3], attempts = KEYS[4], log = KEYS[5]}
+local total = group_state(K)
 if total == 'gone' then return -1 end
 if total == 'bad' or not is_or_none(KEYS[1], 'stream') then
   return redis.error_reply('ERR this group has keys sumbatch did not write')
@@ -75,8 +75,8 @@ for index = 0, total - 1 do
   end
 end
 if revoked > 0 then
-  tasks_ended(KEYS[1], P, ARGV[1], revoked, 0, revoked, ARGV[2])
-  redis.call('PUBLISH', ARGV[6], ARGV[1])
+  tasks_ended(KEYS[1], K, ARGV[1], revoked, 0, revoked, ARGV[2])
+  redis.call('PUBLISH', ARGV[5], ARGV[1])
 end
 return 1 + revoked
 """

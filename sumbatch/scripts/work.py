@@ -3,22 +3,23 @@ through the completion fence, and keep the work stream's claims and length in ha
 
 from sumbatch.scripts.lib import LIB
 
-# What a worker does with each handed-out entry. Per-group keys are named here from
-# the prefixes ``Keys.prefixes()`` sends (all share the hash tag of KEYS).
-# KEYS: work. ARGV: group, prefixes json, items json: [entry id, group id, index,
-# cache suffix] per item.  Returns per item: {0} ended already or expired
-# (acknowledged here), {1, result} cache hit, {2, attempt} run it (attempts counted
-# across every worker), or {3} refused: its group's keys are not what sumbatch wrote,
-# or its index is outside the group (left pending, untouched).
+# What a worker does with each handed-out entry. The cache is read before (a sum is
+# deterministic, and its key lives in a slot of its own on a cluster).
+# KEYS: work, then four per group (``Keys.of_group``). ARGV: group, group ids json,
+# items json: [entry id, group id, index, cached sum or ''] per item.  Returns per
+# item: {0} ended already or expired (acknowledged here), {1, result} cache hit,
+# {2, attempt} run it (attempts counted across every worker), or {3} refused: its
+# group's keys are not what sumbatch wrote, or its index is outside the group (left
+# pending, untouched).
 BEGIN = (
     LIB
     + """
-local P = cjson.decode(ARGV[2])
+local G = declared(2, cjson.decode(ARGV[2]))
 local items = cjson.decode(ARGV[3])
 local out = {}
 local seen = {}
 for n, item in ipairs(items) do
-  local g, index = group_of(P, seen, item[2]), item[3]
+  local g, index = group_of(G, seen, item[2]), item[3]
   if g.state == 'gone' then
     out[n] = {0}
   elseif g.state == 'bad' or not index_ok(index, g.state) then
@@ -26,8 +27,7 @@ for n, item in ipairs(items) do
   elseif bit_set(g.ended, index) then
     out[n] = {0}
   else
-    local cached = redis.call('GET', P.cache .. item[4])
-    out[n] = cached and {1, cached} or {2}
+    out[n] = item[4] ~= '' and {1, item[4]} or {2}
   end
 end
 -- Every check done: now the writes.
@@ -35,7 +35,7 @@ for n, item in ipairs(items) do
   if out[n][1] == 0 then
     redis.call('XACK', KEYS[1], ARGV[1], item[1])
   elseif out[n][1] == 2 then
-    out[n][2] = redis.call('BITFIELD', P.attempts .. item[2],
+    out[n][2] = redis.call('BITFIELD', seen[item[2]].keys.attempts,
       'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' .. item[3], 1)[1]
   end
 end
@@ -54,23 +54,22 @@ return redis.call('BITFIELD', KEYS[1], 'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' ..
 # Append progress events (started, retried) to the log and their group's audit
 # stream, unless the group is gone (expired: a late run must not bring its keys back)
 # or its keys are not what sumbatch wrote.
-# KEYS: events. ARGV: prefixes json, items json: [group id, event fields] per event.
+# KEYS: events, then four per group. ARGV: group ids json, items json: [group id,
+# event fields] per event.
 APPEND = (
     LIB
     + """
-local P = cjson.decode(ARGV[1])
+local G = declared(2, cjson.decode(ARGV[1]))
 if not is_or_none(KEYS[1], 'stream') then
   return redis.error_reply('ERR the event log key is not a stream (written by hand?)')
 end
 local items = cjson.decode(ARGV[2])
-local live = {}
-for _, item in ipairs(items) do
-  if live[item[1]] == nil then live[item[1]] = type(group_state(P, item[1])) == 'number' end
-end
+local seen = {}
 local appended = 0
 for _, item in ipairs(items) do
-  if live[item[1]] then
-    append(KEYS[1], P.log .. item[1], item[2])
+  local g = group_of(G, seen, item[1])
+  if type(g.state) == 'number' then
+    append(KEYS[1], g.keys.log, item[2])
     appended = appended + 1
   end
 end
@@ -79,31 +78,31 @@ return appended
 )
 
 # The completion fence. Per item, atomically: if the task has not ended yet, mark it
-# ended, append its outcome (and a dead-letter note), cache a computed sum, copy a
-# failure to the dead-letter stream; then count the ended tasks per group, ending the
-# groups whose last task this was; and acknowledge every work entry. Items whose
-# group's keys are not what sumbatch wrote, or whose index is outside the group, are
-# refused: left pending, untouched.
-# KEYS: events, work, dead letters.
-# ARGV: group, result ttl, cache ttl, prefixes json, items json: per item
-#   [entry id, index, group id, state, cache it (1/0), result, cache suffix,
-#    outcome, after], outcome one event and after a list of events.
-# Returns {outcomes recorded, {refused entry ids}}.
+# ended, append its outcome (and a dead-letter note), copy a failure to the
+# dead-letter stream; then count the ended tasks per group, ending the groups whose
+# last task this was; and acknowledge every work entry. Items whose group's keys are
+# not what sumbatch wrote, or whose index is outside the group, are refused: left
+# pending, untouched. (Computed sums are cached after, outside: see BEGIN.)
+# KEYS: events, work, dead letters, then four per group.
+# ARGV: group, result ttl, group ids json, items json: per item
+#   [entry id, index, group id, state, outcome, after], outcome one event and after a
+#   list of events.
+# Returns {{entry ids whose outcome was recorded}, {refused entry ids}}.
 COMPLETE = (
     LIB
     + """
-local P = cjson.decode(ARGV[4])
+local G = declared(4, cjson.decode(ARGV[3]))
 if not (is_or_none(KEYS[1], 'stream') and is_or_none(KEYS[2], 'stream')
     and is_or_none(KEYS[3], 'stream')) then
   return redis.error_reply('ERR a sumbatch stream key is not a stream (written by hand?)')
 end
-local items = cjson.decode(ARGV[5])
+local items = cjson.decode(ARGV[4])
 local seen = {}
 local refused = {}
 local todo = {}
 for _, item in ipairs(items) do
   local entry, index = item[1], item[2]
-  local total = group_of(P, seen, item[3]).state
+  local total = group_of(G, seen, item[3]).state
   if total == 'bad' or (total ~= 'gone' and not index_ok(index, total)) then
     refused[#refused + 1] = entry
   else
@@ -111,14 +110,15 @@ for _, item in ipairs(items) do
   end
 end
 -- Every check done: now the writes.
-local recorded = 0
+local recorded = {}
 local groups, counts = {}, {}  -- groups in first-seen order; per group {ended, failed}
 local acks = {}
 for _, item in ipairs(todo) do
-  local entry, index, gid, state_, cache_it, result, cache, outcome, after = unpack(item)
-  if seen[gid].state ~= 'gone' and redis.call('SETBIT', P.ended .. gid, index, 1) == 0 then
-    recorded = recorded + 1
-    local log = P.log .. gid
+  local entry, index, gid, state_, outcome, after = unpack(item)
+  local g = seen[gid]
+  if g.state ~= 'gone' and redis.call('SETBIT', g.keys.ended, index, 1) == 0 then
+    recorded[#recorded + 1] = entry
+    local log = g.keys.log
     local id = append(KEYS[1], log, outcome)
     if state_ == 'FAILURE' then
       -- Its own ids ('*'): other writers add to this stream too.
@@ -128,7 +128,6 @@ for _, item in ipairs(todo) do
       redis.call('XADD', KEYS[3], '*', unpack(copy))
     end
     for _, fields in ipairs(after) do append(KEYS[1], log, fields) end
-    if cache_it == '1' then redis.call('SET', P.cache .. cache, result, 'EX', ARGV[3]) end
     if not counts[gid] then
       counts[gid] = {0, 0}
       groups[#groups + 1] = gid
@@ -139,7 +138,7 @@ for _, item in ipairs(todo) do
   acks[#acks + 1] = entry
 end
 for _, gid in ipairs(groups) do
-  tasks_ended(KEYS[1], P, gid, counts[gid][1], counts[gid][2], 0, ARGV[2])
+  tasks_ended(KEYS[1], seen[gid].keys, gid, counts[gid][1], counts[gid][2], 0, ARGV[2])
 end
 if #acks > 0 then redis.call('XACK', KEYS[2], ARGV[1], unpack(acks)) end
 return {recorded, refused}
@@ -148,17 +147,17 @@ return {recorded, refused}
 
 # Acknowledge work entries whose task has ended (revoked by a cancel, or finished
 # elsewhere) or whose group is gone; leave the others pending.
-# KEYS: work. ARGV: group, prefixes json, items json: [entry id, group id, index].
-# Returns the entry ids acknowledged.
+# KEYS: work, then four per group. ARGV: group, group ids json, items json: [entry id,
+# group id, index]. Returns the entry ids acknowledged.
 RELEASE_ENDED = (
     LIB
     + """
-local P = cjson.decode(ARGV[2])
+local G = declared(2, cjson.decode(ARGV[2]))
 local released = {}
 local seen = {}
 for _, item in ipairs(cjson.decode(ARGV[3])) do
   local entry, index = item[1], item[3]
-  local g = group_of(P, seen, item[2])
+  local g = group_of(G, seen, item[2])
   if g.state == 'gone' or (type(g.state) == 'number' and index_ok(index, g.state)
       and bit_set(g.ended, index)) then
     released[#released + 1] = entry

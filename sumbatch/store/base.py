@@ -10,6 +10,7 @@ from typing import Any, Literal, Self
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import (
     AbstractConnection,
     Connection,
@@ -26,6 +27,8 @@ from sumbatch.events import (
 )
 
 Redis = aioredis.Redis
+# A single server's client, or a cluster's: the store speaks to either.
+Client = aioredis.Redis | RedisCluster
 log = logging.getLogger("sumbatch.store")
 Entry = tuple[str, dict[str, str]]
 
@@ -34,7 +37,7 @@ _json = msgspec.json.Encoder()
 DurableMode = Literal["waitaof", "always"]
 
 
-def connect(url: str, **options: Any) -> Redis:
+def connect(url: str, *, cluster: bool = False, **options: Any) -> Client:
     """Bounded timeouts and one quick retry on a lost connection; callers own any
     longer backoff. A retried call runs twice on the server when the first run's reply
     was lost: SUBMIT, COMPLETE, CANCEL and COMMIT see their own first run (ledger,
@@ -50,10 +53,31 @@ def connect(url: str, **options: Any) -> Redis:
     options.setdefault("socket_connect_timeout", 2)
     options.setdefault("socket_timeout", 10)
     options.setdefault("retry", Retry(NoBackoff(), 1))
+    if cluster:
+        nodes = RedisCluster.from_url(url, **options)
+        # Every node's connections, those of nodes found later too, come from here.
+        shared = nodes.connection_kwargs
+        shared["connection_class"] = _RESET_AWARE.get(
+            shared["connection_class"], shared["connection_class"]
+        )
+        for node in nodes.startup_nodes:
+            node.connection_class = shared["connection_class"]
+        return nodes
     client: Redis = aioredis.Redis.from_url(url, **options)
     pool = client.connection_pool
     pool.connection_class = _RESET_AWARE.get(pool.connection_class, pool.connection_class)
     return client
+
+
+async def is_cluster(url: str, **options: Any) -> bool:
+    """Whether the server at ``url`` is a node of a Redis Cluster (any node will do:
+    the cluster client finds the others)."""
+    probe = connect(url, **options)
+    try:
+        info = await probe.info("cluster")
+    finally:
+        await probe.aclose()
+    return bool(info.get("cluster_enabled"))
 
 
 class _ResetAware(AbstractConnection):
@@ -106,7 +130,7 @@ class Retention:
 class StoreBase:
     """One namespace on one connection pool; each role below adds its steps."""
 
-    def __init__(self, redis: Redis, keys: Keys, retention: Retention | None = None) -> None:
+    def __init__(self, redis: Client, keys: Keys, retention: Retention | None = None) -> None:
         self.redis = redis
         # How durable mode confirms a write; None until check_durable() ran.
         self.durable: DurableMode | None = None
@@ -120,10 +144,17 @@ class StoreBase:
         self._release_ended = redis.register_script(scripts.RELEASE_ENDED)
         self._renew = redis.register_script(scripts.RENEW)
         self._commit = redis.register_script(scripts.COMMIT)
+        self._read_since = redis.register_script(scripts.READ_SINCE)
         self._trim_work = redis.register_script(scripts.TRIM_WORK)
         self._next_attempt = redis.register_script(scripts.NEXT_ATTEMPT)
         self._forget_consumer = redis.register_script(scripts.FORGET_CONSUMER)
-        self._prefixes = _json.encode(keys.prefixes())
+
+    def _declare(self, group_ids: Iterable[str]) -> tuple[list[str], bytes]:
+        """The write-side keys of some groups, four each, and their ids in the same
+        order: what a script that works on several groups declares (``declared`` in
+        scripts/lib.py)."""
+        gids = list(dict.fromkeys(group_ids))
+        return [key for gid in gids for key in self.keys.of_group(gid)], _json.encode(gids)
 
     async def aclose(self) -> None:
         """Close the connection pool."""

@@ -47,6 +47,12 @@ class EventLog(StoreBase):
     async def event_range(self, start: str = "-", end: str = "+", count: int = 1000) -> list[Entry]:
         return cast(list[Entry], await self.redis.xrange(self.keys.events, start, end, count))
 
+    async def read_since(self, after: str, count: int) -> tuple[int, list[Entry]]:
+        """The log's entries after ``after``, and the server's clock (ms) when they were
+        read: any entry not among them will have an id above that time."""
+        now, entries = await self._read_since(keys=[self.keys.events], args=[after, count])
+        return int(now), [(str(eid), _pairs(fields)) for eid, fields in entries]
+
     async def last_event_id(self) -> str:
         """The id of the log's newest entry ("0-0" when empty): a real id to read on
         from, unlike "$", so a reader that reconnects misses nothing."""
@@ -154,3 +160,8 @@ def _views(group_ids: Sequence[str], blobs: Sequence[str | bytes | None]) -> Vie
         if blob is not None and (view := _view(gid, blob)) is not None:
             views.groups[gid] = view
     return views
+
+
+def _pairs(flat: Sequence[str]) -> dict[str, str]:
+    """A stream entry's fields as a script returns them (flat), as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, ResponseError
 
 from sumbatch import ids
@@ -109,7 +110,7 @@ class Producer(StoreBase):
                 fsynced=None if fsync_timeout_ms is None else True,
             )
         pipe = self.redis.pipeline(transaction=False)
-        await self._submit(keys=keys, args=args, client=pipe)
+        await self._submit(keys=keys, args=args, client=cast(Any, pipe))
         pipe.execute_command("WAITAOF", 1, 0, fsync_timeout_ms)
         earlier, waited = await pipe.execute(raise_on_error=False)
         if isinstance(earlier, Exception):
@@ -123,6 +124,9 @@ class Producer(StoreBase):
         WAITAOF (Redis 7.2+, Valkey), or ``appendfsync always`` before that. Raises
         NotDurable, naming the setting to change, when it can't; the answer is kept
         in ``self.durable``."""
+        if isinstance(self.redis, RedisCluster):
+            # WAITAOF must run on the node that took the write; not done yet.
+            raise NotDurable("durable mode is not supported on a Redis Cluster yet")
         try:
             await self.redis.execute_command("WAITAOF", 1, 0, 1)  # type: ignore[no-untyped-call]
             has_waitaof, aof_off = True, False
@@ -158,7 +162,6 @@ class Producer(StoreBase):
             self.retention.results,
             _json.encode(fields),
             ids.group_prefix(group_task_id),
-            self._prefixes,
             self.keys.cancellations,
         ]
         code = int(await self._cancel(keys=keys, args=args))

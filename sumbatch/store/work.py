@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from sumbatch.events import (
@@ -96,12 +97,14 @@ class WorkQueue(StoreBase):
         return claimed
 
     async def begin(self, items: Sequence[TaskSubmitted], entry_ids: Sequence[str]) -> list[Begun]:
+        cached = await self._cached([(item.param_a, item.param_b) for item in items])
         payload = [
-            (entry_id, item.group_task_id, item.index, f"{item.param_a}:{item.param_b}")
-            for entry_id, item in zip(entry_ids, items, strict=True)
+            (entry_id, item.group_task_id, item.index, sum_ or "")
+            for entry_id, item, sum_ in zip(entry_ids, items, cached, strict=True)
         ]
-        args: list[str | bytes] = [WORKER_GROUP, self._prefixes, _json.encode(payload)]
-        decisions = await self._begin(keys=[self.keys.work], args=args)
+        group_keys, gids = self._declare(item.group_task_id for item in items)
+        args: list[str | bytes] = [WORKER_GROUP, gids, _json.encode(payload)]
+        decisions = await self._begin(keys=[self.keys.work, *group_keys], args=args)
         return [Begun(_BEGUN_KINDS[int(d[0])], int(d[1]) if len(d) > 1 else 0) for d in decisions]
 
     async def release_ended(
@@ -114,8 +117,10 @@ class WorkQueue(StoreBase):
             (entry_id, item.group_task_id, item.index)
             for entry_id, item in zip(entry_ids, items, strict=True)
         ]
-        args: list[str | bytes] = [WORKER_GROUP, self._prefixes, _json.encode(payload)]
-        return cast(list[str], await self._release_ended(keys=[self.keys.work], args=args))
+        group_keys, gids = self._declare(item.group_task_id for item in items)
+        args: list[str | bytes] = [WORKER_GROUP, gids, _json.encode(payload)]
+        keys = [self.keys.work, *group_keys]
+        return cast(list[str], await self._release_ended(keys=keys, args=args))
 
     async def dead_letter_entry(
         self,
@@ -145,20 +150,25 @@ class WorkQueue(StoreBase):
         if events:
             flat = to_flat(list(events))
             payload = [(e.group_task_id, f) for e, f in zip(events, flat, strict=True)]
+            group_keys, gids = self._declare(e.group_task_id for e in events)
             await self._append(
-                keys=[self.keys.events], args=[self._prefixes, _json.encode(payload)]
+                keys=[self.keys.events, *group_keys], args=[gids, _json.encode(payload)]
             )
 
     async def complete(self, outcomes: Sequence[Outcome]) -> Completed:
         items = []
+        sums: list[tuple[str, tuple[int, int], int]] = []
         for outcome in outcomes:
             event = outcome.event
             gid = event.group_task_id
             after: list[AnyEvent] = []
             if isinstance(event, TaskCompleted):
-                state, cache_it, result = "SUCCESS", not event.from_cache, str(event.result)
+                state = "SUCCESS"
+                if not event.from_cache:
+                    params = (outcome.param_a, outcome.param_b)
+                    sums.append((outcome.entry_id, params, event.result))
             else:
-                state, cache_it, result = "FAILURE", False, ""
+                state = "FAILURE"
                 after.append(
                     TaskDeadLettered(
                         task_id=event.task_id,
@@ -170,29 +180,40 @@ class WorkQueue(StoreBase):
                     )
                 )
             flat = to_flat([event, *after])
-            items.append(
-                (
-                    outcome.entry_id,
-                    event.index,
-                    gid,
-                    state,
-                    "1" if cache_it else "0",
-                    result,
-                    f"{outcome.param_a}:{outcome.param_b}",
-                    flat[0],
-                    flat[1:],
-                )
-            )
-        keys = [self.keys.events, self.keys.work, self.keys.dead_letters]
+            items.append((outcome.entry_id, event.index, gid, state, flat[0], flat[1:]))
+        group_keys, gids = self._declare(outcome.event.group_task_id for outcome in outcomes)
+        keys = [self.keys.events, self.keys.work, self.keys.dead_letters, *group_keys]
         args: list[str | int | bytes] = [
             WORKER_GROUP,
             self.retention.results,
-            self.retention.cache,
-            self._prefixes,
+            gids,
             _json.encode(items),
         ]
         recorded, refused = await self._complete(keys=keys, args=args)
-        return Completed(int(recorded), [str(entry_id) for entry_id in refused])
+        # After the fence, not in it: a sum is the same whoever computes it, so losing
+        # this write (a crash just now) costs a cache miss, nothing more. Only sums of
+        # outcomes the fence let through: a revoked run leaves nothing behind.
+        through = set(recorded)
+        await self._cache(
+            {params: result for entry_id, params, result in sums if entry_id in through}
+        )
+        return Completed(len(recorded), [str(entry_id) for entry_id in refused])
+
+    async def _cached(self, params: Sequence[tuple[int, int]]) -> list[str | None]:
+        """The cached sum of each pair of parameters, or None."""
+        keys = [self.keys.cache(a, b) for a, b in params]
+        if isinstance(self.redis, RedisCluster):
+            # Keys in many slots: one MGET per slot, sent node by node.
+            return cast(list[str | None], await self.redis.mget_nonatomic(keys))
+        return cast(list[str | None], await self.redis.mget(keys))
+
+    async def _cache(self, sums: dict[tuple[int, int], int]) -> None:
+        if not sums:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for (a, b), result in sums.items():
+            pipe.set(self.keys.cache(a, b), result, ex=self.retention.cache)
+        await pipe.execute()
 
     async def renew(self, consumer: str, entry_ids: Sequence[str], idle_ms: int = 0) -> list[str]:
         """Keep our claim on ``entry_ids`` (or, with ``idle_ms``, hand them back as if
