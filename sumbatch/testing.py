@@ -1,9 +1,10 @@
 """Helpers for tests and benchmarks that run the service's real processes; not used by
 the service itself.
 
-Free ports for servers about to start, submitting groups and seeing them processed,
-polling a condition against a deadline, the environment and the handling of real
-``sumbatch`` processes, and what Linux /proc says about a process's connections.
+Free ports for servers about to start, submitting groups, reading streams and seeing
+groups processed, polling a condition against a deadline (an HTTP server answering 200
+among them), the environment and the handling of real ``sumbatch`` processes, and what
+Linux /proc says about a process's connections.
 tests/support.py and ops/bench/ both take them from here, so each is written once.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import os
 import random
 import signal
@@ -18,14 +20,16 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, TypeVar, cast
 
 from sumbatch.config import Settings
 from sumbatch.projection import GroupView
-from sumbatch.store import Store
+from sumbatch.store import Entry, Store
 from sumbatch.submission import Submission
 from sumbatch.wire import TaskIn
 
@@ -80,6 +84,11 @@ async def submit(store: Store, pairs: list[tuple[int, int]]) -> tuple[str, list[
     return created.group_task_id, created.task_ids
 
 
+async def stream_entries(store: Store, key: str) -> list[Entry]:
+    """The whole stream ``key``: each entry's id and fields."""
+    return cast(list[Entry], await store.redis.xrange(key))
+
+
 async def all_processed(store: Store, groups: Groups) -> bool:
     """Whether every one of ``groups`` has a view that says processed."""
     for gid, _ in groups:
@@ -93,7 +102,7 @@ async def all_processed(store: Store, groups: Groups) -> bool:
 
 
 async def eventually(
-    predicate: Callable[[], Awaitable[T]], within: float, interval: float = 0.05
+    predicate: Callable[[], Awaitable[T | None]], within: float, interval: float = 0.05
 ) -> T | None:
     """``predicate``'s first truthy value, polled every ``interval`` s; None when it
     has given none after ``within`` s. For a benchmark, where a timeout is an outcome
@@ -109,9 +118,10 @@ async def eventually(
 
 
 async def wait_until(
-    predicate: Callable[[], Awaitable[T]], within: float = 30.0, what: str = "condition"
+    predicate: Callable[[], Awaitable[T | None]], within: float = 30.0, what: str = "condition"
 ) -> T:
-    """``predicate``'s first truthy value; AssertionError after ``within`` s."""
+    """``predicate``'s first truthy value (never None, so a predicate that answers
+    ``X | None`` gives an ``X``); AssertionError after ``within`` s."""
     value = await eventually(predicate, within)
     if value is None:
         raise AssertionError(f"timed out after {within}s waiting for {what}")
@@ -119,9 +129,10 @@ async def wait_until(
 
 
 def wait_until_sync(
-    predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition"
+    predicate: Callable[[], T | None], timeout: float = 30.0, what: str = "condition"
 ) -> T:
-    """``predicate``'s first truthy value; AssertionError after ``timeout`` s."""
+    """``predicate``'s first truthy value (never None, so a predicate that answers
+    ``X | None`` gives an ``X``); AssertionError after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -130,6 +141,20 @@ def wait_until_sync(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+def answers_200(url: str, timeout: float = 1.0) -> bool:
+    """Whether a GET of ``url`` answers 200 within ``timeout`` s; False for any other
+    answer and for none (refused, reset, timed out): a predicate for waiting on a
+    server that is starting or stopping."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            return bool(answer.status == 200)
+    except urllib.error.HTTPError as other:  # an answer, not 2xx
+        other.close()
+        return False
+    except (OSError, http.client.HTTPException):
+        return False
 
 
 # -- real sumbatch processes ---------------------------------------------------------
