@@ -1,10 +1,11 @@
 """Helpers for tests and benchmarks that run the service's real processes; not used by
 the service itself.
 
-Free ports for servers about to start, submitting groups, reading streams and seeing
-groups processed, polling a condition against a deadline (an HTTP server answering 200
-among them), the environment and the handling of real ``sumbatch`` processes, and what
-Linux /proc says about a process's connections.
+Free ports for servers about to start, submitting groups, reading streams (and the
+time an entry id carries), seeing groups processed and which worker holds which work,
+polling a condition against a deadline (an HTTP server answering 200 among them), the
+environment and the handling of real ``sumbatch`` processes, and what Linux /proc says
+about a process's connections.
 tests/support.py and ops/bench/ both take them from here, so each is written once.
 """
 
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import IO, Any, TypeVar, cast
 
 from sumbatch.config import Settings
+from sumbatch.events import WORKER_GROUP, TaskSubmitted, from_fields
+from sumbatch.ids import entry_order
 from sumbatch.projection import GroupView
 from sumbatch.store import Entry, Store
 from sumbatch.submission import Submission
@@ -63,7 +66,7 @@ def free_port() -> int:
         return port
 
 
-# -- submitting groups, and seeing them processed ------------------------------------
+# -- submitting groups, reading streams, seeing groups processed ----------------------
 
 Groups = list[tuple[str, list[str]]]
 """Submitted groups: each group's id and its task ids."""
@@ -87,6 +90,32 @@ async def submit(store: Store, pairs: list[tuple[int, int]]) -> tuple[str, list[
 async def stream_entries(store: Store, key: str) -> list[Entry]:
     """The whole stream ``key``: each entry's id and fields."""
     return cast(list[Entry], await store.redis.xrange(key))
+
+
+def entry_ms(entry_id: str) -> int:
+    """When a stream entry was written: the ms timestamp its id starts with, by the
+    server's clock (the wall clock of this host, for a server running here)."""
+    return entry_order(entry_id)[0]
+
+
+async def pending_by_consumer(store: Store) -> dict[str, int]:
+    """How many work entries each worker holds (delivered, not acknowledged), by its
+    consumer name; a worker that holds none may be missing."""
+    summary: dict[str, Any] = await store.redis.xpending(store.keys.work, WORKER_GROUP)
+    return {c["name"]: int(c["pending"]) for c in summary["consumers"] or []}
+
+
+async def tasks_held_by(store: Store, consumer: str) -> list[str]:
+    """The task ids of the work entries ``consumer`` holds (delivered, not acknowledged)."""
+    pending: list[dict[str, Any]] = await store.redis.xpending_range(
+        store.keys.work, WORKER_GROUP, min="-", max="+", count=10_000, consumername=consumer
+    )
+    held = []
+    for entry in pending:
+        entry_id = entry["message_id"]
+        found = cast(list[Entry], await store.redis.xrange(store.keys.work, entry_id, entry_id))
+        held += [cast(TaskSubmitted, from_fields(fields)).task_id for _, fields in found]
+    return held
 
 
 async def all_processed(store: Store, groups: Groups) -> bool:
@@ -184,18 +213,20 @@ def env_for(settings: Settings) -> dict[str, str]:
 
 
 class Processes:
-    """Real sumbatch processes, each logging to a file in ``logs``; all killed at
-    ``cleanup``."""
+    """Real sumbatch processes, each logging to a file in ``logs`` (``log_of`` names
+    it); all killed at ``cleanup``."""
 
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.started: list[subprocess.Popen[bytes]] = []
         self.files: list[IO[bytes]] = []
+        self.log_paths: dict[int, Path] = {}
 
     def start(
         self, settings: Settings, *args: str, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{args[0]}-{len(self.started)}.log").open("wb")
+        path = self.logs / f"{args[0]}-{len(self.started)}.log"
+        log = path.open("wb")
         self.files.append(log)
         process = subprocess.Popen(
             [sys.executable, "-m", "sumbatch", *args],
@@ -206,7 +237,12 @@ class Processes:
             cwd=SOURCE,
         )
         self.started.append(process)
+        self.log_paths[process.pid] = path
         return process
+
+    def log_of(self, process: subprocess.Popen[bytes]) -> Path:
+        """The file ``process`` (started here) logs to."""
+        return self.log_paths[process.pid]
 
     @staticmethod
     def kill9(process: subprocess.Popen[bytes]) -> None:

@@ -43,11 +43,14 @@ from sumbatch.testing import all_processed as all_processed
 from sumbatch.testing import answers_200 as answers_200
 from sumbatch.testing import blocked_in_xreadgroup as blocked_in_xreadgroup
 from sumbatch.testing import body_of as body_of
+from sumbatch.testing import entry_ms as entry_ms
 from sumbatch.testing import env_for as env_for
 from sumbatch.testing import free_port as free_port
+from sumbatch.testing import pending_by_consumer as pending_by_consumer
 from sumbatch.testing import processes as processes
 from sumbatch.testing import stream_entries as stream_entries
 from sumbatch.testing import submit as submit
+from sumbatch.testing import tasks_held_by as tasks_held_by
 from sumbatch.testing import wait_until as wait_until
 from sumbatch.testing import wait_until_sync as wait_until_sync
 
@@ -86,7 +89,10 @@ def with_credentials(url: str, user: str, password: str) -> str:
 def own_server(directory: Path, **options: Any) -> Iterator[EmbeddedServer]:
     """A throwaway server of the test's own on a free port, its data in ``directory``,
     started (``options`` as EmbeddedServer takes them) and stopped at the end, also
-    when it failed to start. Never the session's server: a test may break this one."""
+    when it failed to start. Never the session's server: a test may break this one.
+    A test may also ``kill()`` or ``stop()`` it and ``start()`` it again: a new process
+    on the same port and directory, which loads the AOF (and takes a changed
+    ``appendfsync``)."""
     server = EmbeddedServer(directory, free_port(), **options)
     try:
         server.start()

@@ -18,30 +18,35 @@ import subprocess
 import time
 from collections import Counter
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 
+from consumers.worker import READ_BLOCK_MS as WORKER_READ_BLOCK_MS
 from sumbatch.config import Settings
 from sumbatch.events import (
     WORKER_GROUP,
     GroupSubmitted,
     TaskCompleted,
     TaskStarted,
-    TaskSubmitted,
     from_fields,
 )
-from sumbatch.store import Entry, Store, open_store
+from sumbatch.store import Store, open_store
 from sumbatch.tasks import Delay
 from tests.support import (
     Groups,
     Processes,
     all_processed,
     assert_exactly_once,
+    entry_ms,
     env_for,
     log_events,
+    pending_by_consumer,
+    projector_moved,
     runs_started,
+    stream_entries,
     submit,
+    tasks_held_by,
     wait_until,
 )
 
@@ -57,46 +62,9 @@ def random_pairs(rng: random.Random, n: int) -> list[tuple[int, int]]:
     return [(rng.randrange(-(10**9), 10**9), rng.randrange(-(10**9), 10**9)) for _ in range(n)]
 
 
-# A worker's read blocks up to this long (consumers/worker.py); a worker told to stop
-# issues no other.
-WORKER_READ_BLOCK_MS = 1000
-
-
 def now_ms() -> int:
     """Wall clock in ms: comparable with stream entry ids written on this host."""
     return int(time.time() * 1000)
-
-
-def entry_ms(entry_id: str) -> int:
-    return int(entry_id.partition("-")[0])
-
-
-async def pending_by_consumer(store: Store) -> dict[str, int]:
-    summary: dict[str, Any] = await store.redis.xpending(store.keys.work, WORKER_GROUP)
-    return {c["name"]: int(c["pending"]) for c in summary["consumers"] or []}
-
-
-async def tasks_held_by(store: Store, consumer: str) -> list[str]:
-    """The task ids of the work entries ``consumer`` holds (delivered, not acknowledged)."""
-    pending: list[dict[str, Any]] = await store.redis.xpending_range(
-        store.keys.work, WORKER_GROUP, min="-", max="+", count=10_000, consumername=consumer
-    )
-    held = []
-    for entry in pending:
-        entry_id = entry["message_id"]
-        found = cast(list[Entry], await store.redis.xrange(store.keys.work, entry_id, entry_id))
-        held += [cast(TaskSubmitted, from_fields(fields)).task_id for _, fields in found]
-    return held
-
-
-async def raw_events(store: Store) -> list[Entry]:
-    """The whole log as stream entries: ids (ms timestamps) and fields."""
-    return cast(list[Entry], await store.redis.xrange(store.keys.events))
-
-
-async def last_event_id(store: Store) -> str | None:
-    last = await store.redis.xrevrange(store.keys.events, count=1)
-    return str(last[0][0]) if last else None
 
 
 async def assert_sums(store: Store, expected: dict[str, list[int]]) -> None:
@@ -227,14 +195,15 @@ def test_projector_killed_at_random_moments_keeps_views_exact(
                     groups.append((gid, tids))
                     expected[gid] = [a + b for a, b in pairs]
                 before = await store.position()
-
-                async def progressed(before: str | None = before) -> bool:
-                    return await store.position() != before
-
                 # This projector (just started) applies something before it dies.
-                await wait_until(progressed, within=15, what="the projector to make progress")
+                await wait_until(
+                    projector_moved(store, before),
+                    within=15,
+                    what="the projector to make progress",
+                )
                 await asyncio.sleep(rng.uniform(0.0, 0.06))  # a random moment
-                kills_while_behind += await store.position() != await last_event_id(store)
+                # (The log is not empty: the groups above are in it.)
+                kills_while_behind += await store.position() != await store.last_event_id()
                 procs.kill9(projector)
                 projector = procs.start(settings, "projector")
             await wait_until(
@@ -324,7 +293,7 @@ def test_rolling_restart_with_sigterm_finishes_in_flight_work(
                 # whose id is that moment on the same clock as ``signalled``.
                 hz = int(str((await store.redis.config_get("hz"))["hz"]))
                 handed_by_ms = WORKER_READ_BLOCK_MS + 1000 // hz
-                raw = await raw_events(store)
+                raw = await stream_entries(store, store.keys.events)
                 stamped = [(entry_ms(eid), from_fields(f)) for eid, f in raw]
                 submitted_ms = {
                     e.group_task_id: ms for ms, e in stamped if isinstance(e, GroupSubmitted)
@@ -407,7 +376,7 @@ def test_a_short_grace_hands_back_unfinished_entries_for_an_immediate_takeover(
             assert starts == Counter({("first", 1): 20, ("second", 2): 20})
             completed_by = Counter(e.worker for e in events if isinstance(e, TaskCompleted))
             assert completed_by == Counter(second=20)
-            raw = await raw_events(store)
+            raw = await stream_entries(store, store.keys.events)
             restarts = [
                 entry_ms(eid)
                 for eid, f in raw

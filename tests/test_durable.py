@@ -58,6 +58,15 @@ def api_start(settings: Settings, tmp_path: Path) -> subprocess.CompletedProcess
     return run_sumbatch("api", "--port", str(free_port()), env=env)
 
 
+def assert_refused(done: subprocess.CompletedProcess[str], refusal: str) -> None:
+    """The API refused to start as it should: exit status 2 (a configuration it cannot
+    serve), a ``sumbatch: `` line saying ``refusal``, and no traceback."""
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    said = [line for line in done.stderr.splitlines() if line.startswith("sumbatch: ")]
+    assert any(refusal in line for line in said), done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
 def served_with_waitaof_else_refused(
     server: EmbeddedServer, settings: Settings, tmp_path: Path, refusal: str
 ) -> None:
@@ -67,28 +76,21 @@ def served_with_waitaof_else_refused(
         with TestClient(create_app(settings)) as client:
             assert client.post("/grouptasks", json=BODY).status_code == 200
     else:
-        done = api_start(settings, tmp_path)
-        assert done.returncode != 0
-        assert refusal in done.stderr, done.stderr
+        assert_refused(api_start(settings, tmp_path), refusal)
 
 
 @pytest.mark.parametrize("server", ["no"], indirect=True)
 def test_a_server_that_never_fsyncs_is_refused_at_start(
     server: EmbeddedServer, tmp_path: Path
 ) -> None:
-    done = api_start(durable_settings(server.url), tmp_path)
-    assert done.returncode != 0
-    assert "appendfsync is no" in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
+    assert_refused(api_start(durable_settings(server.url), tmp_path), "appendfsync is no")
 
 
 def test_a_server_without_aof_is_refused_at_start(server: EmbeddedServer, tmp_path: Path) -> None:
     admin = redis.Redis.from_url(server.url)
     admin.config_set("appendonly", "no")
     admin.close()
-    done = api_start(durable_settings(server.url), tmp_path)
-    assert done.returncode != 0
-    assert "appendonly yes" in done.stderr, done.stderr
+    assert_refused(api_start(durable_settings(server.url), tmp_path), "appendonly yes")
 
 
 def test_this_server_in_its_default_fsync_is_used_or_refused_by_what_it_can_promise(

@@ -12,10 +12,8 @@ import itertools
 import re
 import subprocess
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,10 +34,14 @@ from sumbatch.store import Store, open_store
 from sumbatch.tasks import Delay
 from tests.support import (
     Processes,
+    answers_200,
+    body_of,
     env_for,
     free_port,
+    fresh_namespace,
     has_waitaof,
     log_events,
+    own_server,
     processes,
     wait_until,
     wait_until_sync,
@@ -52,48 +54,15 @@ BACK = re.compile(r"redis is back after (\d+) failed tries")
 OUTAGE = 2.0  # seconds Redis stays away in the outage test, at least
 
 
-# -- a server that can be killed, stopped and started again ---------------------------
+# -- the server: support's own_server, killed or stopped and started again ------------
 
 
-class Server:
-    """One data directory and port; the server process on them comes and goes."""
-
-    def __init__(self, data_dir: Path, appendfsync: str) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.appendfsync = appendfsync
-        self.current = EmbeddedServer(data_dir, self.port, appendfsync=appendfsync)
-
-    @property
-    def url(self) -> str:
-        return self.current.url
-
-    def start(self) -> None:
-        """A fresh process on the same directory and port: it loads the AOF."""
-        self.current = EmbeddedServer(self.data_dir, self.port, appendfsync=self.appendfsync)
-        self.current.start()
-
-    def kill(self) -> None:
-        self.current.kill()
-
-    def stop(self) -> None:
-        self.current.stop()
-
-
-@contextmanager
-def redis_server(tmp_path: Path, appendfsync: str = "everysec") -> Iterator[Server]:
-    server = Server(tmp_path / "data", appendfsync)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def settings_for(server: Server, delay: Delay) -> Settings:
+def settings_for(server: EmbeddedServer, delay: Delay) -> Settings:
+    """Settings for our processes on ``server`` (a test's own_server, which the test
+    may kill or stop and start again on the same port and data: it loads the AOF)."""
     return Settings(
         redis_url=server.url,
-        namespace=f"f{uuid.uuid4().hex[:12]}",
+        namespace=fresh_namespace("f"),
         delay=delay,
         claim_timeout=1.5,
         retry_base=0.01,
@@ -122,15 +91,8 @@ class Proc:
 def start(
     procs: Processes, settings: Settings, *args: str, env: dict[str, str] | None = None
 ) -> Proc:
-    log = procs.logs / f"{args[0]}-{len(procs.started)}.log"  # the name Processes gives it
-    return Proc(procs.start(settings, *args, env=env), log)
-
-
-def status_of(url: str) -> int | None:
-    try:
-        return httpx.get(url, timeout=2).status_code
-    except httpx.HTTPError:
-        return None
+    process = procs.start(settings, *args, env=env)
+    return Proc(process, procs.log_of(process))
 
 
 def start_api(procs: Processes, settings: Settings, *, durable: bool = False) -> tuple[str, Proc]:
@@ -145,7 +107,7 @@ def start_api(procs: Processes, settings: Settings, *, durable: bool = False) ->
 
     def ready() -> bool:
         assert api.process.poll() is None, f"the API exited:\n{api.text()}"
-        return status_of(f"{base}/readyz") == 200
+        return answers_200(f"{base}/readyz", timeout=2)
 
     wait_until_sync(ready, timeout=30, what="the API to be ready")
     return base, api
@@ -183,10 +145,9 @@ class Submissions:
     async def post_one(self) -> Acked | None:
         n = next(self.numbers)
         pairs = [(n, i) for i in range(TASKS_PER_GROUP)]
-        body = {"tasks": [{"paramA": a, "paramB": b} for a, b in pairs]}
         sent = time.time()
         try:
-            answer = await self.client.post("/grouptasks", json=body)
+            answer = await self.client.post("/grouptasks", json=body_of(pairs))
         except httpx.HTTPError:
             self.failures += 1
             return None
@@ -267,7 +228,7 @@ class Crash:
     restarted_at: float  # wall clock just before the new server process was started
 
 
-async def crash_and_restart(server: Server, base: str, *, before: int, after: int) -> Crash:
+async def crash_and_restart(server: EmbeddedServer, base: str, *, before: int, after: int) -> Crash:
     """Four concurrent submitters; ``kill -9`` of the server once ``before`` groups
     were acknowledged, a restart on the same directory and port, and ``after`` more
     acknowledged groups."""
@@ -313,7 +274,7 @@ def test_durable_mode_loses_no_acknowledged_group_when_redis_is_killed(tmp_path:
     """SUMBATCH_DURABLE: each 2xx waited for WAITAOF (or, on a server before 7.2, the
     server runs appendfsync always). kill -9 of Redis mid-stream, a restart: every
     acknowledged group is there and runs, each task exactly once."""
-    with redis_server(tmp_path) as server, processes(tmp_path) as procs:
+    with own_server(tmp_path / "data") as server, processes(tmp_path) as procs:
         if not has_waitaof(server.url):
             server.appendfsync = "always"  # what durable mode asks of such a server
             server.stop()
@@ -349,7 +310,10 @@ def test_default_mode_loses_at_most_the_last_second_of_acknowledged_groups(
     """appendfsync everysec, no durable mode: what kill -9 of Redis loses is only
     what was acknowledged just before it (the server's write hold while it fsyncs, plus
     the round trips measured in the run)."""
-    with redis_server(tmp_path, "everysec") as server, processes(tmp_path) as procs:
+    with (
+        own_server(tmp_path / "data", appendfsync="everysec") as server,
+        processes(tmp_path) as procs,
+    ):
         settings = settings_for(server, Delay(0.0, 0.2))
         consumers = start_consumers(procs, settings)
         base, _ = start_api(procs, settings)
@@ -410,7 +374,7 @@ def test_an_outage_answers_503_and_every_process_resumes_on_its_own(tmp_path: Pa
     503 with Retry-After, /healthz stays up, /readyz says not ready; after a restart
     everything completes exactly once, by the same processes, which logged the
     outage a bounded number of times."""
-    with redis_server(tmp_path) as server, processes(tmp_path) as procs:
+    with own_server(tmp_path / "data") as server, processes(tmp_path) as procs:
         settings = settings_for(server, Delay(0.2, 1.0))
         consumers = start_consumers(procs, settings)
         workers = consumers[:-1]
@@ -435,7 +399,7 @@ def test_an_outage_answers_503_and_every_process_resumes_on_its_own(tmp_path: Pa
 
                 async def timed(what: str, method: str, path: str) -> httpx.Response:
                     began = time.monotonic()
-                    body = {"tasks": [{"paramA": 1, "paramB": 2}]} if method == "POST" else None
+                    body = body_of([(1, 2)]) if method == "POST" else None
                     answer = await client.request(method, path, json=body)
                     timings[what] = time.monotonic() - began
                     return answer
