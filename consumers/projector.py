@@ -23,6 +23,10 @@ from sumbatch.store import Store
 
 log = logging.getLogger("sumbatch.projector")
 
+# How long one read of the log blocks when nothing comes: the trim period is checked
+# after each read, so a trim can come this much later than its period.
+READ_BLOCK_MS = 1000
+
 
 class Projector:
     def __init__(self, store: Store, batch: int = 1000) -> None:
@@ -62,7 +66,7 @@ class Projector:
         last_trim = time.monotonic()
         while not self.should_exit:
             try:
-                await self.step(block_ms=1000)
+                await self.step(block_ms=READ_BLOCK_MS)
                 if time.monotonic() - last_trim >= trim_every and self.position is not None:
                     last_trim = time.monotonic()
                     await self.store.trim_events(self.position, int(time.time() * 1000))

@@ -43,7 +43,14 @@ from sumbatch.tasks import compute
 
 log = logging.getLogger("sumbatch.worker")
 
-__all__ = ["Handler", "Load", "Worker", "consumer_name"]
+__all__ = ["READ_BLOCK_MS", "TRIM_EVERY", "Handler", "Load", "Worker", "consumer_name"]
+
+# How long one read of the work stream blocks when nothing comes: a worker told to stop
+# issues no other read, so it takes nothing new after at most this long.
+READ_BLOCK_MS = 1000
+# The period, in seconds, of a worker's tidying: it trims the work stream of entries
+# every worker has acknowledged and forgets dead workers' names.
+TRIM_EVERY = 5.0
 
 
 def consumer_name() -> str:
@@ -114,7 +121,7 @@ class Worker:
                 try:
                     if outage.failures:
                         await self.store.ensure_worker_group()  # the stream may be new
-                    await self._read(block_ms=1000)
+                    await self._read(block_ms=READ_BLOCK_MS)
                     outage.ok()
                 except Exception as exc:
                     # Entries read but not begun stay pending: a sweep claims them.
@@ -176,7 +183,7 @@ class Worker:
         steps: list[tuple[str, float, Callable[[], Awaitable[object]]]] = [
             ("renewals", self.settings.claim_timeout / 4, self._renew),
             ("sweeps", sweep_every, self._sweep_unless_stopping),
-            ("trims", 5.0, self._tidy),
+            ("trims", TRIM_EVERY, self._tidy),
         ]
         outages = [Outage(log, f"worker {self.name} {what}") for what, _, _ in steps]
         due = [time.monotonic() + every for _, every, _ in steps]

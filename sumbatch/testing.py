@@ -1,9 +1,11 @@
 """Helpers for tests and benchmarks that run the service's real processes; not used by
 the service itself.
 
-Free ports for servers about to start, submitting groups and seeing them processed,
-polling a condition against a deadline, the environment and the handling of real
-``sumbatch`` processes, and what Linux /proc says about a process's connections.
+Free ports for servers about to start, submitting groups, reading streams (and the
+time an entry id carries), seeing groups processed and which worker holds which work,
+polling a condition against a deadline (an HTTP server answering 200 among them), the
+environment and the handling of real ``sumbatch`` processes, and what Linux /proc says
+about a process's connections.
 tests/support.py and ops/bench/ both take them from here, so each is written once.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import os
 import random
 import signal
@@ -18,14 +21,18 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, TypeVar, cast
 
 from sumbatch.config import Settings
+from sumbatch.events import WORKER_GROUP, TaskSubmitted, from_fields
+from sumbatch.ids import entry_order
 from sumbatch.projection import GroupView
-from sumbatch.store import Store
+from sumbatch.store import Entry, Store
 from sumbatch.submission import Submission
 from sumbatch.wire import TaskIn
 
@@ -59,7 +66,7 @@ def free_port() -> int:
         return port
 
 
-# -- submitting groups, and seeing them processed ------------------------------------
+# -- submitting groups, reading streams, seeing groups processed ----------------------
 
 Groups = list[tuple[str, list[str]]]
 """Submitted groups: each group's id and its task ids."""
@@ -80,6 +87,37 @@ async def submit(store: Store, pairs: list[tuple[int, int]]) -> tuple[str, list[
     return created.group_task_id, created.task_ids
 
 
+async def stream_entries(store: Store, key: str) -> list[Entry]:
+    """The whole stream ``key``: each entry's id and fields."""
+    return cast(list[Entry], await store.redis.xrange(key))
+
+
+def entry_ms(entry_id: str) -> int:
+    """When a stream entry was written: the ms timestamp its id starts with, by the
+    server's clock (the wall clock of this host, for a server running here)."""
+    return entry_order(entry_id)[0]
+
+
+async def pending_by_consumer(store: Store) -> dict[str, int]:
+    """How many work entries each worker holds (delivered, not acknowledged), by its
+    consumer name; a worker that holds none may be missing."""
+    summary: dict[str, Any] = await store.redis.xpending(store.keys.work, WORKER_GROUP)
+    return {c["name"]: int(c["pending"]) for c in summary["consumers"] or []}
+
+
+async def tasks_held_by(store: Store, consumer: str) -> list[str]:
+    """The task ids of the work entries ``consumer`` holds (delivered, not acknowledged)."""
+    pending: list[dict[str, Any]] = await store.redis.xpending_range(
+        store.keys.work, WORKER_GROUP, min="-", max="+", count=10_000, consumername=consumer
+    )
+    held = []
+    for entry in pending:
+        entry_id = entry["message_id"]
+        found = cast(list[Entry], await store.redis.xrange(store.keys.work, entry_id, entry_id))
+        held += [cast(TaskSubmitted, from_fields(fields)).task_id for _, fields in found]
+    return held
+
+
 async def all_processed(store: Store, groups: Groups) -> bool:
     """Whether every one of ``groups`` has a view that says processed."""
     for gid, _ in groups:
@@ -93,7 +131,7 @@ async def all_processed(store: Store, groups: Groups) -> bool:
 
 
 async def eventually(
-    predicate: Callable[[], Awaitable[T]], within: float, interval: float = 0.05
+    predicate: Callable[[], Awaitable[T | None]], within: float, interval: float = 0.05
 ) -> T | None:
     """``predicate``'s first truthy value, polled every ``interval`` s; None when it
     has given none after ``within`` s. For a benchmark, where a timeout is an outcome
@@ -109,9 +147,10 @@ async def eventually(
 
 
 async def wait_until(
-    predicate: Callable[[], Awaitable[T]], within: float = 30.0, what: str = "condition"
+    predicate: Callable[[], Awaitable[T | None]], within: float = 30.0, what: str = "condition"
 ) -> T:
-    """``predicate``'s first truthy value; AssertionError after ``within`` s."""
+    """``predicate``'s first truthy value (never None, so a predicate that answers
+    ``X | None`` gives an ``X``); AssertionError after ``within`` s."""
     value = await eventually(predicate, within)
     if value is None:
         raise AssertionError(f"timed out after {within}s waiting for {what}")
@@ -119,9 +158,10 @@ async def wait_until(
 
 
 def wait_until_sync(
-    predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition"
+    predicate: Callable[[], T | None], timeout: float = 30.0, what: str = "condition"
 ) -> T:
-    """``predicate``'s first truthy value; AssertionError after ``timeout`` s."""
+    """``predicate``'s first truthy value (never None, so a predicate that answers
+    ``X | None`` gives an ``X``); AssertionError after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -130,6 +170,20 @@ def wait_until_sync(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+def answers_200(url: str, timeout: float = 1.0) -> bool:
+    """Whether a GET of ``url`` answers 200 within ``timeout`` s; False for any other
+    answer and for none (refused, reset, timed out): a predicate for waiting on a
+    server that is starting or stopping."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            return bool(answer.status == 200)
+    except urllib.error.HTTPError as other:  # an answer, not 2xx
+        other.close()
+        return False
+    except (OSError, http.client.HTTPException):
+        return False
 
 
 # -- real sumbatch processes ---------------------------------------------------------
@@ -159,18 +213,20 @@ def env_for(settings: Settings) -> dict[str, str]:
 
 
 class Processes:
-    """Real sumbatch processes, each logging to a file in ``logs``; all killed at
-    ``cleanup``."""
+    """Real sumbatch processes, each logging to a file in ``logs`` (``log_of`` names
+    it); all killed at ``cleanup``."""
 
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.started: list[subprocess.Popen[bytes]] = []
         self.files: list[IO[bytes]] = []
+        self.log_paths: dict[int, Path] = {}
 
     def start(
         self, settings: Settings, *args: str, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{args[0]}-{len(self.started)}.log").open("wb")
+        path = self.logs / f"{args[0]}-{len(self.started)}.log"
+        log = path.open("wb")
         self.files.append(log)
         process = subprocess.Popen(
             [sys.executable, "-m", "sumbatch", *args],
@@ -181,7 +237,12 @@ class Processes:
             cwd=SOURCE,
         )
         self.started.append(process)
+        self.log_paths[process.pid] = path
         return process
+
+    def log_of(self, process: subprocess.Popen[bytes]) -> Path:
+        """The file ``process`` (started here) logs to."""
+        return self.log_paths[process.pid]
 
     @staticmethod
     def kill9(process: subprocess.Popen[bytes]) -> None:

@@ -10,7 +10,6 @@ engine answers. Never a server that merely happens to be running.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from sumbatch.api import create_app
 from sumbatch.config import Settings
 from sumbatch.embedded import EmbeddedServer, ServerNotFound
 from sumbatch.tasks import Delay
-from tests.support import Processes, free_port, processes
+from tests.support import Processes, drop_namespace, free_port, fresh_namespace, processes
 
 
 def _docker_redis_url() -> Iterator[str] | None:
@@ -68,7 +67,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def settings(redis_url: str) -> Iterator[Settings]:
     """Settings for one test: its own namespace, no delay, short claim timeout."""
-    namespace = f"t{uuid.uuid4().hex[:12]}"
+    namespace = fresh_namespace()
     yield Settings(
         redis_url=redis_url,
         namespace=namespace,
@@ -76,13 +75,7 @@ def settings(redis_url: str) -> Iterator[Settings]:
         claim_timeout=2.0,
         retry_base=0.01,
     )
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"{{{namespace}}}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    drop_namespace(redis_url, namespace)
 
 
 @pytest.fixture

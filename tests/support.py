@@ -1,22 +1,31 @@
-"""Helpers the tests share: posting groups, reading what was written, running the
-consumers in-process. Submitting groups, waiting on conditions and running our real
-processes come from sumbatch.testing, which the benchmarks share; they are named here
-too, so a test takes all its helpers from one place."""
+"""Helpers the tests share: namespaces and servers of a test's own, running the
+``sumbatch`` command, posting groups, reading what was written, running the consumers
+in-process. Submitting groups, waiting on conditions and running our real processes
+come from sumbatch.testing, which the benchmarks share; they are named here too, so a
+test takes all its helpers from one place."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import quote, urlsplit
 
+import httpx2 as httpx
 import redis
 from starlette.testclient import TestClient
 
 from consumers.projector import Projector
 from consumers.worker import Handler, Worker
 from sumbatch.config import Settings
+from sumbatch.embedded import EmbeddedServer
 from sumbatch.events import (
     WORKER_GROUP,
     AnyEvent,
@@ -27,19 +36,69 @@ from sumbatch.events import (
     from_fields,
 )
 from sumbatch.replay import differences
-from sumbatch.store import Entry, Store, open_store
+from sumbatch.store import Store, open_store
 from sumbatch.testing import Groups as Groups
 from sumbatch.testing import Processes as Processes
 from sumbatch.testing import all_processed as all_processed
+from sumbatch.testing import answers_200 as answers_200
+from sumbatch.testing import blocked_in_xreadgroup as blocked_in_xreadgroup
 from sumbatch.testing import body_of as body_of
+from sumbatch.testing import entry_ms as entry_ms
 from sumbatch.testing import env_for as env_for
 from sumbatch.testing import free_port as free_port
+from sumbatch.testing import pending_by_consumer as pending_by_consumer
 from sumbatch.testing import processes as processes
+from sumbatch.testing import stream_entries as stream_entries
 from sumbatch.testing import submit as submit
+from sumbatch.testing import tasks_held_by as tasks_held_by
 from sumbatch.testing import wait_until as wait_until
 from sumbatch.testing import wait_until_sync as wait_until_sync
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- namespaces and servers of a test's own -----------------------------------------
+
+
+def fresh_namespace(prefix: str = "t") -> str:
+    """A namespace no other test uses: ``prefix`` and 12 random hex digits."""
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+def drop_namespace(url: str, namespace: str) -> None:
+    """Delete every key of ``namespace`` on the server at ``url``."""
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{Keys(namespace).tag}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def with_credentials(url: str, user: str, password: str) -> str:
+    """``url`` logging in as ``user`` with ``password`` (in place of any credentials
+    it has); an empty ``user`` is the default user, as ``redis://:password@``."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    return parts._replace(netloc=netloc).geturl()
+
+
+@contextmanager
+def own_server(directory: Path, **options: Any) -> Iterator[EmbeddedServer]:
+    """A throwaway server of the test's own on a free port, its data in ``directory``,
+    started (``options`` as EmbeddedServer takes them) and stopped at the end, also
+    when it failed to start. Never the session's server: a test may break this one.
+    A test may also ``kill()`` or ``stop()`` it and ``start()`` it again: a new process
+    on the same port and directory, which loads the AOF (and takes a changed
+    ``appendfsync``)."""
+    server = EmbeddedServer(directory, free_port(), **options)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 def has_waitaof(url: str) -> bool:
@@ -54,7 +113,40 @@ def has_waitaof(url: str) -> bool:
     return True
 
 
-# -- submitting ---------------------------------------------------------------------
+# -- the sumbatch command -----------------------------------------------------------
+
+
+def run_sumbatch(
+    *args: str, env: Mapping[str, str] | None, cwd: Path = ROOT, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``python -m sumbatch *args`` to its end, its output captured as text; ``env``
+    None inherits this process's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "sumbatch", *args],
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def up_env(data_dir: Path, redis_port: int, **extra: str) -> dict[str, str]:
+    """A user's environment for `sumbatch up`, without REDIS_URL: its embedded server
+    keeps its data in ``data_dir`` and listens on ``redis_port``. SUMBATCH_REDIS_SERVER
+    is kept, so the suite runs `up` on the server line it was asked for."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "REDIS_URL" and (not k.startswith("SUMBATCH_") or k == "SUMBATCH_REDIS_SERVER")
+    }
+    env.update(
+        SUMBATCH_DATA_DIR=str(data_dir),
+        SUMBATCH_EMBEDDED_PORT=str(redis_port),
+        SUMBATCH_DELAY="0",
+        PYTHONPATH=str(ROOT),
+    )
+    env.update(extra)
+    return env
+
+
+# -- submitting, and asking after a group -------------------------------------------
 
 
 def post_group(client: TestClient, pairs: list[tuple[int, int]]) -> dict[str, Any]:
@@ -63,6 +155,20 @@ def post_group(client: TestClient, pairs: list[tuple[int, int]]) -> dict[str, An
     assert response.status_code == 200, response.text
     created: dict[str, Any] = response.json()
     return created
+
+
+def group_processed(client: httpx.Client, gid: str) -> bool:
+    """Whether GET /grouptasks/{gid} says processed, asked of the in-process app (a
+    TestClient) or of a served API (an httpx.Client with its base URL). No answer, or
+    a 503 (its Redis unavailable), says "not yet"; any other answer but 200 fails."""
+    try:
+        answer = client.get(f"/grouptasks/{gid}")
+    except httpx.HTTPError:
+        return False
+    if answer.status_code == 503:
+        return False
+    assert answer.status_code == 200, answer.text
+    return bool(answer.json()["grouptaskProcessed"])
 
 
 # -- reading what was written, over a plain client ----------------------------------
@@ -89,12 +195,17 @@ def appended(raw: redis.Redis, settings: Settings) -> tuple[int, int]:
     return int(raw.xlen(keys.events)), int(raw.xlen(keys.work))
 
 
+def work_pending_sync(raw: redis.Redis, settings: Settings) -> int:
+    """How many work entries are handed out and not yet acknowledged."""
+    summary = raw.xpending(Keys(settings.namespace).work, WORKER_GROUP)
+    return int(summary["pending"])
+
+
 # -- reading what was written, through a store --------------------------------------
 
 
 async def log_events(store: Store) -> list[AnyEvent]:
-    read = cast(list[Entry], await store.redis.xrange(store.keys.events))
-    return [from_fields(fields) for _, fields in read]
+    return [from_fields(fields) for _, fields in await stream_entries(store, store.keys.events)]
 
 
 async def log_of(settings: Settings) -> list[AnyEvent]:
@@ -116,6 +227,16 @@ def runs_started(store: Store, count: int) -> Callable[[], Awaitable[bool]]:
         return sum(isinstance(e, TaskStarted) for e in await log_events(store)) == count
 
     return started
+
+
+def projector_moved(store: Store, before: str | None) -> Callable[[], Awaitable[bool]]:
+    """A predicate for ``wait_until``: the projector's position is no longer ``before``
+    (what ``store.position()`` said earlier)."""
+
+    async def moved() -> bool:
+        return await store.position() != before
+
+    return moved
 
 
 def worker_idle(store: Store, worker: Worker) -> Callable[[], Awaitable[bool]]:
@@ -189,6 +310,13 @@ def work_and_project(settings: Settings) -> None:
         await Projector(store).run_until_idle()
 
     run_with_store(settings, scenario)
+
+
+async def hang_forever(a: int, b: int) -> int:
+    """A handler whose run never returns; a worker process takes it as
+    SUMBATCH_HANDLER=tests.support:hang_forever."""
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
 
 
 class Gate:

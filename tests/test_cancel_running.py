@@ -13,13 +13,7 @@ from starlette.testclient import TestClient
 
 from consumers.worker import Worker
 from sumbatch.config import Settings
-from sumbatch.events import (
-    WORKER_GROUP,
-    GroupFinished,
-    Keys,
-    TaskCompleted,
-    TaskRevoked,
-)
+from sumbatch.events import GroupFinished, TaskCompleted, TaskRevoked
 from sumbatch.store import CancelOutcome, open_store
 from sumbatch.tasks import Delay
 from tests.support import (
@@ -27,20 +21,18 @@ from tests.support import (
     Processes,
     events,
     group_finished,
+    group_processed,
     log_events,
     runs_started,
     submit,
     wait_until,
     wait_until_sync,
     work_pending,
+    work_pending_sync,
     worker_idle,
 )
 
 LONG = Delay(30.0, 30.0)  # far longer than any wait below
-
-
-def pending(raw: redis.Redis, settings: Settings) -> int:
-    return int(raw.xpending(Keys(settings.namespace).work, WORKER_GROUP)["pending"])
 
 
 def test_delete_stops_running_tasks_of_a_worker_process(
@@ -58,20 +50,21 @@ def test_delete_stops_running_tasks_of_a_worker_process(
         return states == ["STARTED"] * 5
 
     wait_until_sync(all_started, what="every task to be STARTED")
-    assert pending(raw, settings) == 5
+    assert work_pending_sync(raw, settings) == 5
 
     asked = time.monotonic()
     response = client.delete(f"/grouptasks/{gid}")
     assert response.status_code == 202
     assert response.json() == {"groupTaskId": gid, "grouptaskCancelled": True, "tasksRevoked": 5}
     # The runs had 30 s to go: only a worker that stops them frees the entries now.
-    wait_until_sync(lambda: pending(raw, settings) == 0, 5.0, "the worker to drop the entries")
+    wait_until_sync(
+        lambda: work_pending_sync(raw, settings) == 0, 5.0, "the worker to drop the entries"
+    )
     assert time.monotonic() - asked < 5.0
 
-    def processed() -> bool:
-        return bool(client.get(f"/grouptasks/{gid}").json()["grouptaskProcessed"])
-
-    wait_until_sync(processed, what="the projector to show the group processed")
+    wait_until_sync(
+        lambda: group_processed(client, gid), what="the projector to show the group processed"
+    )
     group = client.get(f"/grouptasks/{gid}").json()
     assert (group["grouptaskCancelled"], group["grouptaskSucceeded"]) == (True, False)
     assert (group["tasksCompleted"], group["tasksRevoked"], group["results"]) == (5, 5, [])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess
@@ -18,57 +17,40 @@ import pytest
 from sumbatch.config import Settings
 from sumbatch.store import open_store
 from sumbatch.tasks import Delay
-from tests.support import ROOT, Processes, env_for, free_port, submit, wait_until_sync
+from tests.support import (
+    ROOT,
+    Processes,
+    answers_200,
+    env_for,
+    free_port,
+    group_processed,
+    run_sumbatch,
+    submit,
+    up_env,
+    wait_until_sync,
+)
 
 EXAMPLE = '{"tasks": [{"paramB" : 5, "paramA": 1}, {"paramB" : 10, "paramA": 9}, {"paramB" : 13, "paramA": 12}, {"paramB" : 1, "paramA": 8}]}'  # noqa: E501
 
 
-def sumbatch(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sumbatch", *args],
-        env=env_for(settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-
-
 def run_example(base: str) -> tuple[str, dict[str, object]]:
     """The original README's curl example, then poll until processed."""
-    wait_until_sync(lambda: _ok(f"{base}/healthz"), timeout=30, what="the API")
-    created = httpx.post(
-        f"{base}/grouptasks", content=EXAMPLE, headers={"Content-type": "application/json"}
-    ).json()
-    gid = created["groupTaskId"]
-
-    def processed() -> dict[str, object] | None:
-        body: dict[str, object] = httpx.get(f"{base}/grouptasks/{gid}").json()
-        return body if body["grouptaskProcessed"] else None
-
-    group = wait_until_sync(processed, timeout=30, what="the group to be processed")
-    assert group is not None  # wait_until_sync returns only a truthy answer
+    wait_until_sync(lambda: answers_200(f"{base}/healthz"), timeout=30, what="the API")
+    with httpx.Client(base_url=base) as api:
+        created = api.post(
+            "/grouptasks", content=EXAMPLE, headers={"Content-type": "application/json"}
+        ).json()
+        gid = created["groupTaskId"]
+        wait_until_sync(
+            lambda: group_processed(api, gid), timeout=30, what="the group to be processed"
+        )
+        group: dict[str, object] = api.get(f"/grouptasks/{gid}").json()
     return gid, group
-
-
-def _ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_up_starts_an_embedded_server_and_everything_and_stops_cleanly(tmp_path: Path) -> None:
     api_port, redis_port = free_port(), free_port()
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("SUMBATCH_") and k != "REDIS_URL"
-    }
-    env.update(
-        SUMBATCH_DELAY="0.1-0.3",
-        SUMBATCH_DATA_DIR=str(tmp_path / "data"),
-        SUMBATCH_EMBEDDED_PORT=str(redis_port),
-        PYTHONPATH=str(ROOT),
-    )
+    env = up_env(tmp_path / "data", redis_port, SUMBATCH_DELAY="0.1-0.3")
     log = (tmp_path / "up.log").open("wb")
     up = subprocess.Popen(
         [sys.executable, "-m", "sumbatch", "up", "--port", str(api_port), "--workers", "2"],
@@ -82,7 +64,7 @@ def test_up_starts_an_embedded_server_and_everything_and_stops_cleanly(tmp_path:
         assert (tmp_path / "data" / "appendonlydir").is_dir()
         up.send_signal(signal.SIGTERM)
         assert up.wait(30) == 0
-        assert not _ok(f"http://127.0.0.1:{api_port}/healthz")
+        assert not answers_200(f"http://127.0.0.1:{api_port}/healthz")
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", redis_port), timeout=1).close()
     except BaseException:
@@ -108,7 +90,7 @@ def test_up_uses_redis_url_when_set(settings: Settings, tmp_path: Path) -> None:
         gid, group = run_example(f"http://127.0.0.1:{api_port}")
         assert group["results"] == [6, 19, 25, 9]
         assert not (tmp_path / "unused").exists()  # no embedded server was started
-        audit = sumbatch(settings, "audit", gid)
+        audit = run_sumbatch("audit", gid, env=env_for(settings))
         assert audit.returncode == 0
     finally:
         up.send_signal(signal.SIGTERM)
@@ -118,13 +100,13 @@ def test_up_uses_redis_url_when_set(settings: Settings, tmp_path: Path) -> None:
     # No delay: each task logs only its TaskCompleted (it started and ended at once).
     assert Counter(kinds[1:-1]) == Counter({"TaskCompleted": 4})
     assert kinds[-1] == "GroupFinished"
-    check = sumbatch(settings, "replay", "--check")
+    check = run_sumbatch("replay", "--check", env=env_for(settings))
     assert check.returncode == 0
     assert check.stdout.strip().startswith("replayed 6 events: 0 differences")
 
 
 def test_audit_of_an_unknown_group_fails(settings: Settings) -> None:
-    result = sumbatch(settings, "audit", "00000000-0000-0000-0000-000000000000")
+    result = run_sumbatch("audit", "00000000-0000-0000-0000-000000000000", env=env_for(settings))
     assert result.returncode == 1
     assert "no events for group" in result.stderr
 
@@ -151,9 +133,6 @@ def test_tail_prints_events_as_they_are_appended(settings: Settings, procs: Proc
 def test_bad_settings_exit_2_and_name_the_variable(settings: Settings) -> None:
     env = env_for(settings)
     env["SUMBATCH_DELAY"] = "fast"
-    result = subprocess.run(
-        [sys.executable, "-m", "sumbatch", "worker"], env=env, capture_output=True, text=True,
-        timeout=30, cwd=ROOT,
-    )  # fmt: skip
+    result = run_sumbatch("worker", env=env, timeout=30)
     assert result.returncode == 2
     assert "SUMBATCH_DELAY='fast' is not valid" in result.stderr

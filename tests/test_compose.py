@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import subprocess
-import sys
 from collections.abc import Iterator, Mapping
 from functools import cache
 from typing import Any
@@ -16,7 +14,7 @@ import yaml  # type: ignore[import-untyped]  # PyYAML ships no types (no types-P
 
 from sumbatch.config import Settings
 from sumbatch.http import Limits
-from tests.support import ROOT
+from tests.support import ROOT, run_sumbatch
 
 COMPOSE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "ops" / "Dockerfile"
@@ -70,13 +68,7 @@ def _dockerfile_instructions() -> list[tuple[str, str]]:
 
 @cache
 def _cli_help() -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "sumbatch", "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_sumbatch("--help", env=None)
     assert result.returncode == 0, f"`python -m sumbatch --help` failed:\n{result.stderr}"
     return result.stdout
 

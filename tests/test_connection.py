@@ -9,6 +9,7 @@ import asyncio
 
 import pytest
 import uvloop
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sumbatch.config import Settings
@@ -27,6 +28,7 @@ def test_a_reset_connection_is_a_connection_error_and_the_next_command_reconnect
 ) -> None:
     async def scenario() -> None:
         async with open_store(settings) as store:
+            assert isinstance(store.redis, Redis)  # one server, not a cluster
             pool = store.redis.connection_pool
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
@@ -49,6 +51,7 @@ def test_a_reset_pooled_connection_is_retried_by_a_command(settings: Settings) -
     async def scenario() -> None:
         async with open_store(settings) as store:
             assert await store.redis.set("reset-probe", "1") is True
+            assert isinstance(store.redis, Redis)  # one server, not a cluster
             pool = store.redis.connection_pool
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             await pool.release(connection)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +25,16 @@ from sumbatch.store import NotDurable, Store, _durable_mode, open_store
 from sumbatch.submission import Submission
 from sumbatch.tasks import Delay
 from sumbatch.wire import TaskIn
-from tests.support import ROOT, entries, env_for, free_port, has_waitaof
+from tests.support import (
+    entries,
+    env_for,
+    free_port,
+    fresh_namespace,
+    has_waitaof,
+    own_server,
+    run_sumbatch,
+    with_credentials,
+)
 
 BODY = {"tasks": [{"paramA": 1, "paramB": 2}]}
 
@@ -35,18 +42,12 @@ BODY = {"tasks": [{"paramA": 1, "paramB": 2}]}
 @pytest.fixture
 def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[EmbeddedServer]:
     fsync = getattr(request, "param", "everysec")
-    own = EmbeddedServer(tmp_path / "data", free_port(), appendfsync=fsync)
-    own.start()
-    try:
+    with own_server(tmp_path / "data", appendfsync=fsync) as own:
         yield own
-    finally:
-        own.stop()
 
 
 def durable_settings(url: str) -> Settings:
-    return Settings(
-        redis_url=url, namespace=f"d{uuid.uuid4().hex[:12]}", delay=Delay(0, 0), durable=True
-    )
+    return Settings(redis_url=url, namespace=fresh_namespace("d"), delay=Delay(0, 0), durable=True)
 
 
 def api_start(settings: Settings, tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -54,10 +55,16 @@ def api_start(settings: Settings, tmp_path: Path) -> subprocess.CompletedProcess
     that expects it to start uses a TestClient instead."""
     env = env_for(settings)
     env["SUMBATCH_DURABLE"] = "true"
-    return subprocess.run(
-        [sys.executable, "-m", "sumbatch", "api", "--port", str(free_port())],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    return run_sumbatch("api", "--port", str(free_port()), env=env)
+
+
+def assert_refused(done: subprocess.CompletedProcess[str], refusal: str) -> None:
+    """The API refused to start as it should: exit status 2 (a configuration it cannot
+    serve), a ``sumbatch: `` line saying ``refusal``, and no traceback."""
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    said = [line for line in done.stderr.splitlines() if line.startswith("sumbatch: ")]
+    assert any(refusal in line for line in said), done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
 
 
 def served_with_waitaof_else_refused(
@@ -69,28 +76,21 @@ def served_with_waitaof_else_refused(
         with TestClient(create_app(settings)) as client:
             assert client.post("/grouptasks", json=BODY).status_code == 200
     else:
-        done = api_start(settings, tmp_path)
-        assert done.returncode != 0
-        assert refusal in done.stderr, done.stderr
+        assert_refused(api_start(settings, tmp_path), refusal)
 
 
 @pytest.mark.parametrize("server", ["no"], indirect=True)
 def test_a_server_that_never_fsyncs_is_refused_at_start(
     server: EmbeddedServer, tmp_path: Path
 ) -> None:
-    done = api_start(durable_settings(server.url), tmp_path)
-    assert done.returncode != 0
-    assert "appendfsync is no" in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
+    assert_refused(api_start(durable_settings(server.url), tmp_path), "appendfsync is no")
 
 
 def test_a_server_without_aof_is_refused_at_start(server: EmbeddedServer, tmp_path: Path) -> None:
     admin = redis.Redis.from_url(server.url)
     admin.config_set("appendonly", "no")
     admin.close()
-    done = api_start(durable_settings(server.url), tmp_path)
-    assert done.returncode != 0
-    assert "appendonly yes" in done.stderr, done.stderr
+    assert_refused(api_start(durable_settings(server.url), tmp_path), "appendonly yes")
 
 
 def test_this_server_in_its_default_fsync_is_used_or_refused_by_what_it_can_promise(
@@ -123,8 +123,7 @@ def test_without_config_access_waitaof_alone_decides(
         commands=["+@all", "-config"],
     )  # fmt: skip
     admin.close()
-    url = server.url.replace("redis://", "redis://app:pw@")
-    settings = durable_settings(url)
+    settings = durable_settings(with_credentials(server.url, "app", "pw"))
     served_with_waitaof_else_refused(server, settings, tmp_path, "CONFIG is not allowed")
 
 

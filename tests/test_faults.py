@@ -16,6 +16,7 @@ from tests.support import (
     all_processed,
     assert_exactly_once,
     log_events,
+    projector_moved,
     runs_started,
     submit,
     wait_until,
@@ -87,11 +88,9 @@ def test_a_killed_projector_resumes_without_loss_or_double_counting(
             for round_ in range(5):
                 groups += [await submit(store, [(round_, j) for j in range(200)]) for _ in range(4)]
                 before = await store.position()
-
-                async def moved(before: str | None = before) -> bool:
-                    return await store.position() != before
-
-                await wait_until(moved, what="the projector to make progress")
+                await wait_until(
+                    projector_moved(store, before), what="the projector to make progress"
+                )
                 procs.kill9(projector)
                 projector = procs.start(settings, "projector")
             await wait_until(lambda: all_processed(store, groups), what="all groups to finish")

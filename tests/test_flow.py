@@ -14,7 +14,7 @@ from sumbatch.config import Settings
 from sumbatch.events import GroupFinished, TaskCompleted, TaskStarted
 from sumbatch.replay import differences
 from sumbatch.store import Entry, open_store
-from tests.support import log_of, post_group, wait_until, work_and_project
+from tests.support import hang_forever, log_of, post_group, wait_until, work_and_project
 
 
 def test_group_is_computed_and_projected(client: TestClient, settings: Settings) -> None:
@@ -39,11 +39,7 @@ def test_progress_is_visible_before_the_group_ends(client: TestClient, settings:
     async def only_cache_hits() -> None:
         async with open_store(settings) as store:
             # A handler that never finishes: only cached tasks can end.
-            async def stuck(a: int, b: int) -> int:
-                await asyncio.Event().wait()
-                return 0
-
-            worker = Worker(settings, store, handler=stuck)
+            worker = Worker(settings, store, handler=hang_forever)
             worker_task = asyncio.create_task(worker.run())
             projector = Projector(store)
 

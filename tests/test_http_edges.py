@@ -12,8 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,14 @@ from sumbatch.config import ConfigError, Settings
 from sumbatch.events import Keys
 from sumbatch.http import Limits
 from sumbatch.tasks import Delay
-from tests.support import env_for, free_port, wait_until_sync
+from tests.support import (
+    answers_200,
+    drop_namespace,
+    env_for,
+    free_port,
+    fresh_namespace,
+    wait_until_sync,
+)
 
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 1.0
@@ -60,9 +65,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    settings = Settings(
-        redis_url=redis_url, namespace=f"t{uuid.uuid4().hex[:12]}", delay=Delay(0, 0)
-    )
+    settings = Settings(redis_url=redis_url, namespace=fresh_namespace(), delay=Delay(0, 0))
     port = free_port()
     env = env_for(settings)
     env.update(
@@ -83,22 +86,14 @@ def served(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
         def up() -> bool:
             assert process.poll() is None, log.read_text()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
-                    return True
-            except OSError:
-                return False
+            return answers_200(f"http://127.0.0.1:{port}/healthz", timeout=2)
 
         wait_until_sync(up, timeout=30, what="the API to answer /healthz")
         yield Served(port, settings, log)
     finally:
         process.terminate()
         process.wait(15)
-        client = redis.Redis.from_url(redis_url)
-        keys = list(client.scan_iter(match=f"{{{settings.namespace}}}:*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        drop_namespace(redis_url, settings.namespace)
 
 
 @dataclass
@@ -234,8 +229,7 @@ def test_a_body_that_stops_half_way_gets_408_and_appends_nothing(served: Served)
     assert_json_error(parse(raw), 408)
     assert events_in_log(served) == before
     # The handler that was waiting for the body ended; the server serves on.
-    with urllib.request.urlopen(f"http://127.0.0.1:{served.port}/healthz", timeout=5) as ok:
-        assert ok.status == 200
+    assert answers_200(f"http://127.0.0.1:{served.port}/healthz", timeout=5)
 
 
 def test_a_slow_but_steady_body_is_not_cut(served: Served) -> None:

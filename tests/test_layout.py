@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import sumbatch
+from tests.support import run_sumbatch
 
 PACKAGE = Path(sumbatch.__file__).parent
 
@@ -34,11 +35,10 @@ def test_sumbatch_never_imports_consumers() -> None:
 
 
 def test_the_consumers_commands_reach_the_command_line_through_the_entry_point() -> None:
-    helps = subprocess.run(
-        [sys.executable, "-m", "sumbatch", "--help"], capture_output=True, text=True, check=True
-    ).stdout
+    helps = run_sumbatch("--help", env=None)
+    assert helps.returncode == 0, helps.stderr
     for command in ("worker", "projector", "replay"):
-        assert f"    {command}" in helps
+        assert f"    {command}" in helps.stdout
     # Importing the command line alone loads no consumer.
     probe = (
         "import sys, sumbatch.cli; "

@@ -26,6 +26,7 @@ from sumbatch.store import Store, open_store
 from tests.support import (
     entries,
     group_finished,
+    group_processed,
     log_events,
     post_group,
     processes,
@@ -35,6 +36,7 @@ from tests.support import (
     wait_until_sync,
     work,
     work_pending,
+    work_pending_sync,
 )
 
 
@@ -151,11 +153,10 @@ def test_the_projector_process_survives_a_bad_entry_in_a_live_log(
         bad_id = xadd(raw, keys.events, completed(first["groupTaskId"], 99999))
         second = post_group(client, [(2, 2)])
 
-        def processed() -> bool:
-            answer = client.get(f"/grouptasks/{second['groupTaskId']}").json()
-            return bool(answer["grouptaskProcessed"])
-
-        wait_until_sync(processed, what="the later group to be processed")
+        wait_until_sync(
+            lambda: group_processed(client, second["groupTaskId"]),
+            what="the later group to be processed",
+        )
         assert projector.poll() is None
     text = (tmp_path / "projector-0.log").read_text()
     assert text.count(bad_id) == 1, text
@@ -262,7 +263,7 @@ def test_bytes_that_are_not_utf8_stall_neither_the_projector_nor_the_workers(
     assert rejected["taskId"] == "\\xff\\xfe"
     [(_, dead)] = entries(raw, keys.dead_letters)
     assert (dead["type"], dead["taskId"]) == ("UnreadableWorkEntry", "\\xff\\xfe")
-    assert raw.xpending(keys.work, "workers")["pending"] == 0
+    assert work_pending_sync(raw, settings) == 0
 
 
 def test_a_work_entry_outside_its_group_is_dead_lettered_and_trimming_goes_on(
@@ -288,7 +289,7 @@ def test_a_work_entry_outside_its_group_is_dead_lettered_and_trimming_goes_on(
             assert await store.trim_work() > 0
 
     asyncio.run(scenario())
-    assert raw.xpending(keys.work, "workers")["pending"] == 0
+    assert work_pending_sync(raw, settings) == 0
     [(_, dead)] = entries(raw, keys.dead_letters)
     assert (dead["type"], dead["workEntryId"], dead["index"]) == ("RefusedWorkEntry", stray, "5")
     assert raw.xlen(keys.work) <= 1  # trimmed below the last entry handed out

@@ -38,19 +38,15 @@ from sumbatch.embedded import EmbeddedServer, find_server
 from sumbatch.events import Keys
 from sumbatch.outage import is_transient, refusal
 from sumbatch.tasks import Delay
-from tests.support import free_port, wait_until_sync
+from tests.support import free_port, fresh_namespace, own_server, wait_until_sync
 
 BODY = {"tasks": [{"paramA": 1, "paramB": 2}, {"paramA": 3, "paramB": 4}]}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    own = EmbeddedServer(tmp_path_factory.mktemp("refusing"), free_port())
-    own.start()
-    try:
+    with own_server(tmp_path_factory.mktemp("refusing")) as own:
         yield own
-    finally:
-        own.stop()
 
 
 @pytest.fixture
@@ -62,9 +58,7 @@ def admin(server: EmbeddedServer) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def app(server: EmbeddedServer) -> Iterator[tuple[TestClient, Keys]]:
-    settings = Settings(
-        redis_url=server.url, namespace=f"r{uuid.uuid4().hex[:12]}", delay=Delay(0, 0)
-    )
+    settings = Settings(redis_url=server.url, namespace=fresh_namespace("r"), delay=Delay(0, 0))
     with TestClient(create_app(settings)) as client:
         yield client, Keys(settings.namespace)
 

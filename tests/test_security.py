@@ -10,6 +10,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import quote, urlsplit
@@ -25,10 +26,10 @@ from consumers.worker import Worker
 from sumbatch import ids
 from sumbatch.api import create_app
 from sumbatch.config import Settings
-from sumbatch.embedded import EmbeddedServer, find_server
+from sumbatch.embedded import find_server
 from sumbatch.events import GroupFinished, GroupSubmitted, Keys, TaskCompleted, from_fields
 from sumbatch.store import open_store
-from tests.support import appended, entries, free_port, wait_until_sync
+from tests.support import appended, entries, free_port, own_server, with_credentials
 
 TOKEN = "s3cret"
 TASKS = {"tasks": [{"paramA": 1, "paramB": 2}, {"paramA": 3, "paramB": 4}]}
@@ -171,12 +172,6 @@ def assert_processed(group: dict[str, Any]) -> None:
     assert group["results"] == [3, 7]
 
 
-def with_credentials(url: str, user: str, password: str) -> str:
-    parts = urlsplit(url)
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}:{parts.port}"
-    return parts._replace(netloc=netloc).geturl()
-
-
 # -- (b) ACL --------------------------------------------------------------------
 
 
@@ -263,32 +258,28 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def start_tls_server(tmp_path: Path, cert: Path, key: Path) -> tuple[EmbeddedServer, int]:
-    """A server with a TLS port beside its plain one, or a skip that says why the
-    binary cannot do it."""
+@contextmanager
+def tls_server(tmp_path: Path, cert: Path, key: Path) -> Iterator[int]:
+    """A server with a TLS port beside its plain one, for the time of the ``with``:
+    its TLS port; or a skip that says why the binary cannot do it."""
     binary = find_server()
     tls_port = free_port()
-    server = EmbeddedServer(
-        tmp_path / "tls-data",
-        free_port(),
-        binary=binary,
-        extra_args=(
-            "--tls-port", str(tls_port),
-            "--tls-cert-file", str(cert),
-            "--tls-key-file", str(key),
-            "--tls-ca-cert-file", str(cert),
-            "--tls-auth-clients", "no",
-        ),
+    tls = (
+        "--tls-port", str(tls_port),
+        "--tls-cert-file", str(cert),
+        "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(cert),
+        "--tls-auth-clients", "no",
     )  # fmt: skip
-    try:
-        server.start()
-    except (RuntimeError, TimeoutError) as exc:
-        server.stop()
-        log = tmp_path / "tls-data" / "server.log"
-        said = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
-        why = [line.split(" # ", 1)[-1] for line in said if " # " in line]
-        pytest.skip(f"{binary} cannot serve TLS: {'; '.join(why[-2:]) or exc}")
-    return server, tls_port
+    with ExitStack() as stack:
+        try:  # only the start: what fails inside the ``with`` is no reason to skip
+            stack.enter_context(own_server(tmp_path / "tls-data", binary=binary, extra_args=tls))
+        except (RuntimeError, TimeoutError) as exc:
+            log = tmp_path / "tls-data" / "server.log"
+            said = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+            why = [line.split(" # ", 1)[-1] for line in said if " # " in line]
+            pytest.skip(f"{binary} cannot serve TLS: {'; '.join(why[-2:]) or exc}")
+        yield tls_port
 
 
 def assert_the_log_holds_the_flow(
@@ -316,8 +307,7 @@ def assert_the_log_holds_the_flow(
 
 def test_the_flow_runs_over_tls(tmp_path: Path, settings: Settings) -> None:
     cert, key = self_signed(tmp_path)
-    server, tls_port = start_tls_server(tmp_path, cert, key)
-    try:
+    with tls_server(tmp_path, cert, key) as tls_port:
         url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={quote(str(cert))}"
         over_tls = msgspec.structs.replace(settings, redis_url=url)
         group, _ = run_flow(over_tls)
@@ -338,9 +328,6 @@ def test_the_flow_runs_over_tls(tmp_path: Path, settings: Settings) -> None:
             assert session.exists(Keys(settings.namespace).events) == 0
         finally:
             session.close()
-    finally:
-        server.stop()
-        wait_until_sync(lambda: server.process is None or server.process.poll() is not None)
 
 
 class TlsProxy:

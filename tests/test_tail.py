@@ -13,18 +13,15 @@ import redis
 
 from sumbatch.config import Settings
 from sumbatch.embedded import EmbeddedServer
-from tests.support import ROOT, entries, env_for, free_port, wait_until_sync
+from sumbatch.events import Keys
+from tests.support import ROOT, entries, env_for, own_server, wait_until_sync
 
 
 @pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
+def server(tmp_path: Path) -> Iterator[EmbeddedServer]:
     """A server of this test's own, which it may kill and start again."""
-    server = EmbeddedServer(tmp_path / "data", free_port(), appendfsync="always")
-    try:
-        server.start()
+    with own_server(tmp_path / "data", appendfsync="always") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def append(client: redis.Redis, key: str, first: int, count: int) -> None:
@@ -45,10 +42,10 @@ def printed_at_least(out: Path, count: int) -> Callable[[], bool]:
 
 
 def test_tail_goes_on_across_redis_restarts_missing_and_doubling_nothing(
-    settings: Settings, own_server: EmbeddedServer, tmp_path: Path
+    settings: Settings, server: EmbeddedServer, tmp_path: Path
 ) -> None:
-    settings = msgspec.structs.replace(settings, redis_url=own_server.url)
-    key = f"{{{settings.namespace}}}:events"
+    settings = msgspec.structs.replace(settings, redis_url=server.url)
+    key = Keys(settings.namespace).events
     out, err = tmp_path / "tail.out", tmp_path / "tail.err"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         tail = subprocess.Popen(
@@ -56,14 +53,14 @@ def test_tail_goes_on_across_redis_restarts_missing_and_doubling_nothing(
             env=env_for(settings), stdout=stdout, stderr=stderr, cwd=ROOT,
         )  # fmt: skip
     try:
-        client = redis.Redis.from_url(own_server.url, decode_responses=True)
+        client = redis.Redis.from_url(server.url, decode_responses=True)
         append(client, key, 0, 5)
         wait_until_sync(lambda: len(printed_ids(out)) == 5, timeout=20, what="5 lines")
-        for n, stop in enumerate((own_server.kill, own_server.stop)):
+        for n, stop in enumerate((server.kill, server.stop)):
             stop()  # a crash, then a clean shutdown
             client.close()
-            own_server.start()
-            client = redis.Redis.from_url(own_server.url, decode_responses=True)
+            server.start()
+            client = redis.Redis.from_url(server.url, decode_responses=True)
             # Appended while tail is still backing off, then once it is back.
             append(client, key, 100 * (n + 1), 5)
             wait_until_sync(said_back(err, times=n + 1), timeout=30, what="tail to reconnect")
@@ -84,7 +81,7 @@ def test_tail_goes_on_across_redis_restarts_missing_and_doubling_nothing(
 
 
 def test_tail_into_head_ends_quietly(settings: Settings, raw: redis.Redis) -> None:
-    key = f"{{{settings.namespace}}}:events"
+    key = Keys(settings.namespace).events
     append(raw, key, 0, 2)
     pipeline = subprocess.Popen(
         ["bash", "-c", 'set -o pipefail; "$@" | head -n 3', "tail-into-head",

@@ -9,7 +9,6 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from typing import cast
 
 import msgspec
 import pytest
@@ -26,26 +25,23 @@ from sumbatch.events import (
     TaskRetried,
     TaskStarted,
 )
-from sumbatch.store import Entry, open_store
+from sumbatch.store import open_store
 from tests.support import (
     Gate,
     Processes,
     env_for,
     group_finished,
+    hang_forever,
     log_events,
     log_of,
     runs_started,
+    stream_entries,
     submit,
     wait_until,
+    with_credentials,
     work_pending,
     worker_idle,
 )
-
-
-async def hang_forever(a: int, b: int) -> int:
-    """A handler whose run never returns (used by the worker process too)."""
-    await asyncio.Event().wait()
-    raise AssertionError("unreachable")
 
 
 def test_a_run_that_never_returns_times_out_and_the_task_ends_as_failure(
@@ -130,7 +126,7 @@ def test_a_worker_process_reads_the_timeout_from_its_environment(
     """SUMBATCH_TASK_TIMEOUT in a real worker: a hung run ends as FAILURE; the other
     tasks of the group are not held up by it."""
     settings = msgspec.structs.replace(
-        settings, max_attempts=2, handler="tests.test_task_timeout:hang_forever"
+        settings, max_attempts=2, handler="tests.support:hang_forever"
     )
 
     async def scenario() -> None:
@@ -190,8 +186,7 @@ def test_a_group_with_a_damaged_key_does_not_hold_up_the_batch_nor_spin(
                 isinstance(e, TaskCompleted | GroupFinished) and e.group_task_id == bad
                 for e in events
             )
-            dead_letters = cast(list[Entry], await store.redis.xrange(store.keys.dead_letters))
-            dead = [f for _, f in dead_letters]
+            dead = [f for _, f in await stream_entries(store, store.keys.dead_letters)]
             assert sorted(f["taskId"] for f in dead) == sorted(bad_tids)
             assert {f["type"] for f in dead} == {"RefusedWorkEntry"}
 
@@ -257,7 +252,7 @@ def test_a_step_the_server_refuses_for_one_group_is_isolated_and_the_rest_go_thr
               f"{keys.tag}:*:{allowed}"],
     )  # fmt: skip
     limited = msgspec.structs.replace(
-        settings, redis_url=settings.client_url.replace("redis://", f"redis://{user}:pw@")
+        settings, redis_url=with_credentials(settings.client_url, user, "pw")
     )
     caplog.set_level(logging.INFO, logger="sumbatch.worker")
 

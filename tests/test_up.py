@@ -19,15 +19,27 @@ import httpx2 as httpx
 import pytest
 import redis
 
+from sumbatch.config import Settings
 from sumbatch.embedded import (
     MIN_SERVER_VERSION,
-    EmbeddedServer,
     find_server,
     locate_server,
     parse_server_version,
     server_version,
 )
-from tests.support import ROOT, entries, free_port, wait_until_sync
+from sumbatch.events import Keys
+from tests.support import (
+    ROOT,
+    answers_200,
+    entries,
+    free_port,
+    group_processed,
+    own_server,
+    run_sumbatch,
+    up_env,
+    wait_until_sync,
+    with_credentials,
+)
 
 GROUP = {"tasks": [{"paramA": 1, "paramB": 5}, {"paramA": 9, "paramB": 10}]}
 
@@ -109,23 +121,9 @@ class Up:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-
-def up_env(data_dir: Path, redis_port: int, **extra: str) -> dict[str, str]:
-    """A user's environment without REDIS_URL; SUMBATCH_REDIS_SERVER is kept, so the
-    suite runs `up` on the server line it was asked for."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "REDIS_URL" and (not k.startswith("SUMBATCH_") or k == "SUMBATCH_REDIS_SERVER")
-    }
-    env.update(
-        SUMBATCH_DATA_DIR=str(data_dir),
-        SUMBATCH_EMBEDDED_PORT=str(redis_port),
-        SUMBATCH_DELAY="0",
-        PYTHONPATH=str(ROOT),
-    )
-    env.update(extra)
-    return env
+    def client(self) -> httpx.Client:
+        """A client of its API, for the helpers that take one (group_processed)."""
+        return httpx.Client(base_url=self.base, timeout=2)
 
 
 def descendants(pid: int) -> set[int]:
@@ -168,7 +166,9 @@ def running_up(
     family: set[int] = set()
     try:
         if wait:
-            wait_until_sync(lambda: _ready(up.base), timeout=30, what=f"the API\n{up.output()}")
+            wait_until_sync(
+                lambda: answers_200(f"{up.base}/readyz"), timeout=30, what=f"the API\n{up.output()}"
+            )
             family = descendants(process.pid)
         yield up
     finally:
@@ -181,27 +181,12 @@ def running_up(
         process.wait(10)
 
 
-def _ready(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/readyz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def _listening(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     except OSError:
         return False
     return True
-
-
-def _processed(base: str, gid: str) -> bool:
-    try:
-        body = httpx.get(f"{base}/grouptasks/{gid}", timeout=2).json()
-    except (httpx.HTTPError, ValueError):
-        return False
-    return bool(body.get("grouptaskProcessed"))
 
 
 def test_up_logs_which_server_it_runs_and_why(tmp_path: Path) -> None:
@@ -232,21 +217,18 @@ def test_ctrl_c_stops_the_children_first_and_the_server_last(tmp_path: Path) -> 
     # 30 s grace they would wait for a server that had already gone.
     assert took < 15, said
     assert "Traceback" not in said and "ConnectionError" not in said, said
-    server = EmbeddedServer(up.data_dir, free_port())
-    server.start()
-    try:
+    with own_server(up.data_dir) as server:
         client = redis.Redis(port=server.port, decode_responses=True)
-        kinds = [fields["type"] for _, fields in entries(client, f"{{sumbatch}}:log:{gid}")]
+        log = Keys(Settings().namespace).group_log(gid)  # `up` runs the default namespace
+        kinds = [fields["type"] for _, fields in entries(client, log)]
         client.close()
-    finally:
-        server.stop()
     assert kinds.count("TaskCompleted") == 2 and kinds[-1] == "GroupFinished", kinds
 
 
 def test_a_killed_embedded_server_is_restarted_on_its_data(tmp_path: Path) -> None:
-    with running_up(tmp_path, "--workers", "1") as up:
+    with running_up(tmp_path, "--workers", "1") as up, up.client() as api:
         before = httpx.post(f"{up.base}/grouptasks", json=GROUP).json()["groupTaskId"]
-        wait_until_sync(lambda: _processed(up.base, before), timeout=20, what="the first group")
+        wait_until_sync(lambda: group_processed(api, before), timeout=20, what="the first group")
         client = redis.Redis(port=up.redis_port)
         pid = int(client.info("server")["process_id"])
         os.kill(pid, signal.SIGKILL)
@@ -259,9 +241,8 @@ def test_a_killed_embedded_server_is_restarted_on_its_data(tmp_path: Path) -> No
             return str(answer.json()["groupTaskId"]) if answer.status_code == 200 else None
 
         after = wait_until_sync(post, timeout=30, what="a POST to succeed again")
-        assert after is not None  # wait_until_sync returns only a truthy answer
-        wait_until_sync(lambda: _processed(up.base, after), timeout=30, what="the new group")
-        assert _processed(up.base, before)  # the data dir came back with it
+        wait_until_sync(lambda: group_processed(api, after), timeout=30, what="the new group")
+        assert group_processed(api, before)  # the data dir came back with it
         assert int(client.info("server")["process_id"]) != pid
         client.close()
         assert up.process.poll() is None
@@ -270,10 +251,7 @@ def test_a_killed_embedded_server_is_restarted_on_its_data(tmp_path: Path) -> No
 
 def _second_up(tmp_path: Path, env: dict[str, str], api_port: int) -> tuple[int, str, float]:
     began = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "sumbatch", "up", "--port", str(api_port)],
-        env=env, capture_output=True, text=True, timeout=30, cwd=tmp_path,
-    )  # fmt: skip
+    done = run_sumbatch("up", "--port", str(api_port), env=env, cwd=tmp_path, timeout=30)
     return done.returncode, done.stderr, time.monotonic() - began
 
 
@@ -295,7 +273,7 @@ def test_a_second_up_is_refused_at_once(tmp_path: Path) -> None:
         assert f"cannot listen on 127.0.0.1:{first.api_port}" in said
         assert "Traceback" not in said
         # The first one is untouched, and the refused ones left nothing behind.
-        assert _ready(first.base) and first.process.poll() is None
+        assert answers_200(f"{first.base}/readyz") and first.process.poll() is None
         assert not (tmp_path / "third" / "appendonlydir").exists()
 
 
@@ -367,10 +345,7 @@ def test_a_bad_setting_stops_at_once_naming_it(
 ) -> None:
     env = up_env(tmp_path / "data", free_port(), **{"SUMBATCH_DELAY": "3-10", name: value})
     port = ["--port", str(free_port())] if command == "up" else []
-    done = subprocess.run(
-        [sys.executable, "-m", "sumbatch", command, *port],
-        env=env, capture_output=True, text=True, timeout=30, cwd=tmp_path,
-    )  # fmt: skip
+    done = run_sumbatch(command, *port, env=env, cwd=tmp_path, timeout=30)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert "Traceback" not in done.stderr
@@ -379,28 +354,19 @@ def test_a_bad_setting_stops_at_once_naming_it(
 
 @pytest.mark.parametrize("command", ["up", "api"])
 def test_a_port_out_of_range_is_refused(tmp_path: Path, command: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "sumbatch", command, "--port", "99999"],
-        env=up_env(tmp_path / "data", free_port()), capture_output=True, text=True,
-        timeout=30, cwd=tmp_path,
-    )  # fmt: skip
+    env = up_env(tmp_path / "data", free_port())
+    done = run_sumbatch(command, "--port", "99999", env=env, cwd=tmp_path, timeout=30)
     assert done.returncode == 2
     assert "--port: '99999' is not a port: expected 1 to 65535" in done.stderr
 
 
 def test_up_refuses_credentials_the_server_refuses(tmp_path: Path) -> None:
-    server = EmbeddedServer(tmp_path / "auth", free_port(), extra_args=("--requirepass", "right"))
-    try:
-        server.start()
+    with own_server(tmp_path / "auth", extra_args=("--requirepass", "right")) as server:
         env = up_env(tmp_path / "data", free_port())
-        env["REDIS_URL"] = f"redis://:wrong@127.0.0.1:{server.port}/0"
+        env["REDIS_URL"] = with_credentials(server.url, "", "wrong")
+        port = str(free_port())
         began = time.monotonic()
-        done = subprocess.run(
-            [sys.executable, "-m", "sumbatch", "up", "--port", str(free_port())],
-            env=env, capture_output=True, text=True, timeout=30, cwd=tmp_path,
-        )  # fmt: skip
-    finally:
-        server.stop()
+        done = run_sumbatch("up", "--port", port, env=env, cwd=tmp_path, timeout=30)
     assert done.returncode == 2, done.stderr
     assert time.monotonic() - began < 10
     assert "REDIS_URL: the server refuses these credentials" in done.stderr
@@ -411,10 +377,7 @@ def test_up_in_durable_mode_refuses_a_server_that_cannot_promise_it(tmp_path: Pa
     """SUMBATCH_DURABLE with the embedded server on appendfsync no: `up` stops at
     once, naming the setting, before any child starts, and stops its server."""
     env = up_env(tmp_path / "data", free_port(), SUMBATCH_DURABLE="true", SUMBATCH_FSYNC="no")
-    done = subprocess.run(
-        [sys.executable, "-m", "sumbatch", "up", "--port", str(free_port())],
-        env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path,
-    )  # fmt: skip
+    done = run_sumbatch("up", "--port", str(free_port()), env=env, cwd=tmp_path, timeout=60)
     assert done.returncode == 2, done.stderr
     assert "appendfsync is no" in done.stderr
     assert "Traceback" not in done.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from pathlib import Path
-from typing import cast
 
 import msgspec
 import pytest
@@ -14,10 +13,17 @@ from consumers.projector import Projector
 from consumers.worker import Worker
 from sumbatch.config import Settings
 from sumbatch.events import GroupFinished, TaskCompleted, TaskStarted
-from sumbatch.store import Entry, Outcome, open_store
+from sumbatch.store import Outcome, open_store
 from sumbatch.tasks import Delay
-from sumbatch.testing import blocked_in_xreadgroup
-from tests.support import Processes, log_events, submit, wait_until, work_pending
+from tests.support import (
+    Processes,
+    blocked_in_xreadgroup,
+    log_events,
+    stream_entries,
+    submit,
+    wait_until,
+    work_pending,
+)
 
 
 def test_two_consumers_completing_one_entry_count_it_once(settings: Settings) -> None:
@@ -219,7 +225,7 @@ def test_an_unreadable_work_entry_is_dead_lettered_and_blocks_nothing(settings: 
             await Projector(store).run_until_idle()
             view = await store.group_view(gid)
             assert view is not None and view.results == [3, 7]
-            [(_, dead)] = cast(list[Entry], await store.redis.xrange(store.keys.dead_letters))
+            [(_, dead)] = await stream_entries(store, store.keys.dead_letters)
             assert dead["type"] == "UnreadableWorkEntry" and dead["x"] == "1"
             assert await work_pending(store) == 0
         finally:

@@ -13,9 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx2 as httpx
-
-from sumbatch.testing import body_of, clean_env, free_port, wait_until_sync
+from sumbatch.testing import answers_200, body_of, clean_env, free_port, wait_until_sync
 
 ME = [sys.executable, "-m", "sumbatch"]
 
@@ -34,13 +32,7 @@ def peak_rss_kib(pid: int) -> int | None:
 
 
 def wait_ready(base: str, path: str = "/readyz", timeout: float = 30) -> None:
-    def ready() -> bool:
-        try:
-            return httpx.get(base + path, timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until_sync(ready, timeout, f"{base}{path} to answer 200")
+    wait_until_sync(lambda: answers_200(base + path), timeout, f"{base}{path} to answer 200")
 
 
 @contextmanager

@@ -26,21 +26,23 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
 
 from sumbatch.config import Settings
 from sumbatch.embedded import EmbeddedServer
-from sumbatch.events import WORKER_GROUP
 from sumbatch.store import Entry, Store, open_store
 from sumbatch.tasks import Delay
 from sumbatch.testing import (
     Processes,
     all_processed,
     blocked_in_xreadgroup,
+    entry_ms,
     eventually,
     free_port,
+    pending_by_consumer,
     processes,
+    stream_entries,
     submit,
+    tasks_held_by,
     wait_until,
 )
 
@@ -63,10 +65,6 @@ class Result:
     recovery_s: float | None  # kill -> last orphan completed elsewhere; None if not all did
     expected_s: str  # the window the policy predicts, delay included
     group_processed: bool  # the group's view says processed, within 15 s after that
-
-
-def entry_ms(entry_id: str) -> int:
-    return int(entry_id.partition("-")[0])
 
 
 def since(killed_ms: float, times_ms: list[int]) -> list[float]:
@@ -106,24 +104,16 @@ async def _measure(store: Store, settings: Settings, tasks: int, procs: Processe
     gid = group[0]
 
     async def log_of(kind: str) -> list[Entry]:
-        entries = cast(list[Entry], await store.redis.xrange(store.keys.group_log(gid)))
+        entries = await stream_entries(store, store.keys.group_log(gid))
         return [(eid, f) for eid, f in entries if f["type"] == kind]
 
     async def all_started() -> bool:
         return len(await log_of("TaskStarted")) >= tasks
 
     await wait_until(all_started, 30, "every task to start")
-    summary: dict[str, Any] = await store.redis.xpending(store.keys.work, WORKER_GROUP)
-    holders = {c["name"]: int(c["pending"]) for c in summary["consumers"] or []}
+    holders = await pending_by_consumer(store)
     victim = max(holders, key=lambda name: holders[name])
-    pending: list[dict[str, Any]] = await store.redis.xpending_range(
-        store.keys.work, WORKER_GROUP, min="-", max="+", count=tasks, consumername=victim
-    )
-    orphans = set()
-    for p in pending:
-        work = await store.redis.xrange(store.keys.work, p["message_id"], p["message_id"])
-        [(_, fields)] = cast(list[Entry], work)
-        orphans.add(fields["taskId"])
+    orphans = set(await tasks_held_by(store, victim))
 
     workers[victim].kill()
     # The log's entry ids carry the server's clock in ms: the same host's wall clock.
