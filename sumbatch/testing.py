@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
 
+from sumbatch.cluster import BUS_OFFSET
 from sumbatch.config import Settings
 from sumbatch.events import WORKER_GROUP, TaskSubmitted, from_fields
 from sumbatch.ids import entry_order
@@ -64,6 +65,29 @@ def free_port() -> int:
                 continue
         _handed_out.add(port)
         return port
+
+
+def free_cluster_ports(count: int) -> list[int]:
+    """Ports for the nodes of a local cluster: each one free, and its bus port (port +
+    10,000) free too, neither handed out before in this process."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randrange(11000, 20000)
+        bus = port + BUS_OFFSET
+        if {port, bus} & _handed_out or not (_bindable(port) and _bindable(bus)):
+            continue
+        _handed_out.update((port, bus))
+        ports.append(port)
+    return ports
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 # -- submitting groups, reading streams, seeing groups processed ----------------------
@@ -207,6 +231,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         SUMBATCH_MAX_ATTEMPTS=str(settings.max_attempts),
         SUMBATCH_RETRY_BASE=str(settings.retry_base),
         SUMBATCH_HANDLER=settings.handler,
+        SUMBATCH_PARTITIONS=str(settings.partitions or ""),
         SUMBATCH_LOG_LEVEL="WARNING",
         PYTHONPATH=str(SOURCE),
     )

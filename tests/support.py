@@ -65,11 +65,13 @@ def fresh_namespace(prefix: str = "t") -> str:
     return f"{prefix}{uuid.uuid4().hex[:12]}"
 
 
-def drop_namespace(url: str, namespace: str) -> None:
-    """Delete every key of ``namespace`` on the server at ``url``."""
+def drop_namespace(url: str, namespace: str, partitions: int = 1) -> None:
+    """Delete every key of ``namespace`` (with that many partitions) on the server at
+    ``url``."""
     client = redis.Redis.from_url(url)
     try:
-        keys = list(client.scan_iter(match=f"{Keys(namespace).tag}:*", count=1000))
+        pattern = Keys(namespace, 0, partitions).pattern
+        keys = list(client.scan_iter(match=pattern, count=1000))
         if keys:
             client.delete(*keys)
     finally:

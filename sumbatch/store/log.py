@@ -101,12 +101,16 @@ class EventLog(StoreBase):
     async def snapshot(self, group_ids: Sequence[str]) -> tuple[str | None, Views, dict[str, bool]]:
         """In one step: the projector's position, these groups' views, and whether
         each group's ledger still exists (it has not expired)."""
+        # One GET per view, not MGET: a cluster client refuses multi-key commands in
+        # a pipeline, even on one slot.
         pipe = self.redis.pipeline(transaction=True)
         pipe.get(self.keys.projector_position)
-        pipe.mget([self.keys.group_view(g) for g in group_ids])
+        for gid in group_ids:
+            pipe.get(self.keys.group_view(gid))
         for gid in group_ids:
             pipe.exists(self.keys.ledger(gid))
-        position, blobs, *exists = await pipe.execute()
+        position, *replies = await pipe.execute()
+        blobs, exists = replies[: len(group_ids)], replies[len(group_ids) :]
         live = {gid: bool(n) for gid, n in zip(group_ids, exists, strict=True)}
         return position, _views(group_ids, blobs), live
 

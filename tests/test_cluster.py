@@ -1,0 +1,269 @@
+"""Partitions, on a real local Redis Cluster (3 masters, from the same server binary as
+the rest of the suite) and on a single server with several partitions: the flows that
+hold on one partition hold on many."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from msgspec.structs import replace
+from starlette.testclient import TestClient
+
+from consumers.projector import Projector
+from consumers.worker import Worker
+from sumbatch import ids
+from sumbatch.api import create_app
+from sumbatch.cluster import LocalCluster
+from sumbatch.config import ConfigError, Settings
+from sumbatch.events import GroupFinished, Keys, TaskCompleted, from_fields
+from sumbatch.replay import differences
+from sumbatch.store.partitions import PER_MASTER, Partitions, open_partitions
+from sumbatch.tasks import Delay
+from sumbatch.testing import free_cluster_ports
+from tests.support import (
+    Processes,
+    drop_namespace,
+    env_for,
+    fresh_namespace,
+    post_group,
+    run_sumbatch,
+    stream_entries,
+    wait_until,
+    wait_until_sync,
+)
+
+MASTERS = 3
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    local = LocalCluster(
+        tmp_path_factory.mktemp("cluster"), free_cluster_ports(MASTERS), die_with_parent=True
+    )
+    try:
+        local.start()
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture(params=["cluster", "one-server"])
+def partitioned(request: pytest.FixtureRequest, redis_url: str) -> Iterator[tuple[Settings, int]]:
+    """Settings for a fresh namespace with several partitions, and how many: on the
+    cluster, the default for a new namespace; on one server, 3 asked for."""
+    namespace = fresh_namespace("p")
+    base = Settings(namespace=namespace, delay=Delay(0.0, 0.0), claim_timeout=2.0, retry_base=0.01)
+    if request.param == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("cluster")
+        yield replace(base, redis_url=cluster.url), PER_MASTER * MASTERS
+        return
+    yield replace(base, redis_url=redis_url, partitions=3), 3
+    drop_namespace(redis_url, namespace, partitions=3)
+
+
+async def run_consumers_until_idle(partitions: Partitions, settings: Settings) -> None:
+    for store in partitions:
+        await Worker(settings, store).run_until_idle()
+        await Projector(store).run_until_idle()
+
+
+def consume(settings: Settings) -> None:
+    async def main() -> None:
+        async with await open_partitions(settings) as partitions:
+            await run_consumers_until_idle(partitions, settings)
+
+    asyncio.run(main())
+
+
+def test_groups_flow_through_every_partition(partitioned: tuple[Settings, int]) -> None:
+    settings, count = partitioned
+    rng = random.Random(7)
+    submitted: dict[str, list[int]] = {}
+    with TestClient(create_app(settings)) as client:
+        for _ in range(24):
+            pairs = [(rng.randrange(100), rng.randrange(100)) for _ in range(4)]
+            created = post_group(client, pairs)
+            submitted[created["groupTaskId"]] = [a + b for a, b in pairs]
+        consume(settings)
+        for gid, sums in submitted.items():
+            status = client.get(f"/grouptasks/{gid}").json()
+            assert (status["grouptaskProcessed"], status["results"]) == (True, sums)
+            task = client.get(f"/tasks/{ids.task_id(gid, 3)}").json()
+            assert (task["taskState"], task["result"]) == ("SUCCESS", sums[3])
+    used = Counter(ids.partition_of(gid, count) for gid in submitted)
+    assert len(used) >= 3, used
+
+    async def check() -> None:
+        async with await open_partitions(settings) as partitions:
+            assert partitions.count == count
+            for store in partitions:
+                assert (await differences(store)).differences == []
+
+    asyncio.run(check())
+
+
+def test_the_keys_of_a_run_land_on_every_master(cluster: LocalCluster) -> None:
+    settings = Settings(
+        redis_url=cluster.url, namespace=fresh_namespace("k"), delay=Delay(0.0, 0.0)
+    )
+    with TestClient(create_app(settings)) as client:
+        for n in range(30):
+            post_group(client, [(n, n)])
+    consume(settings)
+    pattern = Keys(settings.namespace, 0, PER_MASTER * MASTERS).pattern
+    per_master = {}
+    for port in cluster.master_ports():
+        node = redis.Redis(port=port)
+        try:
+            per_master[port] = sum(1 for _ in node.scan_iter(match=pattern, count=1000))
+        finally:
+            node.close()
+    assert len(per_master) == MASTERS
+    assert all(found > 0 for found in per_master.values()), per_master
+
+
+def test_a_sum_computed_in_one_partition_is_served_from_the_cache_in_another(
+    partitioned: tuple[Settings, int],
+) -> None:
+    settings, count = partitioned
+
+    def key_for(partition: int) -> str:
+        # An Idempotency-Key whose hash puts the group in ``partition``.
+        return next(
+            key
+            for n in range(10_000)
+            if int(hashlib.sha256((key := f"k{n}").encode()).hexdigest()[:8], 16) % count
+            == partition
+        )
+
+    with TestClient(create_app(settings)) as client:
+        body = {"tasks": [{"paramA": 40, "paramB": 2}]}
+        first = client.post("/grouptasks", json=body, headers={"Idempotency-Key": key_for(0)})
+        consume(settings)
+        second = client.post("/grouptasks", json=body, headers={"Idempotency-Key": key_for(1)})
+        consume(settings)
+    gids = [first.json()["groupTaskId"], second.json()["groupTaskId"]]
+    assert [ids.partition_of(gid, count) for gid in gids] == [0, 1]
+
+    async def outcomes() -> list[TaskCompleted]:
+        async with await open_partitions(settings) as partitions:
+            found = []
+            for gid in gids:
+                history = await partitions.of(gid).group_history(gid)
+                found += [e for _, f in history if isinstance(e := from_fields(f), TaskCompleted)]
+            return found
+
+    done = asyncio.run(outcomes())
+    assert [(e.result, e.from_cache) for e in done] == [(42, False), (42, True)]
+
+
+def test_a_namespace_keeps_its_number_of_partitions(partitioned: tuple[Settings, int]) -> None:
+    settings, count = partitioned
+    consume(settings)  # creates the namespace with its count
+    other = replace(settings, partitions=count + 1)
+    with pytest.raises(ConfigError, match=f"created with {count} partitions"):
+        asyncio.run(open_partitions(other))
+    done = run_sumbatch("replay", "--check", env=env_for(other))
+    assert done.returncode == 2 and f"created with {count} partitions" in done.stderr
+
+
+def test_kill_9_of_workers_and_the_projector_on_a_cluster_loses_and_doubles_nothing(
+    cluster: LocalCluster, procs: Processes
+) -> None:
+    settings = Settings(
+        redis_url=cluster.url,
+        namespace=fresh_namespace("f"),
+        delay=Delay(0.05, 0.3),
+        claim_timeout=2.0,
+        retry_base=0.01,
+    )
+    workers = [procs.start(settings, "worker") for _ in range(2)]
+    projector = procs.start(settings, "projector")
+    groups: dict[str, list[int]] = {}
+    with TestClient(create_app(settings)) as client:
+        for n in range(40):
+            pairs = [(n, k) for k in range(5)]
+            groups[post_group(client, pairs)["groupTaskId"]] = [a + b for a, b in pairs]
+
+        async def started() -> bool:
+            async with await open_partitions(settings) as partitions:
+                logged = [await store.redis.xlen(store.keys.events) for store in partitions]
+                return sum(logged) > 100
+
+        asyncio.run(wait_until(started, within=30, what="work to be under way"))
+        procs.kill9(workers[0])
+        procs.kill9(projector)
+        procs.start(settings, "worker")
+        procs.start(settings, "projector")
+
+        def all_processed() -> bool:
+            return all(
+                client.get(f"/grouptasks/{gid}").json()["grouptaskProcessed"] for gid in groups
+            )
+
+        wait_until_sync(all_processed, timeout=60, what="every group processed")
+        for gid, sums in groups.items():
+            assert client.get(f"/grouptasks/{gid}").json()["results"] == sums
+
+    async def exactly_once() -> None:
+        async with await open_partitions(settings) as partitions:
+            completed: Counter[str] = Counter()
+            finished: Counter[str] = Counter()
+            for store in partitions:
+                for _, fields in await stream_entries(store, store.keys.events):
+                    event = from_fields(fields)
+                    if isinstance(event, TaskCompleted):
+                        completed[event.task_id] += 1
+                    elif isinstance(event, GroupFinished):
+                        finished[event.group_task_id] += 1
+            assert set(completed.values()) == {1} and len(completed) == 200
+            assert set(finished.values()) == {1} and set(finished) == set(groups)
+
+    asyncio.run(exactly_once())
+    done = run_sumbatch("replay", "--check", env=env_for(settings))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 differences" in done.stdout.splitlines()[-1]
+
+
+def test_tail_prints_every_partitions_events_merged_in_id_order(
+    partitioned: tuple[Settings, int], tmp_path: Path
+) -> None:
+    settings, count = partitioned
+    with TestClient(create_app(settings)) as client:
+        for n in range(20):
+            post_group(client, [(n, 1), (n, 2)])
+    consume(settings)
+
+    async def every_entry() -> list[str]:
+        async with await open_partitions(settings) as partitions:
+            found = []
+            for store in partitions:
+                found += [eid for eid, _ in await stream_entries(store, store.keys.events)]
+            return found
+
+    expected = sorted(asyncio.run(every_entry()), key=ids.entry_order)
+    out = tmp_path / "tail.out"
+    with out.open("wb") as stdout:
+        tail = subprocess.Popen(
+            [sys.executable, "-m", "sumbatch", "tail", "--from-start"],
+            env=env_for(settings), stdout=stdout, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+
+        def printed() -> list[str]:
+            return [line.split()[0] for line in out.read_text().splitlines() if line.strip()]
+
+        wait_until_sync(lambda: len(printed()) >= len(expected), timeout=30, what="tail")
+        assert printed() == expected
+    finally:
+        tail.kill()
+        tail.wait(10)
