@@ -47,7 +47,15 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     # Here, not in each worker: a handler that cannot load would make them crash-loop.
     resolve_handler(settings.handler)
     workers = args.workers if args.workers is not None else settings.workers
-    supervisor = Supervisor(settings, host=args.host, port=args.port, workers=workers)
+    if args.cluster and settings.redis_url is not None:
+        print(
+            "sumbatch: --cluster starts a local cluster; it cannot go with REDIS_URL",
+            file=sys.stderr,
+        )
+        return 2
+    supervisor = Supervisor(
+        settings, host=args.host, port=args.port, workers=workers, cluster=args.cluster
+    )
     return supervisor.run()
 
 
@@ -180,6 +188,13 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default=None)
     up.add_argument("--port", type=_port_arg, default=None)
     up.add_argument("--workers", type=int, default=None, help="worker processes (SUMBATCH_WORKERS)")
+    up.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with no REDIS_URL: start a local Redis Cluster of N masters instead of one server",
+    )
     up.set_defaults(func=cmd_up)
 
     api = sub.add_parser("api", help="run the REST API")

@@ -21,6 +21,7 @@ from typing import IO
 
 import msgspec
 
+from sumbatch.cluster import BUS_OFFSET, LocalCluster
 from sumbatch.config import PARENT_PID_ENV, Settings
 from sumbatch.embedded import EmbeddedServer, ServerNotFound, locate_server, version_text
 from sumbatch.preflight import Refused, check_credentials, check_port_free, lock_data_dir
@@ -61,6 +62,7 @@ class Supervisor:
         host: str | None,
         port: int | None,
         workers: int,
+        cluster: int = 0,
         quick_exit: float = QUICK_EXIT,
         crash_loop: int = CRASH_LOOP,
     ) -> None:
@@ -70,9 +72,12 @@ class Supervisor:
         self.workers = workers
         self.quick_exit = quick_exit
         self.crash_loop = crash_loop
+        # Masters of a local cluster to start instead of one server (0: one server).
+        self.cluster = cluster
         self.stopping = False
-        self.server: EmbeddedServer | None = None
-        self.server_quick_exits = 0
+        # The embedded server, or the nodes of the local cluster.
+        self.servers: list[EmbeddedServer] = []
+        self.server_quick_exits: dict[int, int] = {}
         self._lock: IO[str] | None = None
 
     def _children(self) -> list[Child]:
@@ -121,7 +126,8 @@ class Supervisor:
         or a port another instance holds, credentials the server refuses."""
         if self.settings.redis_url is None:
             self._lock = lock_data_dir(Path(self.settings.data_dir))
-            check_port_free("127.0.0.1", self.settings.embedded_port, "SUMBATCH_EMBEDDED_PORT")
+            for port in self._server_ports():
+                check_port_free("127.0.0.1", port, "SUMBATCH_EMBEDDED_PORT")
         else:
             check_credentials(self.settings.redis_url)
         check_port_free(self.host, self.port, "the API port (--port, SUMBATCH_PORT)")
@@ -138,6 +144,14 @@ class Supervisor:
         if problem:
             raise Refused(problem, 2)
 
+    def _server_ports(self) -> list[int]:
+        """The embedded server's port; or its cluster's nodes', and their bus ports."""
+        first = self.settings.embedded_port
+        if not self.cluster:
+            return [first]
+        nodes = [first + n for n in range(self.cluster)]
+        return nodes + [port + BUS_OFFSET for port in nodes]
+
     def _start_server(self) -> str:
         try:
             found = locate_server()
@@ -146,24 +160,53 @@ class Supervisor:
         log.info(
             "embedded server: %s (%s): %s", found.path, version_text(found.version), found.reason
         )
-        self.server = EmbeddedServer(
+        if self.cluster:
+            return self._start_cluster(found.path)
+        server = EmbeddedServer(
             self.settings.data_dir,
             self.settings.embedded_port,
             appendfsync=self.settings.fsync,
             binary=found.path,
             die_with_parent=True,
         )
+        self.servers = [server]
         try:
-            self.server.start()
+            server.start()
         except (RuntimeError, TimeoutError) as exc:
             raise Refused(str(exc)) from exc
-        log.info("embedded server on %s, data in %s", self.server.url, self.server.data_dir)
-        return self.server.url
+        log.info("embedded server on %s, data in %s", server.url, server.data_dir)
+        return server.url
+
+    def _start_cluster(self, binary: str) -> str:
+        try:
+            cluster = LocalCluster(
+                Path(self.settings.data_dir) / "cluster",
+                [self.settings.embedded_port + n for n in range(self.cluster)],
+                appendfsync=self.settings.fsync,
+                binary=binary,
+                die_with_parent=True,
+            )
+        except ValueError as exc:
+            raise Refused(f"--cluster {self.cluster}: {exc}") from exc
+        self.servers = cluster.nodes
+        try:
+            cluster.start()
+        except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
+            raise Refused(f"the local cluster did not start: {exc}") from exc
+        log.info(
+            "local cluster of %d masters on %s, data in %s",
+            self.cluster, ", ".join(str(node.port) for node in cluster.nodes), cluster.data_dir,
+        )  # fmt: skip
+        return cluster.url
 
     def _watch_server(self) -> None:
-        """The server is supervised like the children: restarted on its data dir."""
-        server = self.server
-        if server is None or server.running or self.stopping:
+        for server in self.servers:
+            self._watch_one(server)
+
+    def _watch_one(self, server: EmbeddedServer) -> None:
+        """A server (or cluster node) is supervised like the children: restarted on its
+        data dir, where a node finds its cluster again."""
+        if server.running or self.stopping:
             return
         assert server.process is not None
         log.warning(
@@ -176,17 +219,19 @@ class Supervisor:
         except (RuntimeError, TimeoutError) as exc:
             log.warning("embedded server did not restart: %s", exc)
         if server.running:
-            self.server_quick_exits = 0
+            self.server_quick_exits[server.port] = 0
             log.info("embedded server is back on %s", server.url)
             return
-        self.server_quick_exits += 1
-        if self.server_quick_exits >= self.crash_loop:
+        failed = self.server_quick_exits[server.port] = (
+            self.server_quick_exits.get(server.port, 0) + 1
+        )
+        if failed >= self.crash_loop:
             raise CrashLoop(
-                f"the embedded server failed to start {self.server_quick_exits} times in a "
+                f"the embedded server failed to start {failed} times in a "
                 f"row; stopping. Its last error: {_last_line(server.data_dir / 'server.log')} "
                 f"(see {server.data_dir / 'server.log'})"
             )
-        self._pause(min(5.0, 0.2 * self.server_quick_exits))
+        self._pause(min(5.0, 0.2 * failed))
 
     def _watch(self, child: Child, env: dict[str, str]) -> None:
         assert child.process is not None
@@ -251,8 +296,8 @@ class Supervisor:
         log.info("stopped")
 
     def _release(self) -> None:
-        if self.server is not None:
-            self.server.stop()
+        for server in self.servers:
+            server.stop()
         if self._lock is not None:
             self._lock.close()
 

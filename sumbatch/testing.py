@@ -67,17 +67,19 @@ def free_port() -> int:
         return port
 
 
-def free_cluster_ports(count: int) -> list[int]:
+def free_cluster_ports(count: int, *, consecutive: bool = False) -> list[int]:
     """Ports for the nodes of a local cluster: each one free, and its bus port (port +
-    10,000) free too, neither handed out before in this process."""
+    10,000) free too, none handed out before in this process; with ``consecutive``,
+    ``count`` ports in a row (as `sumbatch up --cluster` takes them)."""
     ports: list[int] = []
     while len(ports) < count:
-        port = random.randrange(11000, 20000)
-        bus = port + BUS_OFFSET
-        if {port, bus} & _handed_out or not (_bindable(port) and _bindable(bus)):
+        first = random.randrange(11000, 20000 - count)
+        wanted = [first + n for n in range(count if consecutive else 1)]
+        taken = {*wanted, *(port + BUS_OFFSET for port in wanted)}
+        if taken & _handed_out or not all(_bindable(port) for port in taken):
             continue
-        _handed_out.update((port, bus))
-        ports.append(port)
+        _handed_out.update(taken)
+        ports += wanted
     return ports
 
 

@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import random
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx2 as httpx
 import pytest
 import redis
 from msgspec.structs import replace
@@ -31,12 +36,17 @@ from sumbatch.tasks import Delay
 from sumbatch.testing import free_cluster_ports
 from tests.support import (
     Processes,
+    answers_200,
+    body_of,
     drop_namespace,
     env_for,
+    free_port,
     fresh_namespace,
+    group_processed,
     post_group,
     run_sumbatch,
     stream_entries,
+    up_env,
     wait_until,
     wait_until_sync,
 )
@@ -267,3 +277,157 @@ def test_tail_prints_every_partitions_events_merged_in_id_order(
     finally:
         tail.kill()
         tail.wait(10)
+
+
+def test_up_with_a_local_cluster_runs_the_example_and_stops_clean(tmp_path: Path) -> None:
+    first = free_cluster_ports(MASTERS, consecutive=True)[0]
+    api = free_port()
+    data_dir = tmp_path / "data"
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "sumbatch", "up", "--cluster", str(MASTERS),
+             "--port", str(api), "--workers", "2"],
+            env=up_env(data_dir, first), stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{api}"
+    try:
+        wait_until_sync(
+            lambda: answers_200(f"{base}/readyz"), timeout=60, what=f"the API\n{log.read_text()}"
+        )
+        pairs = [(1, 5), (9, 10), (12, 13), (8, 1)]
+        with httpx.Client(base_url=base) as client:
+            gid = client.post("/grouptasks", json=body_of(pairs)).json()["groupTaskId"]
+            wait_until_sync(lambda: group_processed(client, gid), timeout=30, what="the group")
+            assert client.get(f"/grouptasks/{gid}").json()["results"] == [6, 19, 25, 9]
+        said = log.read_text()
+        assert f"local cluster of {MASTERS} masters" in said
+        nodes = redis.Redis(port=first, decode_responses=True)
+        try:
+            assert int(nodes.cluster("INFO")["cluster_known_nodes"]) == MASTERS
+            assert nodes.get(Keys.partitions_key("sumbatch")) == str(PER_MASTER * MASTERS)
+        finally:
+            nodes.close()
+        os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in its terminal does
+        assert up.wait(60) == 0, log.read_text()
+        assert "Traceback" not in log.read_text()
+        assert not any(_listening(first + n) for n in range(MASTERS))
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait(10)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_a_master_killed_under_load_fails_over_losing_only_unreplicated_writes(
+    tmp_path: Path, procs: Processes
+) -> None:
+    """3 masters, a replica each. kill -9 of a master while groups stream in: its
+    replica takes over, POSTs to its partitions are refused (503) meanwhile, and the
+    service goes on. An acknowledged group can be lost only if it was acknowledged
+    after the last moment its replica was seen caught up (asynchronous replication, as
+    the README says); none is run twice."""
+    cluster = LocalCluster(
+        tmp_path / "cluster", free_cluster_ports(2 * MASTERS), replicas=1, die_with_parent=True
+    )
+    try:
+        cluster.start()
+        settings = Settings(
+            redis_url=cluster.url,
+            namespace=fresh_namespace("o"),
+            delay=Delay(0.0, 0.05),
+            claim_timeout=2.0,
+            retry_base=0.01,
+        )
+        for _ in range(2):
+            procs.start(settings, "worker")
+        procs.start(settings, "projector")
+        url_port = int(cluster.url.rsplit(":", 1)[1])
+        victim = next(port for port in cluster.master_ports() if port != url_port)
+        acked: dict[str, float] = {}
+        refused = 0
+        with TestClient(create_app(settings)) as client:
+
+            def post(n: int) -> None:
+                nonlocal refused
+                answer = client.post("/grouptasks", json=body_of([(n, 1), (n, 2)]))
+                if answer.status_code == 200:
+                    acked[answer.json()["groupTaskId"]] = time.monotonic()
+                else:
+                    assert answer.status_code == 503, answer.text
+                    refused += 1
+
+            for n in range(100):
+                post(n)
+            caught_up = _replicas_caught_up(cluster, victim)
+            cluster.node(victim).kill()
+            killed_at = time.monotonic()
+            # POSTs go on while the replica takes over: those to its partitions are
+            # refused meanwhile.
+            n, deadline = 100, time.monotonic() + 30
+            while victim in cluster.master_ports():
+                assert time.monotonic() < deadline, "the replica did not take over"
+                post(n)
+                n += 1
+            took_over = time.monotonic() - killed_at
+            for m in range(n, n + 100):
+                post(m)
+            cluster.node(victim).start()  # back as a replica of the new master
+
+            def settled() -> bool:
+                return all(
+                    client.get(f"/grouptasks/{gid}").json().get("grouptaskProcessed") is True
+                    or client.get(f"/grouptasks/{gid}").status_code == 404
+                    for gid in acked
+                )
+
+            wait_until_sync(settled, timeout=60, what="every surviving group processed")
+            lost = [gid for gid in acked if client.get(f"/grouptasks/{gid}").status_code == 404]
+            for gid in set(acked) - set(lost):
+                assert client.get(f"/grouptasks/{gid}").json()["grouptaskProcessed"] is True
+        # Lost only what was acknowledged after the replica was last seen caught up.
+        assert all(acked[gid] >= caught_up for gid in lost), (lost, caught_up)
+
+        async def completions() -> Counter[str]:
+            async with await open_partitions(settings) as partitions:
+                done: Counter[str] = Counter()
+                for store in partitions:
+                    for _, fields in await stream_entries(store, store.keys.events):
+                        if fields.get("type") == "TaskCompleted":
+                            done[fields["taskId"]] += 1
+                return done
+
+        done = asyncio.run(completions())
+        assert set(done.values()) == {1}, [t for t, c in done.items() if c > 1]
+        print(
+            f"\nfailover: took over in {took_over:.1f} s; {len(acked)} groups acknowledged, "
+            f"{len(lost)} lost, {refused} POSTs refused meanwhile"
+        )
+    finally:
+        cluster.stop()
+
+
+def _replicas_caught_up(cluster: LocalCluster, master: int) -> float:
+    """When the master's replica had every write the master had made so far."""
+    node = redis.Redis(port=master, decode_responses=True)
+    try:
+        info = node.info("replication")
+        offset = int(info["master_repl_offset"])
+        taken = time.monotonic()
+
+        def caught_up() -> bool:
+            replica = node.info("replication")["slave0"]
+            return int(replica["offset"]) >= offset
+
+        wait_until_sync(caught_up, timeout=10, what="the replica to catch up")
+        return taken
+    finally:
+        node.close()

@@ -8,8 +8,8 @@ import random
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,31 +37,50 @@ def wait_ready(base: str, path: str = "/readyz", timeout: float = 30) -> None:
 
 @contextmanager
 def service(
-    url: str, namespace: str, delay: str, workers: int, up: bool = False
+    url: str,
+    namespace: str,
+    delay: str,
+    workers: int,
+    up: bool = False,
+    *,
+    env: Mapping[str, str] | None = None,
+    logs: Path | None = None,
 ) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
     """The real processes, configured by environment as a user would: the API's base
     URL, and the children, in order the API, the workers, the projector (with ``up``,
-    the one `sumbatch up`, whose children they are)."""
+    the one `sumbatch up`, whose children they are). ``env``: more variables for them
+    (SUMBATCH_PARTITIONS, say); ``logs``: a folder where each child writes its output,
+    to ``<command>-<n>.log``, instead of this terminal."""
     port = free_port()
-    env = clean_env(
+    child_env = clean_env(
         REDIS_URL=url, SUMBATCH_NAMESPACE=namespace, SUMBATCH_DELAY=delay,
-        SUMBATCH_LOG_LEVEL="WARNING",
+        SUMBATCH_LOG_LEVEL="WARNING", **(env or {}),
     )  # fmt: skip
-    if up:
-        children = [subprocess.Popen([*ME, "up", "--port", str(port)], env=env)]
-    else:
-        children = [subprocess.Popen([*ME, "api", "--port", str(port)], env=env)]
-        children += [subprocess.Popen([*ME, "worker"], env=env) for _ in range(workers)]
-        children.append(subprocess.Popen([*ME, "projector"], env=env))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base)
-        yield base, children
-    finally:
-        for child in children:
-            child.send_signal(signal.SIGTERM)
-        for child in children:
-            child.wait(60)
+    children: list[subprocess.Popen[bytes]] = []
+    with ExitStack() as files:
+
+        def start(*args: str) -> subprocess.Popen[bytes]:
+            out = None
+            if logs is not None:
+                out = files.enter_context((logs / f"{args[0]}-{len(children)}.log").open("wb"))
+            return subprocess.Popen([*ME, *args], env=child_env, stdout=out, stderr=out)
+
+        if up:
+            children.append(start("up", "--port", str(port)))
+        else:
+            children.append(start("api", "--port", str(port)))
+            for _ in range(workers):
+                children.append(start("worker"))
+            children.append(start("projector"))
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(base)
+            yield base, children
+        finally:
+            for child in children:
+                child.send_signal(signal.SIGTERM)
+            for child in children:
+                child.wait(60)
 
 
 def tasks_for(n: int) -> tuple[dict[str, Any], list[int]]:
