@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from urllib.parse import urlparse
 
+from redis.asyncio.cluster import RedisCluster
+
 from sumbatch import ids
 from sumbatch.config import PARENT_PID_ENV, ConfigError, Settings, parse_port, resolve_handler
 from sumbatch.outage import Outage, is_transient
@@ -148,6 +150,23 @@ async def _tail(settings: Settings, *, from_start: bool) -> None:
         await partitions.aclose()
 
 
+def cmd_partitions(settings: Settings, args: argparse.Namespace) -> int:
+    """Each partition's hash tag and event log, and on a cluster the master serving it:
+    the key names to give redis-cli."""
+
+    async def show() -> int:
+        async with await open_partitions(settings) as partitions:
+            for store in partitions:
+                where = ""
+                if isinstance(partitions.redis, RedisCluster):
+                    node = partitions.redis.get_node_from_key(store.keys.events)
+                    where = f"  on {node.name}" if node is not None else "  (slot unserved)"
+                print(f"{store.keys.partition:>3}  {store.keys.events}{where}")
+        return 0
+
+    return asyncio.run(show())
+
+
 def cmd_redis_cli(settings: Settings, args: argparse.Namespace) -> int:
     from sumbatch.embedded import find_cli
 
@@ -209,6 +228,10 @@ def parser() -> argparse.ArgumentParser:
     tail = sub.add_parser("tail", help="print events live as they are appended")
     tail.add_argument("--from-start", action="store_true", help="print the whole log first")
     tail.set_defaults(func=cmd_tail)
+
+    sub.add_parser(
+        "partitions", help="each partition's event log (and master, on a cluster)"
+    ).set_defaults(func=cmd_partitions)
 
     cli = sub.add_parser("redis-cli", help="run redis-cli/valkey-cli against the configured server")
     cli.add_argument("args", nargs=argparse.REMAINDER)

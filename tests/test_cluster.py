@@ -33,7 +33,7 @@ from sumbatch.events import GroupFinished, Keys, TaskCompleted, from_fields
 from sumbatch.replay import differences
 from sumbatch.store.partitions import PER_MASTER, Partitions, open_partitions
 from sumbatch.tasks import Delay
-from sumbatch.testing import free_cluster_ports
+from sumbatch.testing import clean_env, free_cluster_ports
 from tests.support import (
     Processes,
     answers_200,
@@ -309,6 +309,12 @@ def test_up_with_a_local_cluster_runs_the_example_and_stops_clean(tmp_path: Path
             assert nodes.get(Keys.partitions_key("sumbatch")) == str(PER_MASTER * MASTERS)
         finally:
             nodes.close()
+        shown = run_sumbatch(
+            "partitions", env=clean_env(REDIS_URL=f"redis://127.0.0.1:{first}")
+        ).stdout.splitlines()
+        assert len(shown) == PER_MASTER * MASTERS
+        masters = {line.rsplit(" on ", 1)[1] for line in shown}
+        assert masters == {f"127.0.0.1:{first + n}" for n in range(MASTERS)}, shown
         os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in its terminal does
         assert up.wait(60) == 0, log.read_text()
         assert "Traceback" not in log.read_text()
