@@ -28,7 +28,7 @@ from sumbatch.api import create_app
 from sumbatch.config import Settings
 from sumbatch.embedded import find_server
 from sumbatch.events import GroupFinished, GroupSubmitted, Keys, TaskCompleted, from_fields
-from sumbatch.store import open_store
+from sumbatch.store.partitions import open_partitions
 from tests.support import appended, entries, free_port, own_server, with_credentials
 
 TOKEN = "s3cret"
@@ -154,10 +154,11 @@ def run_flow(settings: Settings) -> tuple[dict[str, Any], str]:
         whoami: list[str] = []
 
         async def work_and_project() -> None:
-            async with open_store(settings) as store:
-                whoami.append(str(await store.redis.acl_whoami()))
-                await Worker(settings, store).run_until_idle()
-                await Projector(store).run_until_idle()
+            async with await open_partitions(settings) as partitions:
+                whoami.append(str(await partitions.redis.acl_whoami()))
+                for store in partitions:
+                    await Worker(settings, store).run_until_idle()
+                    await Projector(store).run_until_idle()
 
         asyncio.run(work_and_project())
         group = client.get(f"/grouptasks/{created.json()['groupTaskId']}")
@@ -204,15 +205,24 @@ def create_user(admin: redis.Redis, name: str, password: str, key_pattern: str) 
     assert (rules["channels"], rules["categories"]) == (["&*"], ["+@all"])
 
 
-@pytest.mark.parametrize("keys", ["*", "{ns}:*"], ids=["all-keys", "namespace-keys-only"])
+@pytest.mark.parametrize(
+    ("keys", "partitions"),
+    [("*", 1), ("namespace", 1), ("namespace", 3)],
+    ids=["all-keys", "namespace-keys-only", "namespace-keys-only-3-partitions"],
+)
 def test_the_flow_runs_as_an_acl_user(
-    acl_user: tuple[str, str, redis.Redis], redis_url: str, settings: Settings, keys: str
+    acl_user: tuple[str, str, redis.Redis],
+    redis_url: str,
+    settings: Settings,
+    keys: str,
+    partitions: int,
 ) -> None:
+    """With the key pattern the README gives for the namespace (Keys.pattern)."""
     name, password, admin = acl_user
-    pattern = keys.replace("{ns}", Keys(settings.namespace).tag)
+    pattern = keys if keys == "*" else Keys(settings.namespace, 0, partitions).pattern
     create_user(admin, name, password, pattern)
     as_user = msgspec.structs.replace(
-        settings, redis_url=with_credentials(redis_url, name, password)
+        settings, redis_url=with_credentials(redis_url, name, password), partitions=partitions
     )
     group, whoami = run_flow(as_user)
     assert whoami == name
