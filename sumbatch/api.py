@@ -147,7 +147,8 @@ async def create_group(request: Request) -> Response:
     fsync_ms = FSYNC_TIMEOUT_MS if settings.durable else None
     written = await store.submit([submission.event], submission.work, group, idempotency, fsync_ms)
     if written.fsynced is False:
-        return error(503, "not confirmed on disk in time; retry with the same Idempotency-Key",
+        where = "by a replica" if store.durable == "replica" else "on disk"
+        return error(503, f"not confirmed {where} in time; retry with the same Idempotency-Key",
                      {"Retry-After": "1"})  # fmt: skip
     if written.earlier is None:
         return Response(answer, media_type="application/json")

@@ -34,7 +34,8 @@ Entry = tuple[str, dict[str, str]]
 
 _json = msgspec.json.Encoder()
 # How durable mode confirms a write (``Producer.check_durable``).
-DurableMode = Literal["waitaof", "always"]
+# "replica": on a cluster, a write is confirmed once a replica has it (WAIT 1).
+DurableMode = Literal["waitaof", "always", "replica"]
 
 
 def connect(url: str, *, cluster: bool = False, **options: Any) -> Client:

@@ -8,9 +8,15 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    NoPermissionError,
+    ResponseError,
+    TryAgainError,
+)
 
-from sumbatch import ids
+from sumbatch import ids, scripts
 from sumbatch.events import (
     AnyEvent,
     GroupCancelled,
@@ -109,6 +115,8 @@ class Producer(StoreBase):
                 None if earlier is None else str(earlier),
                 fsynced=None if fsync_timeout_ms is None else True,
             )
+        if isinstance(self.redis, RedisCluster):
+            return await self._submit_replicated(self.redis, keys, args, fsync_timeout_ms)
         pipe = self.redis.pipeline(transaction=False)
         await self._submit(keys=keys, args=args, client=cast(Any, pipe))
         pipe.execute_command("WAITAOF", 1, 0, fsync_timeout_ms)
@@ -119,14 +127,57 @@ class Producer(StoreBase):
         fsynced = not isinstance(waited, Exception) and int(waited[0]) >= 1
         return Submitted(None if earlier is None else str(earlier), fsynced=fsynced)
 
+    async def _submit_replicated(
+        self,
+        cluster: RedisCluster,
+        keys: list[str],
+        args: list[str | int | bytes],
+        timeout_ms: int,
+    ) -> Submitted:
+        """Durable mode on a cluster: the submit script, then WAIT 1 on the same
+        connection to the partition's master (WAIT counts that connection's writes), so
+        the POST is answered once a replica has the group and survives its master."""
+        node = cluster.get_node_from_key(keys[0])
+        if node is None:
+            raise ClusterDownError("no master serves this partition's slot")
+        connection = node.acquire_connection()
+        try:
+            commands = [("EVAL", scripts.SUBMIT, len(keys), *keys, *args), ("WAIT", 1, timeout_ms)]
+            await connection.send_packed_command(connection.pack_commands(commands))
+            earlier = await connection.read_response()
+            replicas = int(await connection.read_response())
+        except BaseException as exc:
+            # A reply left unread would answer the connection's next command.
+            await connection.disconnect()
+            if isinstance(exc, AskError):  # MOVED too: the slot went elsewhere
+                await cluster.nodes_manager.initialize()
+                raise TryAgainError(f"the partition moved ({exc}); retry") from exc
+            raise
+        finally:
+            node.release(connection)
+        return Submitted(None if earlier is None else str(earlier), fsynced=replicas >= 1)
+
+    async def _check_replicated(self, cluster: RedisCluster) -> DurableMode:
+        """Durable mode on a cluster needs a replica on every master (WAIT 1)."""
+        replication = await cluster.info("replication", target_nodes=RedisCluster.PRIMARIES)
+        alone = sorted(
+            str(node) for node, info in replication.items() if not info.get("connected_slaves")
+        )
+        if alone:
+            raise NotDurable(
+                "durable mode on a cluster answers a POST once a replica has it (WAIT 1): "
+                f"every master needs a replica, and {', '.join(alone)} has none"
+            )
+        self.durable = "replica"
+        return self.durable
+
     async def check_durable(self) -> DurableMode:
         """How this server can confirm that a write is on disk, as durable mode needs:
         WAITAOF (Redis 7.2+, Valkey), or ``appendfsync always`` before that. Raises
         NotDurable, naming the setting to change, when it can't; the answer is kept
         in ``self.durable``."""
         if isinstance(self.redis, RedisCluster):
-            # WAITAOF must run on the node that took the write; not done yet.
-            raise NotDurable("durable mode is not supported on a Redis Cluster yet")
+            return await self._check_replicated(self.redis)
         try:
             await self.redis.execute_command("WAITAOF", 1, 0, 1)  # type: ignore[no-untyped-call]
             has_waitaof, aof_off = True, False
