@@ -11,16 +11,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO
 
 import msgspec
 
+from sumbatch.children import Child, last_line
 from sumbatch.cluster import BUS_OFFSET, LocalCluster
 from sumbatch.config import PARENT_PID_ENV, Settings
 from sumbatch.embedded import EmbeddedServer, ServerNotFound, locate_server, version_text
@@ -37,21 +35,6 @@ CRASH_LOOP = 5
 
 class CrashLoop(Exception):
     pass
-
-
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    process: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
-    started_at: float = 0.0
-    quick_exits: int = 0
-    # The tail of its stderr since its last start, to name its last error.
-    last_lines: deque[str] = field(default_factory=lambda: deque(maxlen=20))
-
-    def last_error(self) -> str:
-        return next((line for line in reversed(self.last_lines) if line.strip()), "(nothing)")
 
 
 class Supervisor:
@@ -107,7 +90,7 @@ class Supervisor:
         children = self._children()
         try:
             for child in children:
-                self._spawn(child, env)
+                child.spawn(env)
             log.info("API on http://%s:%d  (Ctrl-C to stop)", self.host, self.port)
             while not self.stopping:
                 self._watch_server()
@@ -228,7 +211,7 @@ class Supervisor:
         if failed >= self.crash_loop:
             raise CrashLoop(
                 f"the embedded server failed to start {failed} times in a "
-                f"row; stopping. Its last error: {_last_line(server.data_dir / 'server.log')} "
+                f"row; stopping. Its last error: {last_line(server.data_dir / 'server.log')} "
                 f"(see {server.data_dir / 'server.log'})"
             )
         self._pause(min(5.0, 0.2 * failed))
@@ -250,29 +233,12 @@ class Supervisor:
         log.warning("%s exited with %s; restarting", child.name, code)
         self._pause(min(5.0, 0.2 * max(1, child.quick_exits)))
         if not self.stopping:
-            self._spawn(child, env)
+            child.spawn(env)
 
     def _pause(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while not self.stopping and time.monotonic() < deadline:
             time.sleep(0.05)
-
-    def _spawn(self, child: Child, env: dict[str, str]) -> None:
-        # Children ignore the terminal's Ctrl-C (their own session): `up` sends each one
-        # SIGTERM, then waits for them all, and stops the server last.
-        child.process = subprocess.Popen(
-            child.argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        child.started_at = time.monotonic()
-        child.last_lines.clear()
-        assert child.process.stderr is not None
-        threading.Thread(
-            target=_forward, args=(child.process.stderr, child.last_lines), daemon=True
-        ).start()
 
     def _stop(self, children: list[Child]) -> None:
         log.info("stopping")
@@ -300,23 +266,3 @@ class Supervisor:
             server.stop()
         if self._lock is not None:
             self._lock.close()
-
-
-def _forward(pipe: IO[bytes], last_lines: deque[str]) -> None:
-    """Copy a child's stderr to ours line by line, keeping its tail."""
-    with pipe:
-        for line in iter(pipe.readline, b""):
-            last_lines.append(line.decode(errors="replace").rstrip())
-            try:
-                sys.stderr.buffer.write(line)
-                sys.stderr.buffer.flush()
-            except (OSError, ValueError):
-                pass  # our stderr is gone; keep draining so the child never blocks
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return next((line for line in reversed(lines) if line.strip()), "(empty log)")

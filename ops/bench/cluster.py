@@ -613,6 +613,18 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def print_setup(binary: str, machine: dict[str, Any], args: argparse.Namespace) -> None:
+    load = " ".join(f"{x:.2f}" for x in machine["loadavg"])
+    print(f"server: {binary} ({version_text(server_version(binary))})")
+    print(f"machine: {machine['cpus']} CPUs ({machine['cpus_usable']} usable), load {load}")
+    print(
+        f"{args.rounds} rounds; each: {args.groups} groups of {GROUP_SIZE} ({CLIENTS} clients "
+        f"x {WINDOW} in flight, GET every {POLL * 1000:g} ms), then {args.reps} groups of "
+        f"{LATENCY_SIZE} one at a time; {args.workers} workers, SUMBATCH_DELAY=0",
+        flush=True,
+    )
+
+
 def interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -622,9 +634,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, interrupt)
     binary = pick_server(args.server)
     started_with = machine()
-    print(f"server: {binary} ({version_text(server_version(binary))})")
-    print(f"machine: {started_with['cpus']} CPUs ({started_with['cpus_usable']} usable), "
-          f"load {' '.join(f'{x:.2f}' for x in started_with['loadavg'])}", flush=True)  # fmt: skip
+    print_setup(binary, started_with, args)
     work = Path(tempfile.mkdtemp(prefix="sumbatch-cluster-bench-"))
     logs = work / "logs"
     started: list[subprocess.Popen[bytes]] = []
