@@ -8,9 +8,8 @@ our claim on it, so only a dead or stuck worker's entries are taken over (XAUTOC
 after ``claim_timeout``). A run is cut off after ``task_timeout`` (a failed attempt),
 so no run holds its entry forever.
 
-Cancels: the cancel script revokes a group's unended tasks and publishes its id; we
-stop our runs of that group's tasks at once. Pub/sub is best effort: a run nobody
-stops finishes, meets the fence and writes nothing.
+Cancels (``cancels.py``): the cancel script revokes a group's unended tasks and
+publishes its id; we stop our runs of that group's tasks at once.
 
 No loop spins on an error that is no outage: a batch the server rejects for another
 reason is split until the outcomes or entries at fault are alone (``isolate.py``);
@@ -32,12 +31,13 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 
+from consumers.cancels import Cancels
 from consumers.isolate import isolate
 from consumers.outbox import Outbox
 from consumers.runs import Handler, Runs, completed, failed
 from sumbatch.config import Settings, resolve_handler
 from sumbatch.events import AnyEvent, TaskSubmitted, from_fields
-from sumbatch.outage import REDIS_DOWN, Outage, is_transient
+from sumbatch.outage import REDIS_DOWN, Outage
 from sumbatch.store import Begun, Entry, Store
 from sumbatch.tasks import compute
 
@@ -165,7 +165,7 @@ class Worker:
             asyncio.create_task(self._keep_claims()),
         ]
         if self.watch_cancels:
-            helpers.append(asyncio.create_task(self._watch_cancels()))
+            helpers.append(asyncio.create_task(Cancels(self.store, self.runs, self.name).watch()))
         return helpers
 
     async def _read(self, block_ms: int) -> int:
@@ -225,52 +225,6 @@ class Worker:
             log.info("claimed %d entries from dead or stuck workers", len(claimed))
             await self._accept(claimed)
         return len(claimed)
-
-    async def _watch_cancels(self) -> None:
-        """Stop our runs of the tasks a cancel revoked, as its message comes in."""
-        outage = Outage(log, f"worker {self.name} cancels")
-        while True:
-            try:
-                async with self.store.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self.store.keys.cancellations)
-                    # Cancels published while we were not subscribed are lost: ask
-                    # once about everything we run.
-                    await self._stop_ended(list(self.runs))
-                    while True:
-                        # A timeout, not a read that blocks forever: a dead connection
-                        # is found by the client's health check between reads.
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=1.0
-                        )
-                        # Only after a read went well: a connection that fails at once
-                        # each time keeps backing off longer.
-                        outage.ok()
-                        if message is not None and message["type"] == "message":
-                            await self._stop_ended(self.runs.of_groups([message["data"]]))
-            except Exception as exc:
-                await asyncio.sleep(outage.failed(exc))
-
-    async def _stop_ended(self, entry_ids: list[str]) -> None:
-        """Stop the runs of those entries whose task has ended (revoked, or finished
-        elsewhere): the server acknowledges exactly those, so an entry whose task goes
-        on is never left running nowhere."""
-        known = [(eid, self.runs.item(eid)) for eid in entry_ids if eid in self.runs]
-        if not known:
-            return
-        try:
-            released = await self.store.release_ended(
-                [item for _, item in known], [eid for eid, _ in known]
-            )
-        except Exception as exc:
-            if is_transient(exc):
-                raise  # the listener backs off, and asks again once it is back
-            # Best effort: those runs go on, and their outcomes meet the fence.
-            log.error("could not stop runs of cancelled tasks", exc_info=exc)
-            return
-        for entry_id in released:
-            self.runs.stop(entry_id)
-        if released:
-            log.info("stopped %d runs of cancelled tasks", len(released))
 
     async def _accept(self, entries: list[Entry]) -> None:
         if not entries:
