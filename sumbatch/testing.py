@@ -104,8 +104,9 @@ def body_of(pairs: list[tuple[int, int]]) -> dict[str, Any]:
 
 
 async def submit(store: Store, pairs: list[tuple[int, int]]) -> tuple[str, list[str]]:
-    """Submit the group straight to the store, as the API does; (group id, task ids)."""
-    sub = Submission.of([TaskIn(a, b) for a, b in pairs])
+    """Submit the group straight to the store (its partition), as the API does; (group
+    id, task ids)."""
+    sub = Submission.of([TaskIn(a, b) for a, b in pairs], store.keys.partition)
     created = sub.created
     await store.submit(
         [sub.event], sub.work, GroupView.submitted(created.group_task_id, len(pairs))

@@ -46,6 +46,7 @@ from tests.support import (
     post_group,
     run_sumbatch,
     stream_entries,
+    submit,
     up_env,
     wait_until,
     wait_until_sync,
@@ -450,3 +451,34 @@ def test_durable_mode_on_a_cluster_needs_a_replica_on_every_master(cluster: Loca
     settings = Settings(redis_url=cluster.url, namespace=fresh_namespace("d"), durable=True)
     problem = asyncio.run(durable_problem(settings))
     assert problem is not None and "every master needs a replica" in problem, problem
+
+
+def test_a_cancel_stops_running_tasks_in_their_partition(
+    partitioned: tuple[Settings, int],
+) -> None:
+    """The cancel script publishes on the partition's channel (a cluster broadcasts it
+    to every node); the worker running the group's tasks stops them at once."""
+    settings, count = partitioned
+    slow = replace(settings, delay=Delay(60.0, 60.0), task_timeout=120.0)
+
+    async def scenario() -> None:
+        async with await open_partitions(slow) as partitions:
+            store = partitions.stores[count - 1]
+            gid, _ = await submit(store, [(1, 2), (3, 4)])
+            assert ids.partition_of(gid, count) == count - 1
+            worker = Worker(slow, store)
+            running = asyncio.create_task(worker.run())
+            try:
+                await wait_until(lambda: _running(worker, 2), within=20, what="both runs")
+                outcome = await partitions.of(gid).cancel(gid)
+                assert (outcome.status, outcome.revoked) == ("cancelled", 2)
+                await wait_until(lambda: _running(worker, 0), within=10, what="runs stopped")
+            finally:
+                worker.should_exit = True
+                await asyncio.wait_for(running, 30)
+
+    asyncio.run(scenario())
+
+
+async def _running(worker: Worker, count: int) -> bool:
+    return len(worker.runs) == count
