@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from consumers.runs import Runs
 from sumbatch.outage import Outage, is_transient
@@ -20,17 +21,18 @@ class Cancels:
         self.runs = runs
         self.name = name
 
-    async def watch(self) -> None:
-        """Stop our runs of the tasks a cancel revoked, as its message comes in."""
+    async def watch(self, closing: Callable[[], bool]) -> None:
+        """Stop our runs of the tasks a cancel revoked, as its message comes in; until
+        ``closing()``."""
         outage = Outage(log, f"worker {self.name} cancels")
-        while True:
+        while not closing():
             try:
                 async with self.store.redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.store.keys.cancellations)
                     # Cancels published while we were not subscribed are lost: ask
                     # once about everything we run.
                     await self.stop_ended(list(self.runs))
-                    while True:
+                    while not closing():
                         # A timeout, not a read that blocks forever: a dead connection
                         # is found by the client's health check between reads.
                         message = await pubsub.get_message(

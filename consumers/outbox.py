@@ -37,9 +37,16 @@ class Outbox:
         """Until every outcome put so far is flushed."""
         await self._queue.join()
 
-    async def flush_forever(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
+    async def flush_forever(self, closing: Callable[[], bool]) -> None:
+        """Flush outcomes as they come, until ``closing()``."""
+        while not closing():
+            try:
+                # Bounded, so that the loop sees ``closing`` even if a cancel is lost.
+                async with asyncio.timeout(1.0):
+                    first = await self._queue.get()
+            except TimeoutError:
+                continue
+            batch = [first]
             while len(batch) < BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             # Shielded: a cancelled worker must not leave a batch half-known.

@@ -51,6 +51,8 @@ READ_BLOCK_MS = 1000
 # The period, in seconds, of a worker's tidying: it trims the work stream of entries
 # every worker has acknowledged and forgets dead workers' names.
 TRIM_EVERY = 5.0
+# Seconds a stopping worker gives its helper loops (renewals, cancels, flushing) to end.
+HELPERS_STOP = 1.0
 
 
 def consumer_name() -> str:
@@ -86,6 +88,8 @@ class Worker:
         self.name = name or consumer_name()
         self.read_count = read_count
         self.should_exit = False
+        # Set once the worker is stopping: its helper loops end.
+        self.closing = False
         self.claim_ms = int(settings.claim_timeout * 1000)
         # False: rely on the fence alone, as a worker of an older version does.
         self.watch_cancels = watch_cancels
@@ -131,8 +135,7 @@ class Worker:
             except TimeoutError:
                 await self._hand_back()
         finally:
-            for helper in helpers:
-                helper.cancel()
+            await self._stop_helpers(helpers)
 
     async def _hand_back(self) -> None:
         """Make our unfinished entries claimable at once by any other worker, rather
@@ -154,18 +157,28 @@ class Worker:
                     break
             await self._drain()
         finally:
-            for helper in helpers:
-                helper.cancel()
+            await self._stop_helpers(helpers)
+
+    async def _stop_helpers(self, helpers: list[asyncio.Task[None]]) -> None:
+        """Stop the helper loops. Each also ends on its own once ``closing`` is set: on
+        Python 3.11 a cancellation can be lost inside a redis-py call (its wait_for,
+        CPython gh-86296), and the task then ignores every later cancel, which left a
+        worker that never exited after SIGTERM (asyncio.run waits for every task)."""
+        self.closing = True
+        for helper in helpers:
+            helper.cancel()
+        await asyncio.wait(helpers, timeout=HELPERS_STOP)
 
     def _start_helpers(self) -> list[asyncio.Task[None]]:
         # Renewal and sweeping run beside the blocking read, so a long XREADGROUP
         # BLOCK never delays a renewal past the claim timeout.
         helpers = [
-            asyncio.create_task(self.outbox.flush_forever()),
+            asyncio.create_task(self.outbox.flush_forever(lambda: self.closing)),
             asyncio.create_task(self._keep_claims()),
         ]
         if self.watch_cancels:
-            helpers.append(asyncio.create_task(Cancels(self.store, self.runs, self.name).watch()))
+            cancels = Cancels(self.store, self.runs, self.name)
+            helpers.append(asyncio.create_task(cancels.watch(lambda: self.closing)))
         return helpers
 
     async def _read(self, block_ms: int) -> int:
@@ -187,8 +200,9 @@ class Worker:
         ]
         outages = [Outage(log, f"worker {self.name} {what}") for what, _, _ in steps]
         due = [time.monotonic() + every for _, every, _ in steps]
-        while True:
-            await asyncio.sleep(max(0.0, min(due) - time.monotonic()))
+        while not self.closing:
+            # Never long: the loop must see ``closing`` even if a cancel is lost.
+            await asyncio.sleep(min(HELPERS_STOP, max(0.0, min(due) - time.monotonic())))
             for n, (_, every, step) in enumerate(steps):
                 now = time.monotonic()
                 if now < due[n]:

@@ -256,3 +256,36 @@ def test_a_result_that_is_no_integer_fails_that_task_only(settings: Settings) ->
             await store.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_worker_stops_even_when_a_helper_loses_its_cancellation(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Python 3.11, redis-py's wait_for around each command can swallow a
+    cancellation (CPython gh-86296): the helper loop that made the call goes on as if
+    never cancelled. A worker told to stop must still end, and leave no task behind
+    (asyncio.run would wait for it for ever: a benchmark saw a worker hang on SIGTERM)."""
+
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            worker = Worker(settings, store)
+            real_renew = store.renew
+            renewing = asyncio.Event()
+
+            async def renew_that_loses_a_cancel(*args: object, **kwargs: object) -> list[str]:
+                renewing.set()
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    pass  # swallowed, as that wait_for can: no uncancel, no re-raise
+                return await real_renew(*args, **kwargs)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(store, "renew", renew_that_loses_a_cancel)
+            running = asyncio.create_task(worker.run())
+            await asyncio.wait_for(renewing.wait(), 10)
+            worker.should_exit = True
+            await asyncio.wait_for(running, 10)
+            left = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            assert left == []
+
+    asyncio.run(scenario())
