@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -16,6 +18,28 @@ from sumbatch.embedded import EmbeddedServer, find_cli
 # Every node also listens on port + BUS_OFFSET, for the cluster bus.
 BUS_OFFSET = 10_000
 HIGHEST_PORT = 65_535 - BUS_OFFSET
+
+
+@dataclass(frozen=True)
+class TLS:
+    """TLS for a local cluster: a TLS port per node beside its plain one (which stays,
+    for creating the cluster and for health checks), TLS on the cluster bus, and one
+    certificate that clients are told to trust."""
+
+    ports: list[int]
+    cert: Path
+    key: Path
+
+    def args(self, node: int) -> tuple[str, ...]:
+        return (
+            "--tls-port", str(self.ports[node]),
+            "--tls-cert-file", str(self.cert),
+            "--tls-key-file", str(self.key),
+            "--tls-ca-cert-file", str(self.cert),
+            "--tls-auth-clients", "no",
+            "--tls-cluster", "yes",
+            "--tls-replication", "yes",
+        )  # fmt: skip
 
 
 class LocalCluster:
@@ -29,6 +53,7 @@ class LocalCluster:
         node_timeout_ms: int = 2000,
         binary: str | None = None,
         die_with_parent: bool = False,
+        tls: TLS | None = None,
     ) -> None:
         if len(ports) % (1 + replicas) or not ports:
             raise ValueError(
@@ -39,6 +64,7 @@ class LocalCluster:
             raise ValueError(f"ports {too_high}: a cluster node needs port + {BUS_OFFSET} free too")
         self.replicas = replicas
         self.data_dir = Path(data_dir)
+        self.tls = tls
         self.nodes = [
             EmbeddedServer(
                 self.data_dir / f"node-{port}",
@@ -51,16 +77,21 @@ class LocalCluster:
                     "nodes.conf",
                     "--cluster-node-timeout",
                     str(node_timeout_ms),
-                ),  # fmt: skip
+                    *(tls.args(n) if tls else ()),
+                ),
                 binary=binary,
                 die_with_parent=die_with_parent,
             )
-            for port in ports
+            for n, port in enumerate(ports)
         ]
 
     @property
     def url(self) -> str:
-        """Any node will do: the cluster client finds the others."""
+        """Any node will do: the cluster client finds the others. With TLS, the first
+        node's TLS port, trusting the cluster's certificate."""
+        if self.tls:
+            ca = quote(str(self.tls.cert))
+            return f"rediss://127.0.0.1:{self.tls.ports[0]}?ssl_ca_certs={ca}"
         return f"redis://127.0.0.1:{self.nodes[0].port}"
 
     @property

@@ -27,8 +27,9 @@ from consumers.projector import Projector
 from consumers.worker import Worker
 from sumbatch import ids
 from sumbatch.api import create_app, durable_problem
-from sumbatch.cluster import LocalCluster
+from sumbatch.cluster import TLS, LocalCluster
 from sumbatch.config import ConfigError, Settings
+from sumbatch.embedded import find_server
 from sumbatch.events import GroupFinished, Keys, TaskCompleted, from_fields
 from sumbatch.replay import differences
 from sumbatch.store.partitions import PER_MASTER, Partitions, open_partitions
@@ -45,6 +46,7 @@ from tests.support import (
     group_processed,
     post_group,
     run_sumbatch,
+    self_signed,
     stream_entries,
     submit,
     up_env,
@@ -482,3 +484,42 @@ def test_a_cancel_stops_running_tasks_in_their_partition(
 
 async def _running(worker: Worker, count: int) -> bool:
     return len(worker.runs) == count
+
+
+def test_the_flow_runs_on_a_cluster_over_tls(tmp_path: Path) -> None:
+    """`rediss://` naming one node of a cluster whose nodes speak TLS only to clients
+    on their TLS ports: the cluster client finds the others' TLS ports and trusts the
+    certificate the URL names."""
+    cert, key = self_signed(tmp_path)
+    ports = free_cluster_ports(2 * MASTERS)
+    tls = TLS(ports[MASTERS:], cert, key)
+    cluster = LocalCluster(tmp_path / "cluster", ports[:MASTERS], tls=tls, die_with_parent=True)
+    try:
+        try:
+            cluster.start()
+        except (RuntimeError, TimeoutError) as exc:
+            said = [
+                line
+                for node in cluster.nodes
+                if (node.data_dir / "server.log").exists()
+                for line in (node.data_dir / "server.log").read_text().splitlines()
+                if "TLS" in line
+            ]
+            if said:
+                pytest.skip(f"{find_server()} cannot serve TLS: {said[-1]}")
+            raise AssertionError(f"the cluster did not start: {exc}") from exc
+        settings = Settings(
+            redis_url=cluster.url, namespace=fresh_namespace("s"), delay=Delay(0.0, 0.0)
+        )
+        with TestClient(create_app(settings)) as client:
+            gid = post_group(client, [(1, 2), (3, 4)])["groupTaskId"]
+            consume(settings)
+            status = client.get(f"/grouptasks/{gid}").json()
+        assert (status["grouptaskProcessed"], status["results"]) == (True, [3, 7])
+        # The TLS ports really speak TLS only.
+        plain = redis.Redis(port=tls.ports[0], socket_connect_timeout=2, socket_timeout=2)
+        with pytest.raises((redis.ConnectionError, redis.TimeoutError)):
+            plain.ping()
+        plain.close()
+    finally:
+        cluster.stop()

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import ssl
-import subprocess
 import threading
 import uuid
 from collections import Counter
@@ -29,7 +27,14 @@ from sumbatch.config import Settings
 from sumbatch.embedded import find_server
 from sumbatch.events import GroupFinished, GroupSubmitted, Keys, TaskCompleted, from_fields
 from sumbatch.store.partitions import open_partitions
-from tests.support import appended, entries, free_port, own_server, with_credentials
+from tests.support import (
+    appended,
+    entries,
+    free_port,
+    own_server,
+    self_signed,
+    with_credentials,
+)
 
 TOKEN = "s3cret"
 TASKS = {"tasks": [{"paramA": 1, "paramB": 2}, {"paramA": 3, "paramB": 4}]}
@@ -252,20 +257,6 @@ def test_a_wrong_password_makes_the_api_answer_503(
 
 
 # -- (c) TLS --------------------------------------------------------------------
-
-
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("no openssl CLI to make a certificate with")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return cert, key
 
 
 @contextmanager
