@@ -128,7 +128,24 @@ class Retention:
     log: int = 86_400
 
 
-class StoreBase:
+class OwnsClient:
+    """Holds a client (its connection pool) and closes it: ``aclose()``, or ``async
+    with``."""
+
+    redis: Client
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class StoreBase(OwnsClient):
     """One namespace on one connection pool; each role below adds its steps."""
 
     def __init__(self, redis: Client, keys: Keys, retention: Retention | None = None) -> None:
@@ -156,13 +173,3 @@ class StoreBase:
         scripts/lib.py)."""
         gids = list(dict.fromkeys(group_ids))
         return [key for gid in gids for key in self.keys.of_group(gid)], _json.encode(gids)
-
-    async def aclose(self) -> None:
-        """Close the connection pool."""
-        await self.redis.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()

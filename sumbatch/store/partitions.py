@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator, Sequence
-from typing import Any, Self
+from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
@@ -14,14 +14,14 @@ from sumbatch import ids
 from sumbatch.config import ConfigError, Settings
 from sumbatch.events import Keys
 from sumbatch.store import Retention, Store
-from sumbatch.store.base import Client, connect, is_cluster
+from sumbatch.store.base import Client, OwnsClient, connect, is_cluster
 
 # On a cluster, a new namespace gets this many partitions per master: several, so that
 # load spreads over the masters' cores and a master added later can take some.
 PER_MASTER = 3
 
 
-class Partitions:
+class Partitions(OwnsClient):
     """One store per partition, all on one client (a cluster client on a cluster)."""
 
     def __init__(
@@ -66,15 +66,6 @@ class Partitions:
                 f"0 to {self.count - 1}"
             )
         return [self.stores[p] for p in dict.fromkeys(partitions)]
-
-    async def aclose(self) -> None:
-        await self.redis.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
 
 async def open_partitions(settings: Settings, **options: Any) -> Partitions:
