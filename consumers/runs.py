@@ -9,6 +9,7 @@ import inspect
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any
 
 from consumers.outbox import Outbox
 from sumbatch.config import Settings
@@ -187,50 +188,29 @@ class Runs:
             log.warning("could not log %s for %s: %s", type(event).__name__, event, exc)
 
 
-# What a worker reports about a task, built from the task's submission.
+# What a worker reports about a task, built from the task's submission: each event
+# names the task as the submission does.
+
+
+def _task(item: TaskSubmitted) -> dict[str, Any]:
+    return {"task_id": item.task_id, "group_task_id": item.group_task_id, "index": item.index}
 
 
 def started(item: TaskSubmitted, attempt: int, worker: str) -> TaskStarted:
-    return TaskStarted(
-        task_id=item.task_id,
-        group_task_id=item.group_task_id,
-        index=item.index,
-        attempt=attempt,
-        worker=worker,
-    )
+    return TaskStarted(**_task(item), attempt=attempt, worker=worker)
 
 
 def completed(
     item: TaskSubmitted, result: int, from_cache: bool, attempt: int, worker: str
 ) -> TaskCompleted:
     return TaskCompleted(
-        task_id=item.task_id,
-        group_task_id=item.group_task_id,
-        index=item.index,
-        result=result,
-        from_cache=from_cache,
-        attempt=attempt,
-        worker=worker,
+        **_task(item), result=result, from_cache=from_cache, attempt=attempt, worker=worker
     )
 
 
 def failed(item: TaskSubmitted, attempts: int, error: str, worker: str) -> TaskFailed:
-    return TaskFailed(
-        task_id=item.task_id,
-        group_task_id=item.group_task_id,
-        index=item.index,
-        attempts=attempts,
-        error=error,
-        worker=worker,
-    )
+    return TaskFailed(**_task(item), attempts=attempts, error=error, worker=worker)
 
 
 def retried(item: TaskSubmitted, attempt: int, error: str, wait: float) -> TaskRetried:
-    return TaskRetried(
-        task_id=item.task_id,
-        group_task_id=item.group_task_id,
-        index=item.index,
-        attempt=attempt,
-        error=error,
-        retry_in=round(wait, 3),
-    )
+    return TaskRetried(**_task(item), attempt=attempt, error=error, retry_in=round(wait, 3))
