@@ -19,7 +19,6 @@ from redis.asyncio.cluster import RedisCluster
 
 from sumbatch import ids
 from sumbatch.config import PARENT_PID_ENV, ConfigError, Settings, parse_port, resolve_handler
-from sumbatch.outage import Outage, is_transient
 from sumbatch.running import run_async, when_reachable
 from sumbatch.store import Entry
 from sumbatch.store.partitions import Partitions, open_partitions
@@ -117,35 +116,32 @@ async def _tail(settings: Settings, *, from_start: bool) -> None:
     a Redis restart it reconnects with backoff and goes on after the last id read:
     nothing missed, nothing twice."""
     partitions = await when_reachable("tail", lambda: open_partitions(settings))
-    outage = Outage(log, "tail")
     merge = Merge(partitions.count)
     after: list[str | None] = ["0-0" if from_start else None] * partitions.count
+
+    async def once() -> None:
+        """Read every partition once, print what is complete, wait while idle."""
+        for n, store in enumerate(partitions):
+            if after[n] is None:
+                # A real id rather than "$", so a reconnect cannot skip what was
+                # appended while we were away.
+                after[n] = await store.last_event_id()
+            now_ms, entries = await store.read_since(str(after[n]), TAIL_BATCH)
+            merge.read(n, now_ms, entries, TAIL_BATCH)
+            if entries:
+                after[n] = entries[-1][0]
+        ready = merge.release()
+        for entry in ready:
+            print(_describe(entry), flush=True)
+        if merge.held and not ready:
+            # Held entries wait for a slower partition's clock: ask again soon.
+            await asyncio.sleep(TAIL_IDLE / 10)
+        elif not ready:
+            await _until_more(partitions, after)
+
     try:
         while True:
-            try:
-                for n, store in enumerate(partitions):
-                    if after[n] is None:
-                        # A real id rather than "$", so a reconnect cannot skip what was
-                        # appended while we were away.
-                        after[n] = await store.last_event_id()
-                    now_ms, entries = await store.read_since(str(after[n]), TAIL_BATCH)
-                    merge.read(n, now_ms, entries, TAIL_BATCH)
-                    if entries:
-                        after[n] = entries[-1][0]
-                ready = merge.release()
-                for entry in ready:
-                    print(_describe(entry), flush=True)
-                if merge.held and not ready:
-                    # Held entries wait for a slower partition's clock: ask again soon.
-                    await asyncio.sleep(TAIL_IDLE / 10)
-                elif not ready:
-                    await _until_more(partitions, after)
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                await asyncio.sleep(outage.failed(exc))
-                continue
-            outage.ok()
+            await when_reachable("tail", once)
     finally:
         await partitions.aclose()
 
