@@ -9,13 +9,13 @@ import hashlib
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx2 as httpx
 import pytest
@@ -44,6 +44,7 @@ from tests.support import (
     free_port,
     fresh_namespace,
     group_processed,
+    listening,
     post_group,
     run_sumbatch,
     self_signed,
@@ -55,6 +56,22 @@ from tests.support import (
 )
 
 MASTERS = 3
+
+
+def quick(url: str, prefix: str, **overrides: Any) -> Settings:
+    """Settings for a fresh namespace on ``url``: no delay, a short claim timeout."""
+    fresh = Settings(
+        redis_url=url,
+        namespace=fresh_namespace(prefix),
+        delay=Delay(0.0, 0.0),
+        claim_timeout=2.0,
+        retry_base=0.01,
+    )
+    return replace(fresh, **overrides)
+
+
+def on_cluster(cluster: LocalCluster, prefix: str, **overrides: Any) -> Settings:
+    return quick(cluster.url, prefix, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +90,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 def partitioned(request: pytest.FixtureRequest, redis_url: str) -> Iterator[tuple[Settings, int]]:
     """Settings for a fresh namespace with several partitions, and how many: on the
     cluster, the default for a new namespace; on one server, 3 asked for."""
-    namespace = fresh_namespace("p")
-    base = Settings(namespace=namespace, delay=Delay(0.0, 0.0), claim_timeout=2.0, retry_base=0.01)
     if request.param == "cluster":
         cluster: LocalCluster = request.getfixturevalue("cluster")
-        yield replace(base, redis_url=cluster.url), PER_MASTER * MASTERS
+        yield on_cluster(cluster, "p"), PER_MASTER * MASTERS
         return
-    yield replace(base, redis_url=redis_url, partitions=3), 3
-    drop_namespace(redis_url, namespace, partitions=3)
+    settings = quick(redis_url, "p", partitions=3)
+    yield settings, 3
+    drop_namespace(redis_url, settings.namespace, partitions=3)
 
 
 async def run_consumers_until_idle(partitions: Partitions, settings: Settings) -> None:
@@ -125,9 +141,7 @@ def test_groups_flow_through_every_partition(partitioned: tuple[Settings, int]) 
 
 
 def test_the_keys_of_a_run_land_on_every_master(cluster: LocalCluster) -> None:
-    settings = Settings(
-        redis_url=cluster.url, namespace=fresh_namespace("k"), delay=Delay(0.0, 0.0)
-    )
+    settings = on_cluster(cluster, "k")
     with TestClient(create_app(settings)) as client:
         for n in range(30):
             post_group(client, [(n, n)])
@@ -192,13 +206,7 @@ def test_a_namespace_keeps_its_number_of_partitions(partitioned: tuple[Settings,
 def test_kill_9_of_workers_and_the_projector_on_a_cluster_loses_and_doubles_nothing(
     cluster: LocalCluster, procs: Processes
 ) -> None:
-    settings = Settings(
-        redis_url=cluster.url,
-        namespace=fresh_namespace("f"),
-        delay=Delay(0.05, 0.3),
-        claim_timeout=2.0,
-        retry_base=0.01,
-    )
+    settings = on_cluster(cluster, "f", delay=Delay(0.05, 0.3))
     workers = [procs.start(settings, "worker") for _ in range(2)]
     projector = procs.start(settings, "projector")
     groups: dict[str, list[int]] = {}
@@ -321,19 +329,11 @@ def test_up_with_a_local_cluster_runs_the_example_and_stops_clean(tmp_path: Path
         os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in its terminal does
         assert up.wait(60) == 0, log.read_text()
         assert "Traceback" not in log.read_text()
-        assert not any(_listening(first + n) for n in range(MASTERS))
+        assert not any(listening(first + n) for n in range(MASTERS))
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
             up.wait(10)
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 @pytest.mark.parametrize("durable", [False, True], ids=["default", "durable"])
@@ -351,14 +351,7 @@ def test_a_master_killed_under_load_fails_over_losing_only_unreplicated_writes(
     )
     try:
         cluster.start()
-        settings = Settings(
-            redis_url=cluster.url,
-            namespace=fresh_namespace("o"),
-            delay=Delay(0.0, 0.05),
-            claim_timeout=2.0,
-            retry_base=0.01,
-            durable=durable,
-        )
+        settings = on_cluster(cluster, "o", delay=Delay(0.0, 0.05), durable=durable)
         for _ in range(2):
             procs.start(settings, "worker")
         procs.start(settings, "projector")
@@ -450,7 +443,7 @@ def _replicas_caught_up(cluster: LocalCluster, master: int) -> float:
 
 
 def test_durable_mode_on_a_cluster_needs_a_replica_on_every_master(cluster: LocalCluster) -> None:
-    settings = Settings(redis_url=cluster.url, namespace=fresh_namespace("d"), durable=True)
+    settings = on_cluster(cluster, "d", durable=True)
     problem = asyncio.run(durable_problem(settings))
     assert problem is not None and "every master needs a replica" in problem, problem
 
@@ -508,9 +501,7 @@ def test_the_flow_runs_on_a_cluster_over_tls(tmp_path: Path) -> None:
             if said:
                 pytest.skip(f"{find_server()} cannot serve TLS: {said[-1]}")
             raise AssertionError(f"the cluster did not start: {exc}") from exc
-        settings = Settings(
-            redis_url=cluster.url, namespace=fresh_namespace("s"), delay=Delay(0.0, 0.0)
-        )
+        settings = on_cluster(cluster, "s")
         with TestClient(create_app(settings)) as client:
             gid = post_group(client, [(1, 2), (3, 4)])["groupTaskId"]
             consume(settings)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from tests.support import (
     entries,
     free_port,
     group_processed,
+    listening,
     own_server,
     run_sumbatch,
     up_env,
@@ -181,14 +181,6 @@ def running_up(
         process.wait(10)
 
 
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
 def test_up_logs_which_server_it_runs_and_why(tmp_path: Path) -> None:
     with running_up(tmp_path, "--workers", "1") as up:
         said = up.output()
@@ -288,7 +280,7 @@ def test_a_killed_up_leaves_no_orphans(tmp_path: Path) -> None:
             return not any(alive(pid) for pid in family)
 
         wait_until_sync(all_gone, timeout=15, what="every child of the killed up to exit")
-        assert not _listening(up.api_port) and not _listening(up.redis_port)
+        assert not listening(up.api_port) and not listening(up.redis_port)
 
 
 def test_a_child_that_keeps_dying_at_start_stops_up_with_one_message(tmp_path: Path) -> None:
