@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from sumbatch import ids
 from sumbatch.api import create_app, durable_problem
 from sumbatch.cluster import TLS, LocalCluster
 from sumbatch.config import ConfigError, Settings
-from sumbatch.embedded import find_server
+from sumbatch.embedded import EmbeddedServer, find_cli, find_server
 from sumbatch.events import GroupFinished, Keys, TaskCompleted, from_fields
 from sumbatch.replay import differences
 from sumbatch.store.partitions import PER_MASTER, Partitions, open_partitions
@@ -54,6 +55,7 @@ from tests.support import (
     wait_until,
     wait_until_sync,
 )
+from tests.test_compose import REDIS_CONF_MOUNT, _command, _interpolate, _service
 
 MASTERS = 3
 
@@ -334,6 +336,70 @@ def test_up_with_a_local_cluster_runs_the_example_and_stops_clean(tmp_path: Path
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
             up.wait(10)
+
+
+def _compose_node_args(service: str) -> tuple[str, ...]:
+    """A cluster node's redis-server arguments from compose.yaml, as compose would pass
+    them with no variable set, announcing this host instead of the service's name."""
+    words = shlex.split(_interpolate(" ".join(_command(_service(service))), {}))
+    assert words[:2] == ["redis-server", REDIS_CONF_MOUNT], words
+    args = words[2:]
+    announced = args.index("--cluster-announce-hostname") + 1
+    assert args[announced] == service
+    args[announced] = "localhost"
+    return tuple(args)
+
+
+def _cluster_init(nodes: list[EmbeddedServer]) -> str:
+    script = Path(__file__).resolve().parents[1] / "ops" / "cluster-init.sh"
+    done = subprocess.run(
+        ["sh", str(script), *(f"localhost:{node.port}" for node in nodes)],
+        env={**os.environ, "REDIS_CLI": find_cli() or "redis-cli"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_the_compose_cluster_profile_forms_a_cluster_the_service_runs_on(
+    tmp_path: Path,
+) -> None:
+    """compose.yaml's cluster profile without Docker: its three nodes' arguments and its
+    cluster-init script, with this suite's server binary. The script forms the cluster,
+    clients are pointed at the announced host name, a group flows, and after every node
+    restarts the script finds the cluster formed, and the group is still there."""
+    services = ["cluster-redis-0", "cluster-redis-1", "cluster-redis-2"]
+    nodes = [
+        EmbeddedServer(tmp_path / service, port, extra_args=_compose_node_args(service))
+        for service, port in zip(services, free_cluster_ports(len(services)), strict=True)
+    ]
+    try:
+        for node in nodes:
+            node.start()
+        assert "creating a cluster of 3 masters" in _cluster_init(nodes)
+        raw = redis.Redis(port=nodes[0].port, decode_responses=True)
+        try:
+            endpoints = {shard[2][0] for shard in raw.execute_command("CLUSTER", "SLOTS")}  # type: ignore[no-untyped-call]
+        finally:
+            raw.close()
+        assert endpoints == {"localhost"}, endpoints
+        settings = quick(f"redis://localhost:{nodes[0].port}/0", "compose")
+        pairs = [(1, 5), (9, 10), (12, 13), (8, 1)]
+        with TestClient(create_app(settings)) as client:
+            gid = post_group(client, pairs)["groupTaskId"]
+            consume(settings)
+            assert client.get(f"/grouptasks/{gid}").json()["results"] == [6, 19, 25, 9]
+        for node in nodes:
+            node.stop()
+        for node in nodes:
+            node.start()
+        assert "formed before" in _cluster_init(nodes)
+        with TestClient(create_app(settings)) as client:
+            status = client.get(f"/grouptasks/{gid}").json()
+            assert (status["grouptaskProcessed"], status["results"]) == (True, [6, 19, 25, 9])
+    finally:
+        for node in nodes:
+            node.stop()
 
 
 @pytest.mark.parametrize("durable", [False, True], ids=["default", "durable"])

@@ -1,4 +1,5 @@
-"""Static checks of compose.yaml and ops/ (no Docker engine needed)."""
+"""Static checks of compose.yaml and ops/ (no Docker engine needed). The cluster
+profile's nodes and init script also run for real, in tests/test_cluster.py."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ REDIS_CONF_MOUNT = "/usr/local/etc/redis/redis.conf"
 
 # service name -> the sumbatch subcommand it must run
 APP_SERVICES = {"api": "api", "projector": "projector", "worker": "worker"}
+# the same, in the `cluster` profile, on a 3-master cluster of these nodes
+CLUSTER_APP_SERVICES = {f"cluster-{name}": command for name, command in APP_SERVICES.items()}
+CLUSTER_NODES = ["cluster-redis-0", "cluster-redis-1", "cluster-redis-2"]
+EVERY_APP_SERVICE = {**APP_SERVICES, **CLUSTER_APP_SERVICES}
 
 
 @cache
@@ -84,17 +89,18 @@ def _cli_subcommands(help_text: str) -> set[str]:
 
 def test_expected_services_exist() -> None:
     services = _compose().get("services") or {}
-    missing = {"redis", *APP_SERVICES} - set(services)
+    missing = {"redis", *EVERY_APP_SERVICE, *CLUSTER_NODES, "cluster-init"} - set(services)
     assert not missing, f"compose.yaml lacks services: {sorted(missing)}"
 
 
-def test_worker_is_scalable() -> None:
-    worker = _service("worker")
+@pytest.mark.parametrize("name", ["worker", "cluster-worker"])
+def test_worker_is_scalable(name: str) -> None:
+    worker = _service(name)
     assert "container_name" not in worker, "container_name blocks --scale worker=N"
     assert not worker.get("ports"), "published ports would clash under --scale worker=N"
 
 
-@pytest.mark.parametrize("name", sorted(APP_SERVICES))
+@pytest.mark.parametrize("name", sorted(EVERY_APP_SERVICE))
 def test_app_service_builds_from_ops_dockerfile(name: str) -> None:
     build = _service(name).get("build")
     assert isinstance(build, dict), f"{name} has no build mapping"
@@ -103,7 +109,7 @@ def test_app_service_builds_from_ops_dockerfile(name: str) -> None:
     assert (ROOT / build["context"] / build["dockerfile"]).is_file()
 
 
-@pytest.mark.parametrize(("name", "subcommand"), sorted(APP_SERVICES.items()))
+@pytest.mark.parametrize(("name", "subcommand"), sorted(EVERY_APP_SERVICE.items()))
 def test_app_service_runs_real_entry_point(name: str, subcommand: str) -> None:
     command = _command(_service(name))
     assert command[:2] == ["sumbatch", subcommand], f"{name} runs {command!r}"
@@ -120,6 +126,35 @@ def test_app_service_redis_url_points_at_redis_service(name: str) -> None:
     assert parts.scheme in {"redis", "rediss"}, f"{name} REDIS_URL scheme: {url}"
     assert parts.hostname == "redis", f"{name} REDIS_URL host is not the redis service: {url}"
     assert parts.port in {None, 6379}, f"{name} REDIS_URL port: {url}"
+
+
+def test_the_cluster_profile_is_a_stack_of_its_own() -> None:
+    """Nothing of it starts with a plain `docker compose up`, and nothing of it uses
+    the single-server Redis: its app services name a node of its cluster and start
+    once cluster-init has formed it, and its api is published on a port of its own."""
+    for name in [*CLUSTER_APP_SERVICES, *CLUSTER_NODES, "cluster-init"]:
+        assert _service(name).get("profiles") == ["cluster"], name
+    for name in [*APP_SERVICES, "redis"]:
+        assert "profiles" not in _service(name), f"{name} would not start by default"
+    init = _command(_service("cluster-init"))
+    assert init[:2] == ["sh", "/cluster-init.sh"] and init[2:] == [
+        f"{node}:6379" for node in CLUSTER_NODES
+    ], init
+    assert "./ops/cluster-init.sh:/cluster-init.sh:ro" in _service("cluster-init")["volumes"]
+    assert (ROOT / "ops" / "cluster-init.sh").is_file()
+    for name in CLUSTER_APP_SERVICES:
+        service = _service(name)
+        url = urlsplit(_environment(service)["REDIS_URL"] or "")
+        assert (url.hostname, url.port) == ("cluster-redis-0", 6379), f"{name}: {url}"
+        assert service["depends_on"] == {
+            "cluster-init": {"condition": "service_completed_successfully"}
+        }, name
+    for node in CLUSTER_NODES:
+        command = _command(_service(node))
+        assert command[command.index("--cluster-announce-hostname") + 1] == node
+        assert f"{node}:/data" in _service(node)["volumes"], f"{node} keeps no AOF"
+    published = {_interpolate(_service(name)["ports"][0], {}) for name in ("api", "cluster-api")}
+    assert published == {"0.0.0.0:5000:5000", "0.0.0.0:5001:5000"}
 
 
 def test_redis_mounts_config_with_aof() -> None:
@@ -220,7 +255,7 @@ def test_the_recording_environment_sees_what_settings_read() -> None:
     assert all(name == "REDIS_URL" or name.startswith("SUMBATCH_") for name in read), read
 
 
-@pytest.mark.parametrize("name", sorted(APP_SERVICES))
+@pytest.mark.parametrize("name", sorted(EVERY_APP_SERVICE))
 def test_every_setting_reaches_each_app_service(name: str) -> None:
     env = _environment(_service(name))
     missing = sorted(_passed_on() - set(env))
@@ -233,8 +268,14 @@ def test_every_setting_reaches_each_app_service(name: str) -> None:
 
 
 def test_app_services_share_one_environment() -> None:
-    environments = {name: _environment(_service(name)) for name in APP_SERVICES}
-    assert len({tuple(sorted(env.items())) for env in environments.values()}) == 1, environments
+    """One environment in each stack, and the two differ only in their Redis."""
+    for stack in (APP_SERVICES, CLUSTER_APP_SERVICES):
+        environments = {name: _environment(_service(name)) for name in stack}
+        assert len({tuple(sorted(env.items())) for env in environments.values()}) == 1, stack
+    single, cluster = (_environment(_service(name)) for name in ("api", "cluster-api"))
+    assert {k for k in single.keys() | cluster.keys() if single.get(k) != cluster.get(k)} == {
+        "REDIS_URL"
+    }
 
 
 @pytest.mark.parametrize("variable", sorted(COMPOSE_OWNS))
@@ -243,7 +284,7 @@ def test_settings_compose_owns_are_used_where_it_says(variable: str) -> None:
     assert "${" + variable in yaml.safe_dump(_service(service).get(key)), (
         f"{variable} is not used in {service}.{key}"
     )
-    for name in APP_SERVICES:
+    for name in EVERY_APP_SERVICE:
         assert variable not in _environment(_service(name)), f"{name} gets {variable} too"
 
 
