@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sumbatch import ids
+from sumbatch import dashboard, ids, metrics
 from sumbatch.config import Settings
 from sumbatch.openapi import openapi_schema
 from sumbatch.outage import is_transient
@@ -287,8 +287,11 @@ def create_app(settings: Settings) -> Starlette:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
     )
+    metrics.install(app, settings)
+    dashboard.install(app)
+    return app
