@@ -24,9 +24,11 @@ from starlette.routing import Route
 
 from sumbatch import dashboard, ids, metrics
 from sumbatch.config import Settings
+from sumbatch.live import Live, sse, waiting
+from sumbatch.live import routes as live_routes
 from sumbatch.openapi import openapi_schema
 from sumbatch.outage import is_transient
-from sumbatch.projection import GroupView
+from sumbatch.projection import TERMINAL, GroupView
 from sumbatch.responses import EXCEPTION_HANDLERS, JSONResponse, error
 from sumbatch.store import CancelOutcome, NotDurable
 from sumbatch.store.partitions import LazyPartitions, Partitions, open_partitions
@@ -187,19 +189,55 @@ async def group(request: Request) -> Response:
 
 
 async def get_group(request: Request) -> Response:
+    try:
+        wait = sse.parse_wait(request.query_params.get("wait"))
+    except ValueError:
+        return _bad_wait()
     gid = ids.parse_uuid(request.path_params["group_task_id"])
-    view = None if gid is None else await (await _partitions(request)).of(gid).group_summary(gid)
+    view = None
+    if gid is not None:
+        partitions = await _partitions(request)
+        store = partitions.of(gid)
+        view = await store.group_summary(gid)
+        if view is not None and not view.processed and wait > 0:
+            live: Live = request.state.live
+            if not live.closing and live.waiters.take():
+                try:
+                    feed = await live.ready(list(partitions))
+                    view = await waiting.group_processed(store, feed, gid, wait)
+                finally:
+                    live.waiters.give()
     if view is None:
         return error(404, "no such groupTaskId")
     return JSONResponse(GroupStatus.of(view))
 
 
 async def get_task(request: Request) -> Response:
+    try:
+        wait = sse.parse_wait(request.query_params.get("wait"))
+    except ValueError:
+        return _bad_wait()
     tid = ids.parse_uuid(request.path_params["task_id"])
-    view = None if tid is None else await (await _partitions(request)).of(tid).task_view(tid)
+    view = None
+    if tid is not None:
+        partitions = await _partitions(request)
+        store = partitions.of(tid)
+        view = await store.task_view(tid)
+        if view is not None and view.state not in TERMINAL and wait > 0:
+            live: Live = request.state.live
+            if not live.closing and live.waiters.take():
+                try:
+                    feed = await live.ready(list(partitions))
+                    view = await waiting.task_ended(store, feed, tid, wait)
+                finally:
+                    live.waiters.give()
     if view is None:
         return error(404, "no such taskId")
     return JSONResponse(TaskStatus.of(view))
+
+
+def _bad_wait() -> Response:
+    return error(422, f"wait must be a number of seconds from 0 to {sse.MAX_WAIT:g}")
 
 
 async def healthz(request: Request) -> Response:
@@ -248,6 +286,8 @@ async def _partitions(request: Request) -> Partitions:
 
 
 def create_app(settings: Settings) -> Starlette:
+    live = Live(settings)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         lazy = LazyPartitions(
@@ -275,13 +315,17 @@ def create_app(settings: Settings) -> Starlette:
                 "settings": settings,
                 "partitions": lazy,
                 "openapi": _encoder.encode(openapi_schema(settings)),
+                "live": live,
             }
         finally:
+            await live.close()
             await lazy.aclose()
 
     routes = [
         Route("/grouptasks", create_group, methods=["POST"]),
         Route("/grouptasks/{group_task_id}", group, methods=["GET", "DELETE"]),
+        Route("/grouptasks/{group_task_id}/events", live_routes.group_events, methods=["GET"]),
+        Route("/events", live_routes.log_events, methods=["GET"]),
         Route("/tasks/{task_id}", get_task, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
@@ -292,6 +336,8 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
     )
+    # For the server: streams end and waits answer as soon as it starts to stop.
+    app.state.live = live
     metrics.install(app, settings)
     dashboard.install(app)
     return app

@@ -69,6 +69,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Seconds a request's head may take to arrive, and a body may pause (then 408).
     header_timeout: float = 10.0
     body_timeout: float = 10.0
+    # Requests waiting at once on ?wait= (past it, the current status at once), event
+    # streams open at once (past it, 503), and seconds between a stream's heartbeats.
+    max_waiters: int = 1000
+    max_streams: int = 100
+    heartbeat: float = 15.0
 
     @property
     def client_url(self) -> str:
@@ -243,4 +248,7 @@ VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "log_level": ("SUMBATCH_LOG_LEVEL", _log_level),
     "header_timeout": ("SUMBATCH_HEADER_TIMEOUT", _positive_float),
     "body_timeout": ("SUMBATCH_BODY_TIMEOUT", _positive_float),
+    "max_waiters": ("SUMBATCH_MAX_WAITERS", _at_least(0)),
+    "max_streams": ("SUMBATCH_MAX_STREAMS", _at_least(0)),
+    "heartbeat": ("SUMBATCH_SSE_HEARTBEAT", _positive_float),
 }

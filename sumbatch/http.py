@@ -24,7 +24,8 @@ still sending gets the answer rather than a connection reset."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -217,6 +218,31 @@ def config(app: ASGIApp, host: str, port: int, limits: Limits, log_level: str) -
     )
 
 
-def serve(app: ASGIApp, host: str, port: int, settings: Settings) -> None:
-    """Serve ``app`` until SIGINT/SIGTERM, as ``sumbatch api`` does."""
-    uvicorn.Server(config(app, host, port, Limits.of(settings), settings.log_level)).run()
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the app when it starts to stop: uvicorn waits for every
+    open response to end before the app's lifespan hears of it, and an event stream
+    or a long-poll would otherwise hold the shutdown."""
+
+    def __init__(self, config: uvicorn.Config, stopping: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self.stopping = stopping
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self.stopping()
+        await super().shutdown(sockets)
+
+
+def serve(
+    app: ASGIApp,
+    host: str,
+    port: int,
+    settings: Settings,
+    stopping: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serve ``app`` until SIGINT/SIGTERM, as ``sumbatch api`` does; ``stopping`` is
+    awaited as the server starts to stop."""
+    server_config = config(app, host, port, Limits.of(settings), settings.log_level)
+    if stopping is None:
+        uvicorn.Server(server_config).run()
+    else:
+        _Server(server_config, stopping).run()

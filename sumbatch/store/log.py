@@ -59,8 +59,35 @@ class EventLog(StoreBase):
         last = cast(list[Entry], await self.redis.xrevrange(self.keys.events, count=1))
         return last[0][0] if last else "0-0"
 
-    async def group_history(self, group_task_id: str) -> list[Entry]:
-        return cast(list[Entry], await self.redis.xrange(self.keys.group_log(group_task_id)))
+    async def group_history(
+        self, group_task_id: str, after: str | None = None, count: int | None = None
+    ) -> list[Entry]:
+        """A group's own log, from its start or after an entry id (exclusive)."""
+        start = "-" if after is None else f"({after}"
+        return cast(
+            list[Entry],
+            await self.redis.xrange(self.keys.group_log(group_task_id), start, "+", count),
+        )
+
+    async def events_after(self, after: str, count: int) -> list[Entry]:
+        """The log's entries after an entry id (exclusive), oldest first."""
+        return cast(list[Entry], await self.redis.xrange(self.keys.events, f"({after}", "+", count))
+
+    async def group_finished_logged(self, group_task_id: str) -> bool:
+        """Whether the group's log ends with GroupFinished: its last task has ended,
+        whether or not the projector has folded that in yet."""
+        last = cast(
+            list[Entry], await self.redis.xrevrange(self.keys.group_log(group_task_id), count=1)
+        )
+        return bool(last) and last[0][1].get("type") == "GroupFinished"
+
+    async def task_ended(self, task_id: str) -> bool:
+        """Whether the task's bit in the completion fence is set: it has ended, whether
+        or not the projector has folded that in yet."""
+        where = ids.split_task_id(task_id)
+        if where is None:
+            return False
+        return bool(await self.redis.getbit(self.keys.ended(where[0]), where[1]))
 
     async def position(self) -> str | None:
         return cast(str | None, await self.redis.get(self.keys.projector_position))
