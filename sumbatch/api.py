@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sumbatch import dashboard, ids, metrics
+from sumbatch import dashboard, docs, ids, metrics
 from sumbatch.config import Settings
 from sumbatch.live import Live, sse, waiting
 from sumbatch.live import routes as live_routes
@@ -340,4 +340,5 @@ def create_app(settings: Settings) -> Starlette:
     app.state.live = live
     metrics.install(app, settings)
     dashboard.install(app)
+    docs.install(app)
     return app

@@ -45,10 +45,36 @@ def _answer(description: str, name: str) -> dict[str, Any]:
     return {"description": description, "content": _json(name)}
 
 
+def _assets(summary: str, example: str) -> dict[str, Any]:
+    """Static files served from a package directory."""
+    return {
+        "parameters": [
+            {
+                "name": "path",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string"},
+                "example": example,
+            }
+        ],
+        "get": {
+            "summary": summary,
+            "responses": {
+                "200": {
+                    "description": "the asset",
+                    "content": {"*/*": {"schema": {"type": "string"}}},
+                },
+                "404": {"description": "no such asset"},
+            },
+        },
+    }
+
+
 def openapi_schema(settings: Settings) -> dict[str, Any]:
     # Imported here, not at the top: api imports this module while it loads, so a
     # top-level import of api would find it half-initialised whichever loads first.
     from sumbatch.api import MAX_IDEMPOTENCY_KEY
+    from sumbatch.live.sse import MAX_WAIT
 
     _, components = msgspec.json.schema_components(
         [GroupIn, GroupCreated, GroupStatus, TaskStatus, Cancelled, ErrorBody], ref_template=_REF
@@ -93,6 +119,21 @@ def openapi_schema(settings: Settings) -> dict[str, Any]:
             ("422", "JSON of the wrong shape, or an Idempotency-Key reused with another body"),
         ]
     }
+    wait_param = {
+        "name": "wait",
+        "in": "query",
+        "required": False,
+        "description": "long-poll: answer as soon as this has ended, or after this many "
+        "seconds with the current status",
+        "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT},
+    }
+    bad_wait = _answer(f"wait is not a number of seconds from 0 to {MAX_WAIT:g}", "ErrorBody")
+    event_stream = {
+        "description": "server-sent events: `id` the log entry id, `event` the event type, "
+        "`data` the event as JSON; `: keepalive` comments while nothing happens",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+    html = {"content": {"text/html": {"schema": {"type": "string"}}}}
     errors["503"] = {
         **_answer(
             "storage unavailable or refusing for now (or, in durable mode, a write not "
@@ -156,9 +197,12 @@ def openapi_schema(settings: Settings) -> dict[str, Any]:
                 "parameters": [{"name": "groupTaskId", **uuid_param}],
                 "get": {
                     "summary": "Status and results of a group",
+                    "parameters": [wait_param],
                     "responses": {
                         "200": _answer("the group", "GroupStatus"),
-                        **pick("404", "503"),
+                        **pick("404"),
+                        "422": bad_wait,
+                        **pick("503"),
                     },
                 },
                 "delete": {
@@ -174,12 +218,120 @@ def openapi_schema(settings: Settings) -> dict[str, Any]:
                 "parameters": [{"name": "taskId", **uuid_param}],
                 "get": {
                     "summary": "Status and result of one task",
+                    "parameters": [wait_param],
                     "responses": {
                         "200": _answer("the task", "TaskStatus"),
+                        **pick("404"),
+                        "422": bad_wait,
+                        **pick("503"),
+                    },
+                },
+            },
+            "/grouptasks/{groupTaskId}/events": {
+                "parameters": [{"name": "groupTaskId", **uuid_param}],
+                "get": {
+                    "summary": "A group's events: its history, then live; ends after GroupFinished",
+                    "parameters": [
+                        {
+                            "name": "Last-Event-ID",
+                            "in": "header",
+                            "required": False,
+                            "description": "resume after this entry id",
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": event_stream,
+                        "400": _answer("Last-Event-ID is not an entry id", "ErrorBody"),
                         **pick("404", "503"),
                     },
                 },
             },
+            "/events": {
+                "get": {
+                    "summary": "Every group's events: from a point of the log, then live",
+                    "parameters": [
+                        {
+                            "name": "from",
+                            "in": "query",
+                            "required": False,
+                            "description": "an entry id or a time in ms to start after "
+                            "(0: everything kept); omitted or $: only new events. "
+                            "Last-Event-ID overrides it.",
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": event_stream,
+                        "422": _answer("from is not an entry id, a time or $", "ErrorBody"),
+                        **pick("503"),
+                    },
+                }
+            },
+            "/docs": {
+                "get": {
+                    "summary": "This document, rendered (Swagger UI, served offline)",
+                    "responses": {"200": {"description": "the page", **html}},
+                }
+            },
+            "/docs/static/{path}": _assets("Swagger UI's assets", "swagger-ui.css"),
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics: the service's counters and histograms "
+                    "(kept in Redis), its streams and workers read at scrape time, and "
+                    "this process's request latency; with Redis away, sumbatch_redis_up 0",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text exposition format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/system": {
+                "get": {
+                    "summary": "An overview as JSON: counters, work-stream lag and pending, "
+                    "projector lag, dead letters, workers, Redis memory",
+                    "responses": {
+                        "200": {
+                            "description": "the overview",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                        **pick("503"),
+                    },
+                }
+            },
+            "/": {
+                "get": {
+                    "summary": "To the dashboard",
+                    "responses": {
+                        "307": {
+                            "description": "to /dashboard",
+                            "headers": {
+                                "Location": {"required": True, "schema": {"type": "string"}}
+                            },
+                        }
+                    },
+                }
+            },
+            "/dashboard": {
+                "get": {
+                    "summary": "The dashboard: groups in flight, throughput, workers, the "
+                    "live event log",
+                    "responses": {"200": {"description": "the page", **html}},
+                }
+            },
+            "/dashboard/groups/{groupTaskId}": {
+                "parameters": [{"name": "groupTaskId", **uuid_param}],
+                "get": {
+                    "summary": "A group's page: its tasks, its audit trail, a cancel button",
+                    "responses": {
+                        "200": {"description": "the page", **html},
+                        "404": _answer("not a group id", "ErrorBody"),
+                    },
+                },
+            },
+            "/dashboard/static/{path}": _assets("The dashboard's assets", "dashboard.css"),
             "/healthz": {
                 "get": {
                     "summary": "Liveness: answers while the process lives; touches no storage",
