@@ -203,7 +203,7 @@ async def get_group(request: Request) -> Response:
             live: Live = request.state.live
             if not live.closing and live.waiters.take():
                 try:
-                    feed = await live.ready(list(partitions))
+                    feed = live.feed(list(partitions))
                     view = await waiting.group_processed(store, feed, gid, wait)
                 finally:
                     live.waiters.give()
@@ -227,7 +227,7 @@ async def get_task(request: Request) -> Response:
             live: Live = request.state.live
             if not live.closing and live.waiters.take():
                 try:
-                    feed = await live.ready(list(partitions))
+                    feed = live.feed(list(partitions))
                     view = await waiting.task_ended(store, feed, tid, wait)
                 finally:
                     live.waiters.give()

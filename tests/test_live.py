@@ -3,6 +3,7 @@ with a real HTTP client."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import threading
@@ -16,11 +17,16 @@ import pytest
 import redis
 from msgspec.structs import replace
 
+from consumers.worker import Worker
 from sumbatch import ids
 from sumbatch.config import Settings
 from sumbatch.events import Keys
+from sumbatch.live import streams
+from sumbatch.live.feed import Feed, FeedEntry, Interrupted, Listener
 from sumbatch.live.sse import parse_entry_id, parse_wait
+from sumbatch.store import Store
 from sumbatch.tasks import Delay
+from sumbatch.testing import submit, wait_until
 from tests.support import (
     Processes,
     answers_200,
@@ -29,6 +35,7 @@ from tests.support import (
     entries,
     env_for,
     free_port,
+    run_with_store,
     wait_until_sync,
 )
 
@@ -179,6 +186,75 @@ def test_wait_and_entry_ids_are_parsed_strictly() -> None:
     for bad in ["$", "-", "1-2-3", "abc", "1 2", "", "+"]:
         with pytest.raises(ValueError):
             parse_entry_id(bad)
+
+
+# -- the feed ------------------------------------------------------------------------
+
+
+def test_the_feed_reads_only_while_someone_listens_and_misses_nothing_when_it_starts_again(
+    settings: Settings,
+) -> None:
+    async def scenario(store: Store) -> None:
+        feed = Feed([store], linger=0.2)
+        assert not feed.running
+        async with feed.listen(None) as everything:
+            assert feed.running
+            first, _ = await submit(store, [(1, 2)])
+            entry = await everything.next(10)
+            assert entry is not None and entry.fields["groupTaskId"] == first
+        # Nobody listens: after its linger the feed stops reading.
+        await wait_until(lambda: _true(not feed.running), within=10, what="the feed to stop")
+        async with feed.listen(None) as again:
+            assert feed.running
+            second, _ = await submit(store, [(3, 4)])
+            entry = await again.next(10)
+            assert entry is not None and entry.fields["groupTaskId"] == second
+        await feed.close()
+        assert not feed.running or all(r.done() for r in feed._readers)
+
+    run_with_store(settings, scenario)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def test_a_listener_that_falls_behind_says_so_after_what_it_holds() -> None:
+    async def scenario() -> None:
+        listener = Listener(None, limit=3)
+        for n in range(5):
+            listener.offer(FeedEntry(0, f"{n + 1}-0", {}))
+        assert listener.overflowed
+        held = [await listener.next(1) for _ in range(3)]
+        assert [e.entry_id for e in held if e is not None] == ["1-0", "2-0", "3-0"]
+        with pytest.raises(Interrupted):
+            await listener.next(1)
+
+    asyncio.run(scenario())
+
+
+def test_a_groups_stream_that_falls_behind_catches_up_from_the_log(settings: Settings) -> None:
+    """A listener that holds 2 entries, and a group whose 6 tasks end while the stream
+    is not read: the stream still sends every event once, in order, then ends."""
+
+    async def scenario(store: Store) -> None:
+        feed = Feed([store], listener_limit=2)
+        gid, _ = await submit(store, [(n, n) for n in range(6)])
+        body = streams.group_events(store, feed, gid, None, heartbeat=5)
+        sent = [await anext(body), await anext(body)]  # the opening, GroupSubmitted
+        # Registered and reading: now the tasks end, with nobody taking the entries.
+        await wait_until(lambda: _true(feed.running), within=5, what="the feed")
+        await Worker(settings, store).run_until_idle()
+        async for chunk in body:
+            sent.append(chunk)
+        await feed.close()
+        text = b"".join(sent).decode()
+        got = [line.removeprefix("id: ") for line in text.splitlines() if line.startswith("id: ")]
+        logged = [eid for eid, _ in await store.group_history(gid)]
+        assert got == logged
+        assert text.count("event: TaskCompleted") == 6 and "event: GroupFinished" in text
+
+    run_with_store(settings, scenario)
 
 
 # -- long-poll -------------------------------------------------------------------------

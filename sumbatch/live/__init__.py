@@ -29,21 +29,22 @@ class Live:
     """What the live endpoints of one API process share."""
 
     def __init__(self, settings: Settings) -> None:
-        self.feed = Feed()
+        self._feed: Feed | None = None
         self.waiters = Slots(settings.max_waiters)
         self.streams = Slots(settings.max_streams)
         self.heartbeat = settings.heartbeat
+        self.closing = False
 
-    @property
-    def closing(self) -> bool:
-        return self.feed.closed
-
-    async def ready(self, stores: list[Store]) -> Feed:
-        """The feed, following every partition (started on first use: Redis may have
-        been away when the API started)."""
-        await self.feed.start(stores)
-        return self.feed
+    def feed(self, stores: list[Store]) -> Feed:
+        """The feed of these partitions' logs (made on first use: the partitions are
+        known once Redis has answered)."""
+        if self._feed is None:
+            self._feed = Feed(stores)
+            self._feed.closed = self.closing
+        return self._feed
 
     async def close(self) -> None:
         """The server is stopping: waiting requests answer now, streams end."""
-        await self.feed.close()
+        self.closing = True
+        if self._feed is not None:
+            await self._feed.close()

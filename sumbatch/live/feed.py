@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from sumbatch.outage import Outage
@@ -25,6 +25,8 @@ log = logging.getLogger("sumbatch.api")
 # Under the API's socket timeout (1 s): a blocked read must not look like a hung server.
 READ_BLOCK_MS = 500
 READ_COUNT = 1000
+# Seconds the feed reads on after its last listener left, for the next one.
+LINGER = 5.0
 # Entries a listener holds for its request before it is told to catch up from the log.
 LISTENER_LIMIT = 10_000
 
@@ -89,50 +91,61 @@ class Listener:
 
 
 class Feed:
-    def __init__(self) -> None:
+    """Follows every partition's log while anyone listens (and ``LINGER`` seconds
+    after, for the next request), so an API nobody watches reads nothing."""
+
+    def __init__(
+        self, stores: list[Store], linger: float = LINGER, listener_limit: int = LISTENER_LIMIT
+    ) -> None:
+        self.stores = stores
+        self.linger = linger
+        self.listener_limit = listener_limit
         self._by_group: dict[str, set[Listener]] = {}
         self._everything: set[Listener] = set()
+        self._listening = 0
         self._readers: list[asyncio.Task[None]] = []
         self._start_lock = asyncio.Lock()
-        self.started = False
+        self.running = False
         self.closed = False
+        # Each start's readers carry its number: a reader of an earlier start (still in
+        # its last read when the feed stopped and started again) drops what it read.
+        self._generation = 0
 
-    async def start(self, stores: list[Store]) -> None:
-        """Start following every partition's log from its newest entry, once. Raises
-        what Redis raises while it is away; the next call tries again."""
-        if self.started:
-            return
-        async with self._start_lock:
-            if self.started or self.closed:
-                return
-            newest = [await store.last_event_id() for store in stores]
-            self._readers = [
-                asyncio.create_task(self._follow(p, store, after), name=f"feed-{p}")
-                for p, (store, after) in enumerate(zip(stores, newest, strict=True))
-            ]
-            self.started = True
-
-    @contextmanager
-    def listen(self, group: str | None) -> Iterator[Listener]:
-        """A listener for one group's entries, or for every entry (``None``)."""
-        listener = Listener(group)
+    @asynccontextmanager
+    async def listen(self, group: str | None) -> AsyncIterator[Listener]:
+        """A listener for one group's entries, or for every entry (``None``). Entered,
+        it is registered and the feed reads: whatever the log gets from then on
+        reaches it. Raises what Redis raises while it is away."""
+        listener = Listener(group, self.listener_limit)
         if self.closed:
             listener.close()
-        if group is None:
-            self._everything.add(listener)
-        else:
-            self._by_group.setdefault(group, set()).add(listener)
+        listeners = self._everything if group is None else self._by_group.setdefault(group, set())
+        listeners.add(listener)
+        self._listening += 1
         try:
+            await self._start()
             yield listener
         finally:
-            if group is None:
-                self._everything.discard(listener)
-            else:
-                listeners = self._by_group.get(group)
-                if listeners is not None:
-                    listeners.discard(listener)
-                    if not listeners:
-                        del self._by_group[group]
+            self._listening -= 1
+            listeners.discard(listener)
+            if group is not None and not listeners:
+                self._by_group.pop(group, None)
+
+    async def _start(self) -> None:
+        """Read on from each partition's newest entry, unless already reading. Called
+        after a listener is registered, so no entry after that is missed."""
+        async with self._start_lock:
+            if self.running or self.closed:
+                return
+            newest = [await store.last_event_id() for store in self.stores]
+            self._generation += 1
+            self._readers = [
+                asyncio.create_task(
+                    self._follow(p, store, after, self._generation), name=f"feed-{p}"
+                )
+                for p, (store, after) in enumerate(zip(self.stores, newest, strict=True))
+            ]
+            self.running = True
 
     def _dispatch(self, entry: FeedEntry) -> None:
         for listener in self._everything:
@@ -142,9 +155,18 @@ class Feed:
             for listener in self._by_group.get(group, ()):
                 listener.offer(entry)
 
-    async def _follow(self, partition: int, store: Store, after: str) -> None:
+    async def _follow(self, partition: int, store: Store, after: str, generation: int) -> None:
         outage = Outage(log, f"event feed {partition}")
-        while True:
+        loop = asyncio.get_running_loop()
+        heard = loop.time()
+        while generation == self._generation and self.running:
+            if self._listening:
+                heard = loop.time()
+            elif loop.time() - heard > self.linger:
+                # No await between this check and the flag: a listener registered
+                # after it finds the feed stopped, and starts it again.
+                self.running = False
+                return
             try:
                 entries = await store.read_events(after, READ_COUNT, READ_BLOCK_MS)
                 outage.ok()
@@ -153,6 +175,8 @@ class Feed:
             except Exception as exc:  # Redis away: back off and read on from `after`
                 await asyncio.sleep(outage.failed(exc))
                 continue
+            if generation != self._generation:
+                return
             for entry_id, fields in entries:
                 self._dispatch(FeedEntry(partition, entry_id, fields))
                 after = entry_id

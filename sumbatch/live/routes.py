@@ -54,7 +54,7 @@ async def _stream(
     live: Live = request.state.live
     if live.closing:
         return error(503, "the server is stopping", {"Retry-After": "1"})
-    feed = await live.ready(list(await _partitions(request)))
+    feed = live.feed(list(await _partitions(request)))
     if not live.streams.take():
         return error(503, f"{live.streams.limit} event streams are open; retry later",
                      {"Retry-After": "5"})  # fmt: skip

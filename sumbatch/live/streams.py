@@ -23,7 +23,7 @@ async def group_events(
     """One group's events after ``after`` (all when None); ends after GroupFinished."""
     yield sse.opening()
     while True:
-        with feed.listen(gid) as listener:
+        async with feed.listen(gid) as listener:
             # History, including whatever came before the listener existed.
             while True:
                 chunk = await store.group_history(gid, after, HISTORY_CHUNK)
@@ -66,7 +66,7 @@ async def log_events(
         else [after] * len(stores)
     )
     while True:
-        with feed.listen(None) as listener:
+        async with feed.listen(None) as listener:
             async for partition, entry_id, fields in _merged_history(stores, positions):
                 yield sse.message(entry_id, fields)
                 positions[partition] = entry_id

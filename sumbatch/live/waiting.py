@@ -35,7 +35,7 @@ async def group_processed(store: Store, feed: Feed, gid: str, wait: float) -> Gr
     def done(view: GroupSummary | None) -> bool:
         return view is None or view.processed
 
-    with feed.listen(gid) as listener:
+    async with feed.listen(gid) as listener:
         view = await read()
         if done(view):
             return view
@@ -66,7 +66,7 @@ async def task_ended(store: Store, feed: Feed, tid: str, wait: float) -> TaskVie
     def done(view: TaskView | None) -> bool:
         return view is None or view.state in TERMINAL
 
-    with feed.listen(where[0]) as listener:
+    async with feed.listen(where[0]) as listener:
         view = await read()
         if done(view):
             return view
