@@ -8,8 +8,9 @@ import logging
 import random
 
 from redis.exceptions import (
+    AskError,
     BusyLoadingError,
-    ClusterDownError,
+    ClusterError,
     OutOfMemoryError,
     ReadOnlyError,
     ResponseError,
@@ -24,10 +25,15 @@ REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 # The server answered, but refuses writes for now: out of memory, loading its data,
 # a replica (READONLY, MASTERDOWN), a cluster slot moving or uncovered (TRYAGAIN,
 # CLUSTERDOWN). redis-py maps these prefixes to classes and strips them from the text.
-REFUSED = (OutOfMemoryError, BusyLoadingError, ReadOnlyError, TryAgainError, ClusterDownError)
+# While a slot moves between masters (resharding), the cluster client gives up after
+# 16 redirections or TRYAGAIN replies in a row with ClusterError("TTL exhausted.")
+# (ClusterDownError is one too), and a MULTI/EXEC raises the ASK or MOVED it met
+# (AskError; MovedError is one too): the slot settles once the move ends.
+REFUSED = (OutOfMemoryError, BusyLoadingError, ReadOnlyError, TryAgainError, ClusterError, AskError)
 # Refusals redis-py leaves as a plain ResponseError, prefix kept: a script past
-# busy-reply-threshold, min-replicas-to-write unmet.
-_REFUSED_PREFIXES = ("BUSY ", "NOREPLICAS ", "MASTERDOWN ", "LOADING ", "TRYAGAIN ")
+# busy-reply-threshold, min-replicas-to-write unmet; a blocked XREADGROUP/XREAD whose
+# stream was deleted under it (UNBLOCKED: MIGRATE moved it to another master).
+_REFUSED_PREFIXES = ("BUSY ", "NOREPLICAS ", "MASTERDOWN ", "LOADING ", "TRYAGAIN ", "UNBLOCKED ")
 
 
 def refusal(exc: BaseException) -> str | None:

@@ -55,6 +55,10 @@ def connect(url: str, *, cluster: bool = False, **options: Any) -> Client:
     options.setdefault("socket_timeout", 10)
     options.setdefault("retry", Retry(NoBackoff(), 1))
     if cluster:
+        # A MOVED reply updates that slot's owner only: by default every 5th one would
+        # also close every connection of the process, those in use by other tasks (a
+        # blocked read, the cancel listener) included, which resharding makes many of.
+        options.setdefault("reinitialize_steps", 0)
         nodes = RedisCluster.from_url(url, **options)
         # Every node's connections, those of nodes found later too, come from here.
         shared = nodes.connection_kwargs
@@ -97,6 +101,11 @@ class _ResetAware(AbstractConnection):
             await super().send_packed_command(command, check_health)
         except RuntimeError as exc:  # redis-py has already dropped the connection
             raise RedisConnectionError(f"connection reset by the server ({exc})") from exc
+        except AttributeError as exc:
+            # Its writer was gone: another task of this process disconnected it while
+            # it was in use, here mid-handshake (the cluster client disconnects every
+            # node's connections on CLUSTERDOWN and on every few MOVED replies).
+            raise RedisConnectionError(f"connection closed while in use ({exc})") from exc
 
 
 class _TCP(_ResetAware, Connection):
