@@ -29,9 +29,16 @@ class Outbox:
         self._queue: asyncio.Queue[Outcome] = asyncio.Queue()
         self.unflushed = 0
 
-    def put(self, entry_id: str, item: TaskSubmitted, event: TaskCompleted | TaskFailed) -> None:
+    def put(
+        self,
+        entry_id: str,
+        item: TaskSubmitted,
+        event: TaskCompleted | TaskFailed,
+        seconds: float | None = None,
+    ) -> None:
+        """Queue an outcome; ``seconds``: how long its run took (None: nothing ran)."""
         self.unflushed += 1
-        self._queue.put_nowait(Outcome(entry_id, event, item.param_a, item.param_b))
+        self._queue.put_nowait(Outcome(entry_id, event, item.param_a, item.param_b, seconds))
 
     async def join(self) -> None:
         """Until every outcome put so far is flushed."""

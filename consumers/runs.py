@@ -8,6 +8,7 @@ import asyncio
 import inspect
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
@@ -27,6 +28,8 @@ from sumbatch.tasks import retry_backoff, should_retry
 log = logging.getLogger("sumbatch.worker")
 
 Handler = Callable[[int, int], "int | Awaitable[int]"]
+# A failed run: its error, and the seconds it took.
+Failure = tuple[str, float]
 
 
 def describe(exc: BaseException) -> str:
@@ -77,12 +80,12 @@ class Runs:
         """Run the entry's task from ``attempt`` on; returns its TaskStarted to log, or
         None when it ran at once and its outcome is already in the outbox."""
         delay = self.settings.delay.draw(self.rng)
-        error: str | None = None
+        failure: Failure | None = None
         if delay == 0 and not inspect.iscoroutinefunction(self.handler):
-            error = self._run_inline(entry_id, item, attempt)
-            if error is None:
+            failure = self._run_inline(entry_id, item, attempt)
+            if failure is None:
                 return None
-        task = asyncio.create_task(self._run(entry_id, item, attempt, delay, error))
+        task = asyncio.create_task(self._run(entry_id, item, attempt, delay, failure))
         self._running[entry_id] = (task, item)
         self._by_group.setdefault(item.group_task_id, set()).add(entry_id)
         return started(item, attempt, self.name)
@@ -111,37 +114,51 @@ class Runs:
         while pending := [task for task, _ in self._running.values() if not task.done()]:
             await asyncio.wait(pending)
 
-    def _run_inline(self, entry_id: str, item: TaskSubmitted, attempt: int) -> str | None:
+    def _run_inline(self, entry_id: str, item: TaskSubmitted, attempt: int) -> Failure | None:
         """With no delay and a plain function, run the task here and now: no task
         object, and no TaskStarted (it starts and ends in the same instant; its
-        TaskCompleted names the attempt). Returns the error if it failed: the async
+        TaskCompleted names the attempt). Returns the failure if it failed: the async
         path then logs the start and retries it."""
+        began = time.perf_counter()
         try:
             result = int(self.handler(item.param_a, item.param_b))  # type: ignore[arg-type]
         except Exception as exc:
-            return describe(exc)
-        self.outbox.put(entry_id, item, completed(item, result, False, attempt, self.name))
+            return describe(exc), time.perf_counter() - began
+        outcome = completed(item, result, False, attempt, self.name)
+        self.outbox.put(entry_id, item, outcome, time.perf_counter() - began)
         return None
 
     async def _run(
-        self, entry_id: str, item: TaskSubmitted, attempt: int, delay: float, error: str | None
+        self,
+        entry_id: str,
+        item: TaskSubmitted,
+        attempt: int,
+        delay: float,
+        failure: Failure | None,
     ) -> None:
         try:
-            await self._attempts(entry_id, item, attempt, delay, error)
+            await self._attempts(entry_id, item, attempt, delay, failure)
         except BaseException:
             # Ended without an outcome (cancelled, or a bug): a sweep may claim it.
             self.forget(entry_id)
             raise
 
     async def _attempts(
-        self, entry_id: str, item: TaskSubmitted, attempt: int, delay: float, error: str | None
+        self,
+        entry_id: str,
+        item: TaskSubmitted,
+        attempt: int,
+        delay: float,
+        failure: Failure | None,
     ) -> None:
         timeout = self.settings.task_timeout
         while True:
-            if error is None:
-                # The simulated delay is part of the run. A plain (sync) handler runs on
-                # the event loop and cannot be interrupted: only its awaits can be.
+            if failure is None:
+                # The simulated delay is part of the run, and of its time. A plain
+                # (sync) handler runs on the event loop and cannot be interrupted: only
+                # its awaits can be.
                 deadline = asyncio.timeout(timeout)
+                began = time.perf_counter()
                 try:
                     async with deadline:
                         await asyncio.sleep(delay)
@@ -149,24 +166,26 @@ class Runs:
                         if inspect.isawaitable(result):
                             result = await result
                     outcome = completed(item, int(result), False, attempt, self.name)
-                    self.outbox.put(entry_id, item, outcome)
+                    self.outbox.put(entry_id, item, outcome, time.perf_counter() - began)
                     return
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    ran = time.perf_counter() - began
                     if deadline.expired():
-                        error = f"TimeoutError: the run took longer than {timeout:g} s"
+                        failure = f"TimeoutError: the run took longer than {timeout:g} s", ran
                     else:
-                        error = describe(exc)
+                        failure = describe(exc), ran
+            error, ran = failure
             if not should_retry(attempt, self.settings.max_attempts):
-                self.outbox.put(entry_id, item, failed(item, attempt, error, self.name))
+                self.outbox.put(entry_id, item, failed(item, attempt, error, self.name), ran)
                 return
             wait = retry_backoff(attempt, self.settings.retry_base, self.rng)
             await self._log_quietly(retried(item, attempt, error, wait))
             await asyncio.sleep(wait)
             attempt = await self._next_attempt(item, attempt)
             delay = self.settings.delay.draw(self.rng)
-            error = None
+            failure = None
             await self._log_quietly(started(item, attempt, self.name))
 
     async def _next_attempt(self, item: TaskSubmitted, attempt: int) -> int:

@@ -241,6 +241,13 @@ class Keys:
         reason, for an operator to inspect."""
         return f"{self.tag}:rejected"
 
+    @property
+    def stats(self) -> str:
+        """The partition's counters and histograms (a hash, ``scripts/stats.py``),
+        written by the scripts that append what they count, in the same step; /metrics
+        and /system add up the partitions'."""
+        return f"{self.tag}:stats"
+
     def cache(self, param_a: int, param_b: int) -> str:
         """A computed sum, with its own TTL; shared by every partition. With several
         partitions each sum is a hash tag of its own, spread over a cluster's slots;

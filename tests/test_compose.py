@@ -1,18 +1,24 @@
 """Static checks of compose.yaml and ops/ (no Docker engine needed). The cluster
-profile's nodes and init script also run for real, in tests/test_cluster.py."""
+profile's nodes and init script also run for real, in tests/test_cluster.py; the
+metrics the monitoring profile's dashboard queries are scraped for real in
+tests/test_metrics.py."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from collections.abc import Iterator, Mapping
 from functools import cache
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no types (no types-PyYAML here)
 
+from sumbatch import metrics
+from sumbatch.api import create_app
 from sumbatch.config import Settings
 from sumbatch.http import Limits
 from tests.support import ROOT, run_sumbatch
@@ -348,3 +354,94 @@ def test_workers_stop_grace_outlasts_their_shutdown_grace() -> None:
     match = re.fullmatch(r"(\d+)s", str(grace))
     assert match, f"stop_grace_period {grace!r}: expected seconds, as `45s`"
     assert int(match.group(1)) > Settings().shutdown_grace
+
+
+# -- profile `monitoring`: Prometheus and Grafana on the api's /metrics --------------
+
+MONITORING = ["prometheus", "grafana"]
+GRAFANA = ROOT / "ops" / "grafana"
+
+
+def _mounts(name: str) -> dict[str, str]:
+    """A service's bind mounts and volumes: source -> path in the container."""
+    mounts = {}
+    for volume in _service(name).get("volumes") or []:
+        source, target = str(volume).split(":")[:2]
+        mounts[source] = target
+    return mounts
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert isinstance(data, dict), f"{path} is not a mapping"
+    return data
+
+
+def test_the_monitoring_profile_runs_beside_the_stack_on_localhost() -> None:
+    """Nothing of it starts with a plain `docker compose up`; with the profile, it
+    runs beside the app services, which keep no profile. Prometheus has no login, so
+    both are published on 127.0.0.1 unless SUMBATCH_MONITORING_HOST says otherwise."""
+    for name in MONITORING:
+        assert _service(name).get("profiles") == ["monitoring"], name
+    for name in [*APP_SERVICES, "redis"]:
+        assert "profiles" not in _service(name), name
+    published = {name: _interpolate(_service(name)["ports"][0], {}) for name in MONITORING}
+    assert published == {"prometheus": "127.0.0.1:9090:9090", "grafana": "127.0.0.1:3000:3000"}
+    host = {"SUMBATCH_MONITORING_HOST": "0.0.0.0", "SUMBATCH_GRAFANA_PORT": "3300"}
+    assert _interpolate(_service("grafana")["ports"][0], host) == "0.0.0.0:3300:3000"
+    volumes = _compose()["volumes"]
+    assert {"prometheus-data", "grafana-data"} <= set(volumes), "metrics would not persist"
+
+
+def test_prometheus_scrapes_the_apis_metrics() -> None:
+    prometheus = _service("prometheus")
+    config_path = next(
+        arg.split("=", 1)[1] for arg in _command(prometheus) if arg.startswith("--config.file=")
+    )
+    assert _mounts("prometheus")["./ops/prometheus.yml"] == config_path
+    config = _yaml(ROOT / "ops" / "prometheus.yml")
+    (job,) = config["scrape_configs"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    targets = [t for group in job["static_configs"] for t in group["targets"]]
+    assert targets == ["api:5000"]
+    # The api service, on the port its command listens on inside its container...
+    api = _command(_service("api"))
+    assert api[api.index("--port") + 1] == "5000"
+    # ...serves /metrics (and /system) through the app's routes.
+    paths = {getattr(route, "path", None) for route in create_app(Settings()).routes}
+    assert {"/metrics", "/system"} <= paths
+
+
+def test_grafana_provisions_prometheus_and_the_dashboard() -> None:
+    mounts = _mounts("grafana")
+    assert mounts["./ops/grafana/provisioning"] == "/etc/grafana/provisioning"
+    (datasource,) = _yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")[
+        "datasources"
+    ]
+    url = urlsplit(datasource["url"])
+    assert (url.hostname, url.port) == ("prometheus", 9090), datasource["url"]
+    assert _service("prometheus")["ports"][0].endswith(":9090")
+    (provider,) = _yaml(GRAFANA / "provisioning" / "dashboards" / "sumbatch.yml")["providers"]
+    assert mounts["./ops/grafana/dashboards"] == provider["options"]["path"]
+    home = _service("grafana")["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == provider["options"]["path"] + "/sumbatch.json"
+    assert (GRAFANA / "dashboards" / "sumbatch.json").is_file()
+    for path in sorted((GRAFANA / "dashboards").glob("*.json")):
+        dashboard = json.loads(path.read_text(encoding="utf-8"))
+        panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+        assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+        for panel in panels:
+            assert panel["datasource"]["uid"] == datasource["uid"], panel["title"]
+            assert panel["targets"], panel["title"]
+
+
+def _dashboard_metrics() -> set[str]:
+    """The metric families the dashboard's queries name."""
+    text = (GRAFANA / "dashboards" / "sumbatch.json").read_text(encoding="utf-8")
+    exprs = [t["expr"] for p in json.loads(text)["panels"] for t in p.get("targets", [])]
+    names = set(re.findall(r"\bsumbatch_\w+", " ".join(exprs)))
+    return {re.sub(r"_(bucket|count|sum|total)$", "", name) for name in names}
+
+
+def test_the_dashboard_shows_every_metric_and_only_those_metrics_serves() -> None:
+    assert _dashboard_metrics() == set(metrics.NAMES)

@@ -1,5 +1,7 @@
 """The Lua scripts behind every atomic step, by the role of the store that runs them
-(``store/producer.py``, ``store/work.py``, ``store/log.py``); only the store runs them.
+(``store/producer.py``, ``store/work.py``, ``store/log.py``, ``store/inspect.py``); only
+the store runs them. The scripts that append events also count them in the partition's
+stats hash (``stats.py``), in the same step.
 
 Every key has the namespace's hash tag, so all of them live in one cluster slot. The
 scripts that run per task (begin, append, complete) name a group's keys themselves from
@@ -21,6 +23,7 @@ an outcome without counting it. Shared streams are checked with ``is_or_none``, 
 keys with ``group_state``; items that fail a check are refused, not half-done.
 """
 
+from sumbatch.scripts.inspect import INSPECT
 from sumbatch.scripts.log import COMMIT, READ_SINCE
 from sumbatch.scripts.producer import CANCEL, SUBMIT
 from sumbatch.scripts.work import (
@@ -41,6 +44,7 @@ __all__ = [
     "COMMIT",
     "COMPLETE",
     "FORGET_CONSUMER",
+    "INSPECT",
     "NEXT_ATTEMPT",
     "READ_SINCE",
     "RELEASE_ENDED",

@@ -8,6 +8,7 @@ import msgspec
 from sumbatch import ids
 from sumbatch.config import MAX_TASKS_LIMIT
 from sumbatch.events import Event, GroupFinished, TaskRevoked
+from sumbatch.scripts import stats
 
 
 def lua_fields(cls: type[Event], **values: str) -> str:
@@ -52,6 +53,7 @@ end
 
 LIB = (
     _GENERATED
+    + stats.LUA
     + """
 -- A key's type, 'none' when it does not exist.
 local function key_type(key)
@@ -129,16 +131,21 @@ local function append(events, log, fields)
 end
 
 -- Count tasks that just ended in one group; if that was its last, append
--- GroupFinished and start the clock on the group's write-side keys. K: its keys.
-local function tasks_ended(events, K, gid, ended, failed, revoked, ttl)
+-- GroupFinished, count it in the tally `t` with its time since the submission (a
+-- ledger written before that time was kept has none), and start the clock on the
+-- group's write-side keys. K: its keys.
+local function tasks_ended(events, K, gid, ended, failed, revoked, ttl, t)
   local ledger = K.ledger
   if failed > 0 then redis.call('HINCRBY', ledger, 'failed', failed) end
   if revoked > 0 then redis.call('HINCRBY', ledger, 'revoked', revoked) end
   local finished = redis.call('HINCRBY', ledger, 'finished', ended)
-  local c = redis.call('HMGET', ledger, 'total', 'failed', 'revoked')
+  local c = redis.call('HMGET', ledger, 'total', 'failed', 'revoked', 'submitted')
   if finished ~= tonumber(c[1]) then return end
   local log = K.log
   append(events, log, group_finished(gid, c[1], c[2], c[3]))
+  count(t, 'groupsFinished', 1)
+  local submitted = tonumber(c[4])
+  if submitted then observe(t, GROUP_SECONDS, math.max(0, now_ms() - submitted) / 1000) end
   for _, key in ipairs({ledger, K.ended, K.attempts, log}) do
     redis.call('EXPIRE', key, ttl)
   end

@@ -3,8 +3,10 @@
 from sumbatch.scripts.lib import LIB
 
 # A group's events, work entries and first view, or nothing; with an Idempotency-Key,
-# a repeated POST gets the first answer back instead.
-# KEYS: events, work, ledger, group log, idempotency key, group view.
+# a repeated POST gets the first answer back instead. The ledger keeps the submission
+# time (the server's clock, ms) for the group's time to finished; the partition's stats
+# count the group and its tasks, once: a retry of this call counts nothing more.
+# KEYS: events, work, ledger, group log, idempotency key, group view, stats.
 # ARGV: tasksTotal, idempotency record ('' = no key), its ttl, group view json,
 #       events json, work entries json.  Returns the earlier idempotency record if any.
 SUBMIT = (
@@ -37,16 +39,22 @@ for _, fields in ipairs(cjson.decode(ARGV[5])) do append(KEYS[1], KEYS[4], field
 for _, fields in ipairs(cjson.decode(ARGV[6])) do
   redis.call('XADD', KEYS[2], '*', unpack(fields))
 end
-redis.call('HSET', KEYS[3], 'total', ARGV[1], 'finished', 0, 'failed', 0, 'revoked', 0)
+redis.call('HSET', KEYS[3], 'total', ARGV[1], 'finished', 0, 'failed', 0, 'revoked', 0,
+  'submitted', string.format('%d', now_ms()))
 redis.call('SET', KEYS[6], ARGV[4])
+local t = tally()
+count(t, 'groupsSubmitted', 1)
+count(t, 'tasksSubmitted', tonumber(ARGV[1]))
+write_tally(t, KEYS[7])
 return false
 """
 )
 
 # Cancel a group: append GroupCancelled and revoke every task that has not ended,
 # running ones included (their late outcome meets the fence and writes nothing), then
-# tell the workers on the cancellations channel, so they stop those runs.
-# KEYS: events, ledger, ended, attempts, group log.
+# tell the workers on the cancellations channel, so they stop those runs. The
+# partition's stats count the revoked tasks and the group's end.
+# KEYS: events, ledger, ended, attempts, group log, stats.
 # ARGV: group id, result ttl, GroupCancelled json, task id prefix (ids.py),
 #       cancellations channel.
 # Returns -1 unknown group, -2 finished without being cancelled (nothing to cancel),
@@ -75,7 +83,10 @@ for index = 0, total - 1 do
   end
 end
 if revoked > 0 then
-  tasks_ended(KEYS[1], K, ARGV[1], revoked, 0, revoked, ARGV[2])
+  local t = tally()
+  count(t, 'tasksRevoked', revoked)
+  tasks_ended(KEYS[1], K, ARGV[1], revoked, 0, revoked, ARGV[2], t)
+  write_tally(t, KEYS[6])
   redis.call('PUBLISH', ARGV[5], ARGV[1])
 end
 return 1 + revoked

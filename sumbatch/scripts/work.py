@@ -82,16 +82,19 @@ return appended
 # dead-letter stream; then count the ended tasks per group, ending the groups whose
 # last task this was; and acknowledge every work entry. Items whose group's keys are
 # not what sumbatch wrote, or whose index is outside the group, are refused: left
-# pending, untouched. (Computed sums are cached after, outside: see BEGIN.)
-# KEYS: events, work, dead letters, then four per group.
+# pending, untouched. (Computed sums are cached after, outside: see BEGIN.) The
+# partition's stats count each recorded outcome (and its run's seconds, when it ran)
+# and each group ended, in the same step: an outcome sent twice counts once.
+# KEYS: events, work, dead letters, stats, then four per group.
 # ARGV: group, result ttl, group ids json, items json: per item
-#   [entry id, index, group id, state, outcome, after], outcome one event and after a
-#   list of events.
+#   [entry id, index, group id, state, outcome, after, seconds], state SUCCESS
+#   (computed), CACHED or FAILURE, outcome one event, after a list of events, seconds
+#   the run's time (-1: none, nothing ran).
 # Returns {{entry ids whose outcome was recorded}, {refused entry ids}}.
 COMPLETE = (
     LIB
     + """
-local G = declared(4, cjson.decode(ARGV[3]))
+local G = declared(5, cjson.decode(ARGV[3]))
 if not (is_or_none(KEYS[1], 'stream') and is_or_none(KEYS[2], 'stream')
     and is_or_none(KEYS[3], 'stream')) then
   return redis.error_reply('ERR a sumbatch stream key is not a stream (written by hand?)')
@@ -113,8 +116,9 @@ end
 local recorded = {}
 local groups, counts = {}, {}  -- groups in first-seen order; per group {ended, failed}
 local acks = {}
+local t = tally()
 for _, item in ipairs(todo) do
-  local entry, index, gid, state_, outcome, after = unpack(item)
+  local entry, index, gid, state_, outcome, after, seconds = unpack(item)
   local g = seen[gid]
   if g.state ~= 'gone' and redis.call('SETBIT', g.keys.ended, index, 1) == 0 then
     recorded[#recorded + 1] = entry
@@ -133,13 +137,26 @@ for _, item in ipairs(todo) do
       groups[#groups + 1] = gid
     end
     counts[gid][1] = counts[gid][1] + 1
-    if state_ == 'FAILURE' then counts[gid][2] = counts[gid][2] + 1 end
+    seconds = tonumber(seconds) or -1
+    if state_ == 'FAILURE' then
+      counts[gid][2] = counts[gid][2] + 1
+      count(t, 'tasksFailed', 1)
+      if seconds >= 0 then observe(t, RUN_FAILED, seconds) end
+    else
+      count(t, 'tasksCompleted', 1)
+      if state_ == 'CACHED' then
+        count(t, 'tasksCached', 1)
+      elseif seconds >= 0 then
+        observe(t, RUN_COMPLETED, seconds)
+      end
+    end
   end
   acks[#acks + 1] = entry
 end
 for _, gid in ipairs(groups) do
-  tasks_ended(KEYS[1], seen[gid].keys, gid, counts[gid][1], counts[gid][2], 0, ARGV[2])
+  tasks_ended(KEYS[1], seen[gid].keys, gid, counts[gid][1], counts[gid][2], 0, ARGV[2], t)
 end
+write_tally(t, KEYS[4])
 if #acks > 0 then redis.call('XACK', KEYS[2], ARGV[1], unpack(acks)) end
 return {recorded, refused}
 """

@@ -1,11 +1,11 @@
 """The only package that talks to Redis about the log, a module per role:
 ``producer`` (submit, cancel), ``work`` (the workers' steps on the work stream),
-``log`` (the event log, the projector's commit, the views), on ``base`` (the
-connection, the keys, the scripts). ``Store`` has every role on one connection pool.
-Every step that must be atomic (submission, start, completion, cancellation,
-projection commit) is one Lua script from the ``scripts`` package (a module per role
-too), run from here, so the rules that keep work from being lost or doubled live in
-these two packages.
+``log`` (the event log, the projector's commit, the views), ``inspect`` (what /metrics
+and /system read), on ``base`` (the connection, the keys, the scripts). ``Store`` has
+every role on one connection pool. Every step that must be atomic (submission, start,
+completion, cancellation, projection commit) is one Lua script from the ``scripts``
+package (a module per role too), run from here, so the rules that keep work from being
+lost or doubled live in these two packages.
 
 Streams, in brief: the event log is append-only; the work stream is read by the
 ``workers`` consumer group, whose pending-entries list (PEL) holds what was handed out
@@ -21,6 +21,7 @@ from typing import Any
 from sumbatch.config import Settings
 from sumbatch.events import Keys
 from sumbatch.store.base import DurableMode, Entry, Retention, StoreBase, connect
+from sumbatch.store.inspect import Inspector
 from sumbatch.store.log import REJECTED_KEPT, EventLog
 from sumbatch.store.producer import CancelOutcome, NotDurable, Producer, Submitted, _durable_mode
 from sumbatch.store.work import Begun, Completed, Outcome, WorkQueue
@@ -33,6 +34,7 @@ __all__ = [
     "DurableMode",
     "Entry",
     "EventLog",
+    "Inspector",
     "NotDurable",
     "Outcome",
     "Producer",
@@ -47,7 +49,7 @@ __all__ = [
 ]
 
 
-class Store(Producer, WorkQueue, EventLog):
+class Store(Producer, WorkQueue, EventLog, Inspector):
     """Log, work and view I/O for one namespace: every role on one connection pool."""
 
 

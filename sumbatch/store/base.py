@@ -175,6 +175,7 @@ class StoreBase(OwnsClient):
         self._trim_work = redis.register_script(scripts.TRIM_WORK)
         self._next_attempt = redis.register_script(scripts.NEXT_ATTEMPT)
         self._forget_consumer = redis.register_script(scripts.FORGET_CONSUMER)
+        self._inspect = redis.register_script(scripts.INSPECT)
 
     def _declare(self, group_ids: Iterable[str]) -> tuple[list[str], bytes]:
         """The write-side keys of some groups, four each, and their ids in the same

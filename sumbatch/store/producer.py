@@ -99,6 +99,7 @@ class Producer(StoreBase):
             self.keys.group_log(gid),
             self.keys.idempotency(idem_key),
             self.keys.group_view(gid),
+            self.keys.stats,
         ]
         args: list[str | int | bytes] = [
             group.tasks_total,
@@ -206,6 +207,7 @@ class Producer(StoreBase):
             self.keys.ended(group_task_id),
             self.keys.attempts(group_task_id),
             self.keys.group_log(group_task_id),
+            self.keys.stats,
         ]
         (fields,) = to_flat([event])
         args: list[str | int | bytes] = [

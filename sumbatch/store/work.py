@@ -30,6 +30,9 @@ class Outcome:
     event: TaskCompleted | TaskFailed
     param_a: int
     param_b: int
+    # How long the run that produced it took, its simulated delay included; None when
+    # nothing ran (a cache hit, or a task given up on).
+    seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ class WorkQueue(StoreBase):
             gid = event.group_task_id
             after: list[AnyEvent] = []
             if isinstance(event, TaskCompleted):
-                state = "SUCCESS"
+                state = "CACHED" if event.from_cache else "SUCCESS"
                 if not event.from_cache:
                     params = (outcome.param_a, outcome.param_b)
                     sums.append((outcome.entry_id, params, event.result))
@@ -180,9 +183,16 @@ class WorkQueue(StoreBase):
                     )
                 )
             flat = to_flat([event, *after])
-            items.append((outcome.entry_id, event.index, gid, state, flat[0], flat[1:]))
+            seconds = -1.0 if outcome.seconds is None else max(0.0, outcome.seconds)
+            items.append((outcome.entry_id, event.index, gid, state, flat[0], flat[1:], seconds))
         group_keys, gids = self._declare(outcome.event.group_task_id for outcome in outcomes)
-        keys = [self.keys.events, self.keys.work, self.keys.dead_letters, *group_keys]
+        keys = [
+            self.keys.events,
+            self.keys.work,
+            self.keys.dead_letters,
+            self.keys.stats,
+            *group_keys,
+        ]
         args: list[str | int | bytes] = [
             WORKER_GROUP,
             self.retention.results,
