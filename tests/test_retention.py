@@ -25,7 +25,7 @@ from tests.support import entry_ms, submit, wait_until
 def global_keys(store: Store) -> set[str]:
     """Keys that live as long as the namespace; everything else must expire."""
     keys = store.keys
-    return {keys.events, keys.work, keys.projector_position, keys.dead_letters}
+    return {keys.events, keys.work, keys.projector_position, keys.dead_letters, keys.stats}
 
 
 async def namespace_keys(store: Store) -> list[str]:

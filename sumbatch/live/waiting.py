@@ -20,8 +20,8 @@ from sumbatch.store import Store
 V = TypeVar("V")
 
 # Backoff of the view's reads between the end and the projector's fold.
-SETTLE_FIRST = 0.002
-SETTLE_MAX = 0.05
+SETTLE_FIRST = 0.0005
+SETTLE_MAX = 0.02
 _TASK_ENDS = frozenset({"TaskCompleted", "TaskFailed", "TaskRevoked"})
 
 
@@ -98,4 +98,4 @@ async def _settle(
         if done(view) or loop.time() + delay > deadline:
             return view
         await asyncio.sleep(delay)
-        delay = min(delay * 2, SETTLE_MAX)
+        delay = min(delay * 1.5, SETTLE_MAX)
