@@ -12,8 +12,11 @@ import redis
 from sumbatch import ids
 from sumbatch.config import Settings
 from sumbatch.events import GroupFinished, Keys, TaskRevoked, from_fields, to_fields
+from sumbatch.projection import GroupView
 from sumbatch.scripts.lib import lua_fields
 from sumbatch.store import open_store
+from sumbatch.submission import Submission
+from sumbatch.wire import TaskIn
 from tests.support import entries, submit, work
 
 
@@ -22,6 +25,28 @@ def test_a_field_list_must_name_every_field_of_its_event() -> None:
         lua_fields(TaskRevoked, task_id="a", group_task_id="b")
     with pytest.raises(TypeError, match="TaskRevoked"):
         lua_fields(TaskRevoked, task_id="a", group_task_id="b", index="c", extra="d")
+
+
+def test_the_work_entries_submit_builds_are_what_events_py_writes(
+    settings: Settings, raw: redis.Redis
+) -> None:
+    """SUBMIT builds the work entries from columns: each must be, field for field and in
+    order, the TaskSubmitted that events.to_flat writes; params at the ends of the
+    64-bit range pass exactly, and a group past 256 tasks gets every index's id."""
+    pairs = [(-(2**63), 2**63 - 1), (0, -1), *[(n, n + 1) for n in range(300)]]
+    submission = Submission.of([TaskIn(param_a=a, param_b=b) for a, b in pairs])
+
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            group = GroupView.submitted(submission.created.group_task_id, len(pairs))
+            await store.submit([submission.event], submission.work, group)
+
+    asyncio.run(scenario())
+    written = [fields for _, fields in entries(raw, Keys(settings.namespace).work)]
+    assert [list(f.items()) for f in written] == [
+        list(to_fields(w).items()) for w in submission.work
+    ]
+    assert [w["taskId"] for w in written] == submission.created.task_ids
 
 
 def test_the_events_the_scripts_build_are_what_events_py_writes(

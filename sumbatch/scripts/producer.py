@@ -1,5 +1,6 @@
 """The producer's scripts: submit a group, cancel one."""
 
+from sumbatch.ids import INDEX_DIGITS
 from sumbatch.scripts.lib import LIB
 
 # A group's events, work entries and first view, or nothing; with an Idempotency-Key,
@@ -11,6 +12,8 @@ from sumbatch.scripts.lib import LIB
 #       events json, work entries json.  Returns the earlier idempotency record if any.
 SUBMIT = (
     LIB
+    # A task id is its group's id with its index + 1 in the last INDEX_DIGITS hex digits.
+    + f"local INDEX_DIGITS = {INDEX_DIGITS}\n"
     + """
 local earlier = ARGV[2] ~= '' and is_or_none(KEYS[5], 'string')
   and redis.call('GET', KEYS[5])
@@ -36,8 +39,21 @@ if again then
   return false
 end
 for _, fields in ipairs(cjson.decode(ARGV[5])) do append(KEYS[1], KEYS[4], fields) end
-for _, fields in ipairs(cjson.decode(ARGV[6])) do
-  redis.call('XADD', KEYS[2], '*', unpack(fields))
+-- The work entries, one TaskSubmitted each, built here from their columns (ARGV[6]:
+-- the group id, ARGV[7..9]: indexes, paramsA, paramsB, space-separated): a tenth of
+-- the bytes of the entries themselves, and no JSON to decode. The params stay text, so
+-- 64-bit integers pass exactly. The fields are those of events.to_flat, in its order.
+local gid, prefix = ARGV[6], string.sub(ARGV[6], 1, -(INDEX_DIGITS + 1))
+local indexes, params_a, params_b = {}, {}, {}
+for v in string.gmatch(ARGV[7], '%S+') do indexes[#indexes + 1] = v end
+for v in string.gmatch(ARGV[8], '%S+') do params_a[#params_a + 1] = v end
+for v in string.gmatch(ARGV[9], '%S+') do params_b[#params_b + 1] = v end
+for n = 1, #indexes do
+  local index = indexes[n]
+  redis.call('XADD', KEYS[2], '*', 'type', 'TaskSubmitted',
+    'taskId', prefix .. string.format('%0' .. INDEX_DIGITS .. 'x', tonumber(index) + 1),
+    'groupTaskId', gid,
+    'index', index, 'paramA', params_a[n], 'paramB', params_b[n])
 end
 redis.call('HSET', KEYS[3], 'total', ARGV[1], 'finished', 0, 'failed', 0, 'revoked', 0,
   'submitted', string.format('%d', now_ms()))

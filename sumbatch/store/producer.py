@@ -107,7 +107,7 @@ class Producer(StoreBase):
             self.retention.results,
             _json.encode(group),
             _json.encode(to_flat(list(events))),
-            _json.encode(to_flat(list(work))),
+            *_work_columns(gid, work),
         ]
         if fsync_timeout_ms is None or self.durable == "always":
             # appendfsync always: the server fsyncs before it answers.
@@ -223,3 +223,16 @@ class Producer(StoreBase):
         if code == -2:
             return CancelOutcome("finished")
         return CancelOutcome("before") if code == 0 else CancelOutcome("cancelled", code - 1)
+
+
+def _work_columns(gid: str, work: Sequence[TaskSubmitted]) -> list[str]:
+    """The work entries as the SUBMIT script takes them: the group id, then indexes,
+    paramsA and paramsB, each space-separated; every entry must be of this group."""
+    if any(w.group_task_id != gid for w in work):
+        raise ValueError("every work entry of a submission must be of its group")
+    return [
+        gid,
+        " ".join([str(w.index) for w in work]),
+        " ".join([str(w.param_a) for w in work]),
+        " ".join([str(w.param_b) for w in work]),
+    ]
