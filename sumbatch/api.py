@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sumbatch import dashboard, docs, ids, metrics
+from sumbatch import dashboard, docs, ids, metrics, state
 from sumbatch.config import Settings
 from sumbatch.live import Live, sse, waiting
 from sumbatch.live import routes as live_routes
@@ -31,7 +31,7 @@ from sumbatch.outage import is_transient
 from sumbatch.projection import TERMINAL, GroupView
 from sumbatch.responses import EXCEPTION_HANDLERS, JSONResponse, error
 from sumbatch.store import CancelOutcome, NotDurable
-from sumbatch.store.partitions import LazyPartitions, Partitions, open_partitions
+from sumbatch.store.partitions import LazyPartitions, open_partitions
 from sumbatch.submission import Submission
 from sumbatch.wire import Cancelled, GroupCreated, GroupIn, GroupStatus, TaskStatus
 
@@ -130,7 +130,7 @@ async def create_group(request: Request) -> Response:
         return error(413, f"at most {settings.max_tasks_per_group} tasks per group - at `$.tasks`")
     # Hashed: a client's header never becomes part of a key name as it is.
     key_hash = None if idem_key is None else hashlib.sha256(idem_key.encode()).hexdigest()
-    partitions = await _partitions(request)
+    partitions = await state.partitions(request)
     partition = partitions.for_new_group(key_hash)
     submission = Submission.of(submitted.tasks, partition)
     created = submission.created
@@ -170,7 +170,7 @@ async def cancel_group(request: Request) -> Response:
     outcome = (
         CancelOutcome("unknown")
         if gid is None or not ids.is_group_id(gid)
-        else await (await _partitions(request)).of(gid).cancel(gid)
+        else await (await state.partitions(request)).of(gid).cancel(gid)
     )
     if outcome.status == "unknown":
         return error(404, "no such groupTaskId")
@@ -196,17 +196,14 @@ async def get_group(request: Request) -> Response:
     gid = ids.parse_uuid(request.path_params["group_task_id"])
     view = None
     if gid is not None:
-        partitions = await _partitions(request)
+        partitions = await state.partitions(request)
         store = partitions.of(gid)
         view = await store.group_summary(gid)
         if view is not None and not view.processed and wait > 0:
             live: Live = request.state.live
-            if not live.closing and live.waiters.take():
-                try:
-                    feed = live.feed(list(partitions))
-                    view = await waiting.group_processed(store, feed, gid, wait)
-                finally:
-                    live.waiters.give()
+            view = await live.waited(
+                list(partitions), view, lambda feed: waiting.group_processed(store, feed, gid, wait)
+            )
     if view is None:
         return error(404, "no such groupTaskId")
     return JSONResponse(GroupStatus.of(view))
@@ -220,17 +217,14 @@ async def get_task(request: Request) -> Response:
     tid = ids.parse_uuid(request.path_params["task_id"])
     view = None
     if tid is not None:
-        partitions = await _partitions(request)
+        partitions = await state.partitions(request)
         store = partitions.of(tid)
         view = await store.task_view(tid)
         if view is not None and view.state not in TERMINAL and wait > 0:
             live: Live = request.state.live
-            if not live.closing and live.waiters.take():
-                try:
-                    feed = live.feed(list(partitions))
-                    view = await waiting.task_ended(store, feed, tid, wait)
-                finally:
-                    live.waiters.give()
+            view = await live.waited(
+                list(partitions), view, lambda feed: waiting.task_ended(store, feed, tid, wait)
+            )
     if view is None:
         return error(404, "no such taskId")
     return JSONResponse(TaskStatus.of(view))
@@ -245,7 +239,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    partitions = await _partitions(request)
+    partitions = await state.partitions(request)
     if not all([await store.workers_ready() for store in partitions]):
         return error(503, "the workers' consumer group does not exist yet", {"Retry-After": "1"})
     return JSONResponse({"status": "ready"})
@@ -278,11 +272,6 @@ async def durable_problem(settings: Settings) -> str | None:
     finally:
         await partitions.aclose()
     return None
-
-
-async def _partitions(request: Request) -> Partitions:
-    lazy: LazyPartitions = request.state.partitions
-    return await lazy.get()
 
 
 def create_app(settings: Settings) -> Starlette:

@@ -33,13 +33,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sumbatch import state
 from sumbatch.config import Settings
 from sumbatch.live.sse import parse_wait
 from sumbatch.outage import is_transient
 from sumbatch.responses import JSONResponse
 from sumbatch.scripts import stats
 from sumbatch.store.inspect import HistogramState, Overview, overview
-from sumbatch.store.partitions import LazyPartitions
 
 # The counters, by their field in the stats hash.
 COUNTERS = {
@@ -88,7 +88,7 @@ def install(app: Starlette, settings: Settings) -> None:
 
     async def metrics(request: Request) -> Response:
         try:
-            seen: Overview | None = await overview(await _partitions(request).get())
+            seen: Overview | None = await overview(await state.partitions(request))
         except RedisError as exc:
             if not is_transient(exc):
                 raise
@@ -105,13 +105,8 @@ def install(app: Starlette, settings: Settings) -> None:
 
 
 async def system(request: Request) -> Response:
-    partitions = await _partitions(request).get()
+    partitions = await state.partitions(request)
     return JSONResponse(system_body(await overview(partitions)))
-
-
-def _partitions(request: Request) -> LazyPartitions:
-    lazy: LazyPartitions = request.state.partitions
-    return lazy
 
 
 def system_body(seen: Overview) -> dict[str, Any]:

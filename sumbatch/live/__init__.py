@@ -3,9 +3,14 @@ fed by one reader of the event log per partition (``feed``)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 from sumbatch.config import Settings
 from sumbatch.live.feed import Feed
 from sumbatch.store import Store
+
+V = TypeVar("V")
 
 
 class Slots:
@@ -42,6 +47,18 @@ class Live:
             self._feed = Feed(stores)
             self._feed.closed = self.closing
         return self._feed
+
+    async def waited(
+        self, stores: list[Store], current: V, waiting: Callable[[Feed], Awaitable[V]]
+    ) -> V:
+        """What ``waiting`` answers, holding one of the waiters' places; ``current`` at
+        once when none is left or the server is stopping."""
+        if self.closing or not self.waiters.take():
+            return current
+        try:
+            return await waiting(self.feed(stores))
+        finally:
+            self.waiters.give()
 
     async def close(self) -> None:
         """The server is stopping: waiting requests answer now, streams end."""

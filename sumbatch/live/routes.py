@@ -8,18 +8,17 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from sumbatch import ids
+from sumbatch import ids, state
 from sumbatch.live import Live, sse, streams
 from sumbatch.live.feed import Feed
 from sumbatch.responses import error
-from sumbatch.store.partitions import LazyPartitions, Partitions
 
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def group_events(request: Request) -> Response:
     gid = ids.parse_uuid(request.path_params["group_task_id"])
-    partitions = await _partitions(request)
+    partitions = await state.partitions(request)
     if gid is None or await partitions.of(gid).group_summary(gid) is None:
         return error(404, "no such groupTaskId")
     last = request.headers.get("last-event-id")
@@ -40,7 +39,7 @@ async def log_events(request: Request) -> Response:
         after = None if last in (None, "", "$") else sse.parse_entry_id(last.strip())
     except ValueError:
         return error(422, "from must be an entry id such as 1700000000000-0, a time in ms, or $")
-    partitions = await _partitions(request)
+    partitions = await state.partitions(request)
     live: Live = request.state.live
     stores = list(partitions)
     return await _stream(
@@ -54,7 +53,7 @@ async def _stream(
     live: Live = request.state.live
     if live.closing:
         return error(503, "the server is stopping", {"Retry-After": "1"})
-    feed = live.feed(list(await _partitions(request)))
+    feed = live.feed(list(await state.partitions(request)))
     if not live.streams.take():
         return error(503, f"{live.streams.limit} event streams are open; retry later",
                      {"Retry-After": "5"})  # fmt: skip
@@ -88,8 +87,3 @@ class _Once:
         action, self.action = self.action, None
         if action is not None:
             action()
-
-
-async def _partitions(request: Request) -> Partitions:
-    lazy: LazyPartitions = request.state.partitions
-    return await lazy.get()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from sumbatch import ids
 from sumbatch.live import sse
@@ -21,37 +21,19 @@ async def group_events(
     store: Store, feed: Feed, gid: str, after: str | None, heartbeat: float
 ) -> AsyncGenerator[bytes, None]:
     """One group's events after ``after`` (all when None); ends after GroupFinished."""
-    yield sse.opening()
-    while True:
-        async with feed.listen(gid) as listener:
-            # History, including whatever came before the listener existed.
-            while True:
-                chunk = await store.group_history(gid, after, HISTORY_CHUNK)
-                for entry_id, fields in chunk:
-                    yield sse.message(entry_id, fields)
-                    after = entry_id
-                    if fields.get("type") == "GroupFinished":
-                        return
-                if len(chunk) < HISTORY_CHUNK:
-                    break
-            try:
-                while True:
-                    entry = await listener.next(heartbeat)
-                    if entry is None:
-                        yield sse.HEARTBEAT
-                        continue
-                    if after is not None and ids.entry_order(entry.entry_id) <= ids.entry_order(
-                        after
-                    ):
-                        continue
-                    yield sse.message(entry.entry_id, entry.fields)
-                    after = entry.entry_id
-                    if entry.fields.get("type") == "GroupFinished":
-                        return
-            except Interrupted:
-                if listener.closed:
-                    return
-                # Fell behind: read on from the group's log.
+
+    async def history(positions: dict[int, str]) -> AsyncIterator[Entered]:
+        p = store.keys.partition
+        while True:
+            chunk = await store.group_history(gid, positions[p], HISTORY_CHUNK)
+            for entry_id, fields in chunk:
+                yield p, entry_id, fields
+            if len(chunk) < HISTORY_CHUNK:
+                return
+
+    positions = {store.keys.partition: after or "0-0"}
+    async for chunk in _events(feed, gid, positions, history, heartbeat, ends=_finished):
+        yield chunk
 
 
 async def log_events(
@@ -59,17 +41,48 @@ async def log_events(
 ) -> AsyncGenerator[bytes, None]:
     """Every partition's events after ``after`` (only new ones when None), history in
     id order across partitions, then live as they come; never ends by itself."""
+    starts = [after] * len(stores) if after else [await s.last_event_id() for s in stores]
+    positions = dict(enumerate(starts))
+
+    def history(positions: dict[int, str]) -> AsyncIterator[Entered]:
+        return _merged_history(stores, positions)
+
+    async for chunk in _events(feed, None, positions, history, heartbeat, ends=_never):
+        yield chunk
+
+
+# (partition, entry id, fields)
+Entered = tuple[int, str, dict[str, str]]
+
+
+def _finished(fields: dict[str, str]) -> bool:
+    return fields.get("type") == "GroupFinished"
+
+
+def _never(fields: dict[str, str]) -> bool:
+    return False
+
+
+async def _events(
+    feed: Feed,
+    group: str | None,
+    positions: dict[int, str],
+    history: Callable[[dict[int, str]], AsyncIterator[Entered]],
+    heartbeat: float,
+    ends: Callable[[dict[str, str]], bool],
+) -> AsyncGenerator[bytes, None]:
+    """A stream's body: listen, send the history after each partition's position (what
+    came before the listener existed included), then live entries past those positions,
+    until an entry ``ends`` it, the feed closes, or the client leaves. A listener that
+    falls behind is dropped and the history read again from where the stream is."""
     yield sse.opening()
-    positions: list[str] = (
-        [await store.last_event_id() for store in stores]
-        if after is None
-        else [after] * len(stores)
-    )
     while True:
-        async with feed.listen(None) as listener:
-            async for partition, entry_id, fields in _merged_history(stores, positions):
+        async with feed.listen(group) as listener:
+            async for partition, entry_id, fields in history(positions):
                 yield sse.message(entry_id, fields)
                 positions[partition] = entry_id
+                if ends(fields):
+                    return
             try:
                 while True:
                     entry = await listener.next(heartbeat)
@@ -81,16 +94,16 @@ async def log_events(
                         continue
                     yield sse.message(entry.entry_id, entry.fields)
                     positions[entry.partition] = entry.entry_id
+                    if ends(entry.fields):
+                        return
             except Interrupted:
                 if listener.closed:
                     return
 
 
-async def _merged_history(
-    stores: list[Store], positions: list[str]
-) -> AsyncIterator[tuple[int, str, dict[str, str]]]:
+async def _merged_history(stores: list[Store], positions: dict[int, str]) -> AsyncIterator[Entered]:
     """Each partition's entries after its position, merged in id order."""
-    cursors = [_Cursor(store, position) for store, position in zip(stores, positions, strict=True)]
+    cursors = [_Cursor(store, positions[p]) for p, store in enumerate(stores)]
     heap: list[tuple[tuple[int, int], int]] = []
     for p, cursor in enumerate(cursors):
         if await cursor.fill():

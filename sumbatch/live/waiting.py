@@ -27,62 +27,67 @@ _TASK_ENDS = frozenset({"TaskCompleted", "TaskFailed", "TaskRevoked"})
 
 async def group_processed(store: Store, feed: Feed, gid: str, wait: float) -> GroupSummary | None:
     """The group's status once it is processed, or after ``wait`` seconds."""
-    deadline = asyncio.get_running_loop().time() + wait
-
-    async def read() -> GroupSummary | None:
-        return await store.group_summary(gid)
-
-    def done(view: GroupSummary | None) -> bool:
-        return view is None or view.processed
-
-    async with feed.listen(gid) as listener:
-        view = await read()
-        if done(view):
-            return view
-        if await store.group_finished_logged(gid):
-            return await _settle(read, done, deadline)
-        while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
-            try:
-                entry = await listener.next(remaining)
-            except Interrupted:
-                break
-            if entry is None:
-                break
-            if entry.fields.get("type") == "GroupFinished":
-                return await _settle(read, done, deadline)
-    return await read()
+    return await _until(
+        feed,
+        gid,
+        wait,
+        read=lambda: store.group_summary(gid),
+        done=lambda view: view is None or view.processed,
+        logged=lambda: store.group_finished_logged(gid),
+        ends=lambda fields: fields.get("type") == "GroupFinished",
+    )
 
 
 async def task_ended(store: Store, feed: Feed, tid: str, wait: float) -> TaskView | None:
     """The task's status once it has ended, or after ``wait`` seconds."""
-    deadline = asyncio.get_running_loop().time() + wait
     where = ids.split_task_id(tid)
     if where is None:
         return None
 
-    async def read() -> TaskView | None:
-        return await store.task_view(tid)
+    def ends(fields: dict[str, str]) -> bool:
+        kind = fields.get("type")
+        return kind == "GroupFinished" or (kind in _TASK_ENDS and fields.get("taskId") == tid)
 
-    def done(view: TaskView | None) -> bool:
-        return view is None or view.state in TERMINAL
+    return await _until(
+        feed,
+        where[0],
+        wait,
+        read=lambda: store.task_view(tid),
+        done=lambda view: view is None or view.state in TERMINAL,
+        logged=lambda: store.task_ended(tid),
+        ends=ends,
+    )
 
-    async with feed.listen(where[0]) as listener:
+
+async def _until(
+    feed: Feed,
+    group: str,
+    wait: float,
+    *,
+    read: Callable[[], Awaitable[V]],
+    done: Callable[[V], bool],
+    logged: Callable[[], Awaitable[bool]],
+    ends: Callable[[dict[str, str]], bool],
+) -> V:
+    """``read()`` once ``done`` says so, or after ``wait`` seconds. The listener comes
+    first, then the reads: an end after them reaches the listener (``ends``), one before
+    them is in the view already or in the log (``logged``)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    async with feed.listen(group) as listener:
         view = await read()
         if done(view):
             return view
-        if await store.task_ended(tid):
+        if await logged():
             return await _settle(read, done, deadline)
-        while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
+        while (remaining := deadline - loop.time()) > 0:
             try:
                 entry = await listener.next(remaining)
             except Interrupted:
                 break
             if entry is None:
                 break
-            kind = entry.fields.get("type")
-            if (kind in _TASK_ENDS and entry.fields.get("taskId") == tid) or (
-                kind == "GroupFinished"
-            ):
+            if ends(entry.fields):
                 return await _settle(read, done, deadline)
     return await read()
 
