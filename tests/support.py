@@ -40,6 +40,7 @@ from sumbatch.events import (
 )
 from sumbatch.replay import differences
 from sumbatch.store import Store, open_store
+from sumbatch.store.partitions import open_partitions
 from sumbatch.testing import Groups as Groups
 from sumbatch.testing import Processes as Processes
 from sumbatch.testing import all_processed as all_processed
@@ -368,3 +369,19 @@ class Gate:
 
     def open(self) -> None:
         self.opened.set()
+
+
+async def outcomes(settings: Settings) -> tuple[Counter[str], Counter[str]]:
+    """How many times each task completed, and each group finished, in the event logs
+    of every partition."""
+    async with await open_partitions(settings) as partitions:
+        completed: Counter[str] = Counter()
+        finished: Counter[str] = Counter()
+        for store in partitions:
+            for _, fields in await stream_entries(store, store.keys.events):
+                event = from_fields(fields)
+                if isinstance(event, TaskCompleted):
+                    completed[event.task_id] += 1
+                elif isinstance(event, GroupFinished):
+                    finished[event.group_task_id] += 1
+        return completed, finished

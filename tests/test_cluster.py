@@ -31,7 +31,7 @@ from sumbatch.api import create_app, durable_problem
 from sumbatch.cluster import TLS, LocalCluster
 from sumbatch.config import ConfigError, Settings
 from sumbatch.embedded import EmbeddedServer, find_cli, find_server
-from sumbatch.events import GroupFinished, Keys, TaskCompleted, from_fields
+from sumbatch.events import Keys, TaskCompleted, from_fields
 from sumbatch.replay import differences
 from sumbatch.store.partitions import PER_MASTER, Partitions, open_partitions
 from sumbatch.tasks import Delay
@@ -46,6 +46,7 @@ from tests.support import (
     fresh_namespace,
     group_processed,
     listening,
+    outcomes,
     post_group,
     run_sumbatch,
     self_signed,
@@ -237,21 +238,9 @@ def test_kill_9_of_workers_and_the_projector_on_a_cluster_loses_and_doubles_noth
         for gid, sums in groups.items():
             assert client.get(f"/grouptasks/{gid}").json()["results"] == sums
 
-    async def exactly_once() -> None:
-        async with await open_partitions(settings) as partitions:
-            completed: Counter[str] = Counter()
-            finished: Counter[str] = Counter()
-            for store in partitions:
-                for _, fields in await stream_entries(store, store.keys.events):
-                    event = from_fields(fields)
-                    if isinstance(event, TaskCompleted):
-                        completed[event.task_id] += 1
-                    elif isinstance(event, GroupFinished):
-                        finished[event.group_task_id] += 1
-            assert set(completed.values()) == {1} and len(completed) == 200
-            assert set(finished.values()) == {1} and set(finished) == set(groups)
-
-    asyncio.run(exactly_once())
+    completed, finished = asyncio.run(outcomes(settings))
+    assert set(completed.values()) == {1} and len(completed) == 200
+    assert set(finished.values()) == {1} and set(finished) == set(groups)
     done = run_sumbatch("replay", "--check", env=env_for(settings))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0 differences" in done.stdout.splitlines()[-1]

@@ -27,8 +27,8 @@ from redis.crc import key_slot
 from sumbatch import ids
 from sumbatch.cluster import LocalCluster
 from sumbatch.config import Settings
-from sumbatch.events import GroupFinished, Keys, TaskCompleted, from_fields
-from sumbatch.store.partitions import PER_MASTER, open_partitions
+from sumbatch.events import Keys
+from sumbatch.store.partitions import PER_MASTER
 from sumbatch.tasks import Delay
 from sumbatch.testing import free_cluster_ports
 from tests.support import (
@@ -38,8 +38,8 @@ from tests.support import (
     env_for,
     free_port,
     fresh_namespace,
+    outcomes,
     run_sumbatch,
-    stream_entries,
     wait_until_sync,
 )
 
@@ -393,7 +393,7 @@ def test_moving_partitions_slots_under_load_is_retried_not_a_500(
 
         # Exactly once: each task of each acknowledged group completed once, each group
         # finished once, in the event logs of every partition.
-        completed, finished = asyncio.run(_outcomes(settings))
+        completed, finished = asyncio.run(outcomes(settings))
         doubled = [tid for tid, count in completed.items() if count > 1]
         assert doubled == [], doubled
         tasks = {
@@ -415,19 +415,3 @@ def test_moving_partitions_slots_under_load_is_retried_not_a_500(
     finally:
         procs.cleanup()  # before the cluster, so no process logs its going
         cluster.stop()
-
-
-async def _outcomes(settings: Settings) -> tuple[Counter[str], Counter[str]]:
-    """How many times each task completed, and each group finished, in the event logs
-    of every partition."""
-    async with await open_partitions(settings) as partitions:
-        completed: Counter[str] = Counter()
-        finished: Counter[str] = Counter()
-        for store in partitions:
-            for _, fields in await stream_entries(store, store.keys.events):
-                event = from_fields(fields)
-                if isinstance(event, TaskCompleted):
-                    completed[event.task_id] += 1
-                elif isinstance(event, GroupFinished):
-                    finished[event.group_task_id] += 1
-        return completed, finished
