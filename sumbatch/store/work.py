@@ -220,10 +220,14 @@ class WorkQueue(StoreBase):
     async def _cache(self, sums: dict[tuple[int, int], int]) -> None:
         if not sums:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        for (a, b), result in sums.items():
-            pipe.set(self.keys.cache(a, b), result, ex=self.retention.cache)
-        await pipe.execute()
+        keys = [self.keys.cache(a, b) for a, b in sums]
+        if isinstance(self.redis, RedisCluster):
+            pipe = self.redis.pipeline(transaction=False)
+            for key, result in zip(keys, sums.values(), strict=True):
+                pipe.set(key, result, ex=self.retention.cache)
+            await pipe.execute()
+            return
+        await self._cache_put(keys=keys, args=[self.retention.cache, *sums.values()])
 
     async def renew(self, consumer: str, entry_ids: Sequence[str], idle_ms: int = 0) -> list[str]:
         """Keep our claim on ``entry_ids`` (or, with ``idle_ms``, hand them back as if
