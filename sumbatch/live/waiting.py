@@ -75,10 +75,11 @@ async def _until(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     async with feed.listen(group) as listener:
-        view = await read()
+        # Both at once: one round trip instead of two before the wait starts.
+        view, ended = await asyncio.gather(read(), logged())
         if done(view):
             return view
-        if await logged():
+        if ended:
             return await _settle(read, done, deadline)
         while (remaining := deadline - loop.time()) > 0:
             try:
