@@ -147,7 +147,7 @@ async def create_group(request: Request) -> Response:
             return error(503, f"{exc}", {"Retry-After": "60"})
     group = GroupView.submitted(created.group_task_id, len(submitted.tasks))
     fsync_ms = FSYNC_TIMEOUT_MS if settings.durable else None
-    written = await store.submit([submission.event], submission.work, group, idempotency, fsync_ms)
+    written = await store.submit(submission.event, group, idempotency, fsync_ms)
     if written.fsynced is False:
         where = "by a replica" if store.durable == "replica" else "on disk"
         return error(503, f"not confirmed {where} in time; retry with the same Idempotency-Key",

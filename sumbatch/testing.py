@@ -103,9 +103,7 @@ async def submit(store: Store, pairs: list[tuple[int, int]]) -> tuple[str, list[
     id, task ids)."""
     sub = Submission.of([TaskIn(a, b) for a, b in pairs], store.keys.partition)
     created = sub.created
-    await store.submit(
-        [sub.event], sub.work, GroupView.submitted(created.group_task_id, len(pairs))
-    )
+    await store.submit(sub.event, GroupView.submitted(created.group_task_id, len(pairs)))
     return created.group_task_id, created.task_ids
 
 

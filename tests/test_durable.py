@@ -203,9 +203,7 @@ def test_a_submission_sent_again_on_a_new_connection_waits_for_the_first_ones_fs
     admin = redis.Redis.from_url(server.url)
 
     async def send(store: Store) -> bool | None:
-        written = await store.submit(
-            [submission.event], submission.work, group, None, fsync_timeout_ms=300
-        )
+        written = await store.submit(submission.event, group, None, fsync_timeout_ms=300)
         return written.fsynced
 
     async def scenario() -> list[bool | None]:

@@ -186,7 +186,7 @@ def test_a_step_sent_again_counts_once(settings: Settings) -> None:
             sub = Submission.of([TaskIn(2, 3), TaskIn(4, 5)], store.keys.partition)
             gid = sub.created.group_task_id
             for _ in range(2):
-                await store.submit([sub.event], sub.work, GroupView.submitted(gid, 2))
+                await store.submit(sub.event, GroupView.submitted(gid, 2))
             before = (await store.state()).counters
             assert (before["groupsSubmitted"], before["tasksSubmitted"]) == (1, 2)
             await store.ensure_worker_group()

@@ -110,7 +110,7 @@ def test_memory_levels_off_under_a_steady_load_with_short_ttls(settings: Setting
     """10 waves of 20 groups x 40 tasks, one group every 0.1 s (400 tasks/s), with every
     TTL and the log retention at 2 s, through an in-process worker and projector (their
     own trim cadence: the projector trims the log every second, the worker the work
-    stream every 5 s). Memory, the number of keys and both streams' lengths stop growing
+    stream every half second). Memory, the number of keys and both streams' lengths stop growing
     after a few waves, and fall back once the load stops."""
     settings = msgspec.structs.replace(
         settings, result_ttl=2, cache_ttl=2, log_retention=2, delay=Delay(0.0, 0.0)

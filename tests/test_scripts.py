@@ -11,7 +11,14 @@ import redis
 
 from sumbatch import ids
 from sumbatch.config import Settings
-from sumbatch.events import GroupFinished, Keys, TaskRevoked, from_fields, to_fields
+from sumbatch.events import (
+    GroupFinished,
+    GroupSubmitted,
+    Keys,
+    TaskRevoked,
+    from_fields,
+    to_fields,
+)
 from sumbatch.projection import GroupView
 from sumbatch.scripts.lib import lua_fields
 from sumbatch.store import open_store
@@ -39,7 +46,7 @@ def test_the_work_entries_submit_builds_are_what_events_py_writes(
     async def scenario() -> None:
         async with open_store(settings) as store:
             group = GroupView.submitted(submission.created.group_task_id, len(pairs))
-            await store.submit([submission.event], submission.work, group)
+            await store.submit(submission.event, group)
 
     asyncio.run(scenario())
     written = [fields for _, fields in entries(raw, Keys(settings.namespace).work)]
@@ -47,6 +54,22 @@ def test_the_work_entries_submit_builds_are_what_events_py_writes(
         list(to_fields(w).items()) for w in submission.work
     ]
     assert [w["taskId"] for w in written] == submission.created.task_ids
+
+
+def test_submit_refuses_columns_that_do_not_hold_every_task_and_writes_nothing(
+    settings: Settings, raw: redis.Redis
+) -> None:
+    gid = ids.new_group_id()
+    short = GroupSubmitted(group_task_id=gid, tasks_total=3, params_a="1 2 3", params_b="4 5")
+
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            with pytest.raises(redis.ResponseError, match="tasksTotal values"):
+                await store.submit(short, GroupView.submitted(gid, 3))
+
+    asyncio.run(scenario())
+    keys = Keys(settings.namespace)
+    assert raw.exists(keys.events, keys.work, keys.ledger(gid), keys.group_view(gid)) == 0
 
 
 def test_the_events_the_scripts_build_are_what_events_py_writes(

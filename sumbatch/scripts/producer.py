@@ -9,12 +9,20 @@ from sumbatch.scripts.lib import LIB
 # count the group and its tasks, once: a retry of this call counts nothing more.
 # KEYS: events, work, ledger, group log, idempotency key, group view, stats.
 # ARGV: tasksTotal, idempotency record ('' = no key), its ttl, group view json,
-#       events json, work entries json.  Returns the earlier idempotency record if any.
+#       events json, then the work entries' columns: the group id, its tasks' paramsA
+#       and paramsB (space-separated, as GroupSubmitted holds them).
+# Returns the earlier idempotency record if any.
 SUBMIT = (
     LIB
     # A task id is its group's id with its index + 1 in the last INDEX_DIGITS hex digits.
     + f"local INDEX_DIGITS = {INDEX_DIGITS}\n"
     + """
+local params_a, params_b = {}, {}
+for v in string.gmatch(ARGV[7], '%S+') do params_a[#params_a + 1] = v end
+for v in string.gmatch(ARGV[8], '%S+') do params_b[#params_b + 1] = v end
+if #params_a ~= tonumber(ARGV[1]) or #params_b ~= #params_a then
+  return redis.error_reply('ERR paramsA and paramsB must hold tasksTotal values each')
+end
 local earlier = ARGV[2] ~= '' and is_or_none(KEYS[5], 'string')
   and redis.call('GET', KEYS[5])
 -- A client library's retry of this very call (same ids) must not append twice.
@@ -39,21 +47,15 @@ if again then
   return false
 end
 for _, fields in ipairs(cjson.decode(ARGV[5])) do append(KEYS[1], KEYS[4], fields) end
--- The work entries, one TaskSubmitted each, built here from their columns (ARGV[6]:
--- the group id, ARGV[7..9]: indexes, paramsA, paramsB, space-separated): a tenth of
--- the bytes of the entries themselves, and no JSON to decode. The params stay text, so
--- 64-bit integers pass exactly. The fields are those of events.to_flat, in its order.
+-- The work entries, one TaskSubmitted per task, built here from the group's columns:
+-- no entry is built or sent one by one. The params stay text, so 64-bit integers pass
+-- exactly. The fields are those of events.to_flat, in its order.
 local gid, prefix = ARGV[6], string.sub(ARGV[6], 1, -(INDEX_DIGITS + 1))
-local indexes, params_a, params_b = {}, {}, {}
-for v in string.gmatch(ARGV[7], '%S+') do indexes[#indexes + 1] = v end
-for v in string.gmatch(ARGV[8], '%S+') do params_a[#params_a + 1] = v end
-for v in string.gmatch(ARGV[9], '%S+') do params_b[#params_b + 1] = v end
-for n = 1, #indexes do
-  local index = indexes[n]
+local id_format = '%0' .. INDEX_DIGITS .. 'x'
+for n = 1, #params_a do
   redis.call('XADD', KEYS[2], '*', 'type', 'TaskSubmitted',
-    'taskId', prefix .. string.format('%0' .. INDEX_DIGITS .. 'x', tonumber(index) + 1),
-    'groupTaskId', gid,
-    'index', index, 'paramA', params_a[n], 'paramB', params_b[n])
+    'taskId', prefix .. string.format(id_format, n), 'groupTaskId', gid,
+    'index', tostring(n - 1), 'paramA', params_a[n], 'paramB', params_b[n])
 end
 redis.call('HSET', KEYS[3], 'total', ARGV[1], 'finished', 0, 'failed', 0, 'revoked', 0,
   'submitted', string.format('%d', now_ms()))

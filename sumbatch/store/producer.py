@@ -3,7 +3,6 @@ one."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -17,12 +16,7 @@ from redis.exceptions import (
 )
 
 from sumbatch import ids, scripts
-from sumbatch.events import (
-    AnyEvent,
-    GroupCancelled,
-    TaskSubmitted,
-    to_flat,
-)
+from sumbatch.events import GroupCancelled, GroupSubmitted, to_flat
 from sumbatch.outage import refusal
 from sumbatch.projection import GroupView
 from sumbatch.store.base import DurableMode, StoreBase, _json
@@ -77,20 +71,22 @@ def _durable_mode(has_waitaof: bool, aof_off: bool, config: dict[str, str] | Non
 class Producer(StoreBase):
     async def submit(
         self,
-        events: Sequence[AnyEvent],
-        work: Sequence[TaskSubmitted],
+        event: GroupSubmitted,
         group: GroupView,
         idempotency: tuple[str, str] | None = None,
         fsync_timeout_ms: int | None = None,
     ) -> Submitted:
-        """Append a group's events and its work entries, and write its first view; or
-        nothing.
+        """Append a group's GroupSubmitted and its work entries, one per task, and write
+        its first view; or nothing. The script builds the work entries from the event's
+        columns: no entry is built or sent one by one.
 
         ``idempotency`` is (key, record): when the key was used before, nothing is
         appended and the earlier record is returned instead. With
         ``fsync_timeout_ms``, also wait (WAITAOF, on the same connection) until the
         write is fsynced to the server's AOF."""
-        gid = group.group_task_id
+        gid = event.group_task_id
+        if group.group_task_id != gid:
+            raise ValueError("the view must be the submitted group's")
         idem_key, record = idempotency or ("", "")
         keys = [
             self.keys.events,
@@ -106,8 +102,10 @@ class Producer(StoreBase):
             record,
             self.retention.results,
             _json.encode(group),
-            _json.encode(to_flat(list(events))),
-            *_work_columns(gid, work),
+            _json.encode(to_flat([event])),
+            gid,
+            event.params_a,
+            event.params_b,
         ]
         if fsync_timeout_ms is None or self.durable == "always":
             # appendfsync always: the server fsyncs before it answers.
@@ -223,16 +221,3 @@ class Producer(StoreBase):
         if code == -2:
             return CancelOutcome("finished")
         return CancelOutcome("before") if code == 0 else CancelOutcome("cancelled", code - 1)
-
-
-def _work_columns(gid: str, work: Sequence[TaskSubmitted]) -> list[str]:
-    """The work entries as the SUBMIT script takes them: the group id, then indexes,
-    paramsA and paramsB, each space-separated; every entry must be of this group."""
-    if any(w.group_task_id != gid for w in work):
-        raise ValueError("every work entry of a submission must be of its group")
-    return [
-        gid,
-        " ".join([str(w.index) for w in work]),
-        " ".join([str(w.param_a) for w in work]),
-        " ".join([str(w.param_b) for w in work]),
-    ]
