@@ -37,6 +37,7 @@ from sumbatch.events import (
     TaskCompleted,
     TaskStarted,
     from_fields,
+    from_group_log,
 )
 from sumbatch.replay import differences
 from sumbatch.store import Store, open_store
@@ -212,8 +213,9 @@ def entries(raw: redis.Redis, key: str) -> list[tuple[str, dict[str, str]]]:
 def events(raw: redis.Redis, settings: Settings, gid: str | None = None) -> list[AnyEvent]:
     """The log, or with ``gid`` that group's own log."""
     keys = Keys(settings.namespace)
-    key = keys.events if gid is None else keys.group_log(gid)
-    return [from_fields(f) for _, f in entries(raw, key)]
+    if gid is None:
+        return [from_fields(f) for _, f in entries(raw, keys.events)]
+    return [from_fields(from_group_log(gid, f)) for _, f in entries(raw, keys.group_log(gid))]
 
 
 def kinds(raw: redis.Redis, settings: Settings) -> Counter[str]:

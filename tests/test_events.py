@@ -3,7 +3,9 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot
 
+from sumbatch import ids
 from sumbatch.events import (
+    GROUP_LOG_OMITS,
     AnyEvent,
     GroupCancelled,
     GroupFinished,
@@ -17,6 +19,7 @@ from sumbatch.events import (
     TaskStarted,
     TaskSubmitted,
     from_fields,
+    from_group_log,
     to_fields,
     to_flat,
 )
@@ -112,3 +115,36 @@ def test_partitions_spread_evenly_over_the_cluster_slots() -> None:
         assert [int(slot // share) for slot in slots] == list(range(count))
     # One partition: the names of before partitions existed.
     assert Keys("ns", 0, 1).events == "{ns}:events"
+
+
+def test_a_group_log_entry_gets_back_the_ids_it_leaves_out_in_the_event_logs_order() -> None:
+    gid = ids.new_group_id()
+    events: list[AnyEvent] = [
+        GroupSubmitted(group_task_id=gid, tasks_total=2, params_a="1 2", params_b="3 4"),
+        TaskCompleted(
+            task_id=ids.task_id(gid, 1),
+            group_task_id=gid,
+            index=1,
+            result=6,
+            from_cache=False,
+            attempt=1,
+            worker="w",
+        ),  # fmt: skip
+        GroupFinished(
+            group_task_id=gid, tasks_total=2, tasks_failed=0, tasks_revoked=0, succeeded=True
+        ),
+    ]
+    for event in events:
+        full = to_fields(event)
+        short = {k: v for k, v in full.items() if k not in GROUP_LOG_OMITS}
+        assert list(from_group_log(gid, short).items()) == list(full.items())
+        assert from_group_log(gid, full) == full  # an entry that has them keeps them
+
+
+def test_a_group_log_entry_written_by_hand_keeps_what_it_says() -> None:
+    gid = ids.new_group_id()
+    other = ids.new_group_id()
+    hand = {"type": "TaskCompleted", "groupTaskId": other, "index": "x"}
+    assert from_group_log(gid, hand) == hand
+    assert from_group_log(gid, {"type": "Nonsense"}) == {"type": "Nonsense", "groupTaskId": gid}
+    assert "taskId" not in from_group_log(gid, {"type": "TaskCompleted", "index": "-1"})

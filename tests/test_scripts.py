@@ -12,6 +12,7 @@ import redis
 from sumbatch import ids
 from sumbatch.config import Settings
 from sumbatch.events import (
+    GROUP_LOG_OMITS,
     GroupFinished,
     GroupSubmitted,
     Keys,
@@ -105,3 +106,39 @@ def test_the_events_the_scripts_build_are_what_events_py_writes(
         assert from_fields(fields) == event
     assert built == {}
     assert task_ids == [ids.task_id(gid, i) for i in range(3)]
+
+
+def test_a_groups_log_holds_its_events_less_the_ids_its_key_and_index_give(
+    settings: Settings, raw: redis.Redis
+) -> None:
+    """Every script's copy in a group's own log (submitted, started, completed,
+    cancelled, revoked, finished): the event log's entry, same id, less the omitted
+    fields; read back through the store, the very entry of the event log."""
+
+    async def submit_and_cancel() -> tuple[str, str]:
+        async with open_store(settings) as store:
+            done, _ = await submit(store, [(1, 2), (3, 4)])
+            cancelled, _ = await submit(store, [(5, 6), (7, 8)])
+            await store.cancel(cancelled)
+            return done, cancelled
+
+    groups = asyncio.run(submit_and_cancel())
+    work(settings)
+    keys = Keys(settings.namespace)
+    logged = entries(raw, keys.events)
+
+    async def histories() -> dict[str, list[tuple[str, dict[str, str]]]]:
+        async with open_store(settings) as store:
+            return {gid: await store.group_history(gid) for gid in groups}
+
+    read_back = asyncio.run(histories())
+    for gid in groups:
+        own = [(eid, f) for eid, f in logged if f.get("groupTaskId") == gid]
+        kinds = {f["type"] for _, f in own}
+        assert {"GroupSubmitted", "GroupFinished"} <= kinds and len(kinds) >= 3
+        assert entries(raw, keys.group_log(gid)) == [
+            (eid, {k: v for k, v in f.items() if k not in GROUP_LOG_OMITS}) for eid, f in own
+        ]
+        assert [(eid, list(f.items())) for eid, f in read_back[gid]] == [
+            (eid, list(f.items())) for eid, f in own
+        ]

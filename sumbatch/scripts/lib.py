@@ -7,7 +7,7 @@ import msgspec
 
 from sumbatch import ids
 from sumbatch.config import MAX_TASKS_LIMIT
-from sumbatch.events import Event, GroupFinished, TaskRevoked
+from sumbatch.events import GROUP_LOG_OMITS, Event, GroupFinished, TaskRevoked
 from sumbatch.scripts import stats
 
 
@@ -39,6 +39,7 @@ _TASK_REVOKED = lua_fields(
 
 _GENERATED = f"""
 local MAX_TASKS = {MAX_TASKS_LIMIT}  -- the most tasks a group can have
+local GROUP_LOG_OMITS = {{{", ".join(f"['{name}'] = true" for name in GROUP_LOG_OMITS)}}}
 
 -- The events built here. Counts are the ledger's, as text.
 local function group_finished(gid, total, failed, revoked)
@@ -123,10 +124,19 @@ end
 -- Append to the log and to the group's audit stream, with the same entry id. The
 -- audit stream only ever gets ids from the log, so they go up; should someone have
 -- written it ahead by hand, the copy is skipped (pcall) rather than fail the step
--- after its first write.
+-- after its first write. The copy leaves out the fields its key and the index say
+-- (events.GROUP_LOG_OMITS; readers put them back with events.from_group_log).
 local function append(events, log, fields)
   local id = redis.call('XADD', events, '*', unpack(fields))
-  redis.pcall('XADD', log, id, unpack(fields))
+  local copy = {}
+  for i = 1, #fields, 2 do
+    local name = fields[i]
+    if not GROUP_LOG_OMITS[name] then
+      copy[#copy + 1] = name
+      copy[#copy + 1] = fields[i + 1]
+    end
+  end
+  redis.pcall('XADD', log, id, unpack(copy))
   return id
 end
 

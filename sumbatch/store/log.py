@@ -11,6 +11,7 @@ from typing import Any, cast
 import msgspec
 
 from sumbatch import ids
+from sumbatch.events import from_group_log
 from sumbatch.projection import GroupSummary, GroupView, SetAside, TaskView, Views, task_view
 from sumbatch.store.base import Entry, StoreBase, _json
 
@@ -62,12 +63,12 @@ class EventLog(StoreBase):
     async def group_history(
         self, group_task_id: str, after: str | None = None, count: int | None = None
     ) -> list[Entry]:
-        """A group's own log, from its start or after an entry id (exclusive)."""
+        """A group's own log, from its start or after an entry id (exclusive), each entry
+        with the fields the group's log leaves out put back: as in the event log."""
         start = "-" if after is None else f"({after}"
-        return cast(
-            list[Entry],
-            await self.redis.xrange(self.keys.group_log(group_task_id), start, "+", count),
-        )
+        key = self.keys.group_log(group_task_id)
+        logged = cast(list[Entry], await self.redis.xrange(key, start, "+", count))
+        return [(entry_id, from_group_log(group_task_id, fields)) for entry_id, fields in logged]
 
     async def events_after(self, after: str, count: int) -> list[Entry]:
         """The log's entries after an entry id (exclusive), oldest first."""
