@@ -14,7 +14,10 @@ polling every 50 ms, then one 4-task group at a time with ``?wait=``. Prints:
 - Redis µs per task by command (``INFO commandstats``; a script's time includes the
   commands it runs) and by script (``SLOWLOG`` at threshold 0, each script named);
 - for 4-task groups, the median of each stage: the POST, its GroupSubmitted to the
-  group's GroupFinished (ms resolution: stream ids), GroupFinished to the answer.
+  group's GroupFinished (ms resolution: stream ids), GroupFinished to the answer; and
+  the CPU each process spends per group (the 10 warm-up groups included);
+- the trace of one such group: every command Redis ran for it, with its time and
+  connection (MONITOR), from the POST to the answer.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import hashlib
 import os
 import statistics
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -104,6 +108,51 @@ async def stages(base: str, client: redis.Redis, groups: int) -> None:
     print(f"  POST sent -> answered   {median([r[4] - r[0] for r in rows]):6.2f}")
 
 
+def trace(base: str, url: str) -> None:
+    """Every command Redis ran for one 4-task group (MONITOR, µs clock), from the POST
+    to the answer of its ``?wait=``: which process did what, and when. MONITOR costs the
+    server time of its own, so the times are a little longer than unwatched."""
+    seen: list[dict[str, object]] = []
+    watcher = redis.Redis.from_url(url, decode_responses=True)
+    ready = threading.Event()
+
+    def follow() -> None:
+        try:
+            with watcher.monitor() as feed:  # type: ignore[no-untyped-call]
+                ready.set()
+                for command in feed.listen():
+                    seen.append(command)
+        except (redis.ConnectionError, ValueError, AttributeError):
+            return  # the watcher's connection was closed: the trace is over
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    ready.wait(10)
+
+    async def one_group() -> tuple[float, float, float]:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+            for _ in range(5):  # warm: connections made, scripts loaded
+                gid = (await http.post("/grouptasks", json=tasks_for(4)[0])).json()["groupTaskId"]
+                await http.get(f"/grouptasks/{gid}?wait=30")
+            sent = time.time()
+            gid = (await http.post("/grouptasks", json=tasks_for(4)[0])).json()["groupTaskId"]
+            posted = time.time()
+            await http.get(f"/grouptasks/{gid}?wait=30")
+            return sent, posted, time.time()
+
+    sent, posted, answered = asyncio.run(one_group())
+    watcher.connection_pool.disconnect()
+    thread.join(10)
+    print("\nOne 4-task group, traced (ms since the POST was sent; port = a connection)")
+    print(f"  {(posted - sent) * 1000:7.2f}  the client has the POST's answer")
+    for command in seen:
+        at = float(command["time"])  # type: ignore[arg-type]
+        if sent <= at <= answered and command.get("client_type") != "lua":
+            text = str(command["command"])[:96]
+            print(f"  {(at - sent) * 1000:7.2f}  {command.get('client_port', '?'):>6}  {text}")
+    print(f"  {(answered - sent) * 1000:7.2f}  the client has the ?wait= answer")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--groups", type=int, default=300, help="groups of 100 at full load")
@@ -134,8 +183,18 @@ def main() -> None:
             tasks = args.groups * 100
             cpu_per_task(spent, tasks, run, busy)
             redis_per_task(client, tasks)
+            before = {role: cpu_seconds(pid) for role, pid in roles.items()}
+            started = time.perf_counter()
             asyncio.run(stages(base, client, 200))
+            run = time.perf_counter() - started
+            spent = {role: (cpu_seconds(pid) or 0.0) - (before[role] or 0.0)
+                     for role, pid in roles.items()}  # fmt: skip
+            print(f"  CPU ms per group, one group at a time ({run / 210 * 1000:.1f} ms each):")
+            for role, seconds in spent.items():
+                print(f"    {role:<16} {seconds / 210 * 1000:6.2f}")
+            print(f"    {'all of them':<16} {sum(spent.values()) / 210 * 1000:6.2f}")
             client.close()
+            trace(base, server.url)
     finally:
         server.stop()
 
