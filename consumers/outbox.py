@@ -16,8 +16,10 @@ log = logging.getLogger("sumbatch.worker")
 
 REFUSED_WHY = "the task is outside its group, or its group's keys are not what sumbatch wrote"
 
-# Outcomes flushed in one script call, at most.
-BATCH = 500
+# Outcomes flushed in one script call, at most. Redis runs one script at a time and
+# nothing beside it: 500 outcomes held it for about 22 ms, and every GET and POST that
+# came meanwhile waited; 200 keep that under 10 ms for about 4 % of the throughput.
+BATCH = 200
 
 
 class Outbox:

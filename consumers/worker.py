@@ -45,6 +45,9 @@ log = logging.getLogger("sumbatch.worker")
 
 __all__ = ["READ_BLOCK_MS", "TRIM_EVERY", "Handler", "Load", "Worker", "consumer_name"]
 
+# Entries one read takes at most: the batch the begin script handles at once, which
+# holds Redis that long (the outbox's BATCH says why it is not larger).
+READ_COUNT = 200
 # How long one read of the work stream blocks when nothing comes: a worker told to stop
 # issues no other read, so it takes nothing new after at most this long.
 READ_BLOCK_MS = 1000
@@ -83,7 +86,7 @@ class Worker:
         *,
         handler: Handler | None = None,
         name: str | None = None,
-        read_count: int = 500,
+        read_count: int = READ_COUNT,
         watch_cancels: bool = True,
         load: Load | None = None,
     ) -> None:
