@@ -35,6 +35,7 @@ from consumers.cancels import Cancels
 from consumers.isolate import isolate
 from consumers.outbox import Outbox
 from consumers.runs import Handler, Runs, completed, failed
+from sumbatch import ids
 from sumbatch.config import Settings, resolve_handler
 from sumbatch.events import AnyEvent, TaskSubmitted, from_fields
 from sumbatch.outage import REDIS_DOWN, Outage
@@ -60,6 +61,14 @@ TRIM_EVERY = 0.5
 FORGET_EVERY = 5.0
 # Seconds a stopping worker gives its helper loops (renewals, cancels, flushing) to end.
 HELPERS_STOP = 1.0
+
+
+WRONG_TASK_ID = "its taskId is not the one its groupTaskId and index name"
+
+
+def _names_itself(item: TaskSubmitted) -> bool:
+    """Whether a work entry's task id is its group's id with its index (ids.py)."""
+    return item.task_id == ids.task_id(item.group_task_id, item.index)
 
 
 def consumer_name() -> str:
@@ -256,7 +265,14 @@ class Worker:
                 item: AnyEvent | None = from_fields(fields)
             except msgspec.ValidationError:
                 item = None
-            if isinstance(item, TaskSubmitted):
+            if isinstance(item, TaskSubmitted) and not _names_itself(item):
+                # Its outcome would be logged for another task than its fence bit's:
+                # refused, as the scripts refuse an index outside the group.
+                log.error("work entry %s: %s; dead-lettered", entry_id, WRONG_TASK_ID)
+                await self.store.dead_letter_entry(
+                    entry_id, fields, "RefusedWorkEntry", WRONG_TASK_ID
+                )
+            elif isinstance(item, TaskSubmitted):
                 good.append((entry_id, item))
             else:
                 # Not a task we can run: keep it for inspection, never block the batch.

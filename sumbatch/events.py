@@ -14,6 +14,7 @@ shared tag keeps them in one cluster slot.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable
 from typing import Any, Final, get_args
 
@@ -169,6 +170,9 @@ def to_flat(events: list[AnyEvent]) -> list[list[str]]:
 GROUP_LOG_OMITS: Final = ("taskId", "groupTaskId")
 
 
+_INDEX = re.compile("[0-9]{1,10}")  # ASCII digits only: int() takes other scripts' too
+
+
 def from_group_log(group_task_id: str, fields: dict[str, str]) -> dict[str, str]:
     """An entry of a group's own log with the fields it leaves out put back, so it reads
     as the same entry of the event log; an entry that has them (written by an older
@@ -177,7 +181,7 @@ def from_group_log(group_task_id: str, fields: dict[str, str]) -> dict[str, str]
         return fields
     full = {"type": fields.get("type", "")} if "type" in fields else {}
     index = fields.get("index", "")
-    if "taskId" not in fields and index.isdigit() and int(index) < 2**32 - 1:
+    if "taskId" not in fields and _INDEX.fullmatch(index) and int(index) < 2**32 - 1:
         full["taskId"] = ids.task_id(group_task_id, int(index))
     full["groupTaskId"] = fields.get("groupTaskId", group_task_id)
     full.update(fields)
@@ -301,7 +305,8 @@ class Keys:
         ]
 
     def group_log(self, group_task_id: str) -> str:
-        """One group's history (same entry ids as in the event log), for audit."""
+        """One group's history (same entry ids as in the event log), for audit; its
+        entries leave out GROUP_LOG_OMITS, which ``from_group_log`` puts back."""
         return f"{self.tag}:log:{group_task_id}"
 
     def ledger(self, group_task_id: str) -> str:

@@ -147,4 +147,5 @@ def test_a_group_log_entry_written_by_hand_keeps_what_it_says() -> None:
     hand = {"type": "TaskCompleted", "groupTaskId": other, "index": "x"}
     assert from_group_log(gid, hand) == hand
     assert from_group_log(gid, {"type": "Nonsense"}) == {"type": "Nonsense", "groupTaskId": gid}
-    assert "taskId" not in from_group_log(gid, {"type": "TaskCompleted", "index": "-1"})
+    for index in ("-1", "x", "²", "٣", "99999999999"):  # int() takes the last three
+        assert "taskId" not in from_group_log(gid, {"type": "TaskCompleted", "index": index})

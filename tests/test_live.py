@@ -162,27 +162,32 @@ class ReadsOf:
         self.key = key
         self.lines: list[str] = []
         self.ready = threading.Event()
+        self.started = False
         self.thread = threading.Thread(target=self._follow, daemon=True)
 
     def _follow(self) -> None:
         try:
             with self.client.monitor() as feed:  # type: ignore[no-untyped-call]
+                self.started = True
                 self.ready.set()
                 for command in feed.listen():
                     if command.get("client_type") != "lua":
                         self.lines.append(command["command"])
         except (redis.ConnectionError, ValueError, AttributeError):
             return  # the monitor's connection was closed: the count is over
+        finally:
+            self.ready.set()  # started or not: the test need not wait
 
     def __enter__(self) -> ReadsOf:
         self.thread.start()
-        assert self.ready.wait(10), "MONITOR did not start"
+        assert self.ready.wait(10) and self.started, "MONITOR did not start"
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.client.connection_pool.disconnect()
         self.client.close()
         self.thread.join(10)
+        assert not self.thread.is_alive(), "the monitor did not stop"
 
     def count(self) -> int:
         return sum(1 for line in list(self.lines) if line == f"GET {self.key}")

@@ -25,6 +25,7 @@ from sumbatch.replay import differences
 from sumbatch.store import Store, open_store
 from tests.support import (
     entries,
+    events,
     group_finished,
     group_processed,
     log_events,
@@ -296,6 +297,42 @@ def test_a_work_entry_outside_its_group_is_dead_lettered_and_trimming_goes_on(
     project(settings)
     for group in (created, later):
         assert client.get(f"/grouptasks/{group['groupTaskId']}").json()["grouptaskProcessed"]
+
+
+def test_a_work_entry_naming_another_task_is_refused_and_its_index_still_runs(
+    client: TestClient, settings: Settings, raw: redis.Redis
+) -> None:
+    """A hand-written work entry whose taskId is not the one its group and index name
+    (here task 1's id on index 0): its outcome would be logged for one task and fenced
+    for another. It is dead-lettered before it begins; the real entries run, and the
+    group's log and view agree."""
+    keys = Keys(settings.namespace)
+    created = post_group(client, [(1, 1), (2, 2)])
+    gid = created["groupTaskId"]
+    stray = xadd(
+        raw,
+        keys.work,
+        {"type": "TaskSubmitted", "taskId": ids.task_id(gid, 1), "groupTaskId": gid,
+         "index": "0", "paramA": "40", "paramB": "2"},
+    )  # fmt: skip
+
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            await asyncio.wait_for(Worker(settings, store).run_until_idle(), 30)
+
+    asyncio.run(scenario())
+    assert work_pending_sync(raw, settings) == 0
+    [(_, dead)] = entries(raw, keys.dead_letters)
+    assert (dead["type"], dead["workEntryId"]) == ("RefusedWorkEntry", stray)
+    assert "taskId" in dead["reason"]
+    project(settings)
+    group = client.get(f"/grouptasks/{gid}").json()
+    assert (group["grouptaskProcessed"], group["results"]) == (True, [2, 4])
+    completed = [e for e in events(raw, settings, gid) if isinstance(e, TaskCompleted)]
+    assert sorted((e.index, e.task_id, e.result) for e in completed) == [
+        (0, created["taskIds"][0], 2),
+        (1, created["taskIds"][1], 4),
+    ]
 
 
 def test_a_stored_view_of_the_wrong_shape_is_ignored_not_fatal(

@@ -40,7 +40,6 @@ from sumbatch.testing import (
     free_port,
     pending_by_consumer,
     processes,
-    stream_entries,
     submit,
     tasks_held_by,
     wait_until,
@@ -104,7 +103,7 @@ async def _measure(store: Store, settings: Settings, tasks: int, procs: Processe
     gid = group[0]
 
     async def log_of(kind: str) -> list[Entry]:
-        entries = await stream_entries(store, store.keys.group_log(gid))
+        entries = await store.group_history(gid)  # the ids its copies leave out put back
         return [(eid, f) for eid, f in entries if f["type"] == kind]
 
     async def all_started() -> bool:

@@ -45,8 +45,8 @@ return out
 
 # Remember sums computed here, each under its own key with its own TTL: one command
 # for a batch instead of a SET each, which cost the worker more than its whole
-# completion step. Only where every cache key shares the partition's tag (one server);
-# on a cluster they are in slots of their own and go in a pipeline instead.
+# completion step. Only where every cache key shares the partition's tag (one
+# partition, not a cluster); else they are in slots of their own and go in a pipeline.
 # KEYS: cache keys. ARGV: ttl (s), then each key's sum.
 CACHE_PUT = """
 for n, key in ipairs(KEYS) do redis.call('SET', key, ARGV[n + 1], 'EX', ARGV[1]) end

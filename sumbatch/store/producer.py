@@ -85,7 +85,7 @@ class Producer(StoreBase):
         ``fsync_timeout_ms``, also wait (WAITAOF, on the same connection) until the
         write is fsynced to the server's AOF."""
         gid = event.group_task_id
-        if group.group_task_id != gid:
+        if (group.group_task_id, group.tasks_total) != (gid, event.tasks_total):
             raise ValueError("the view must be the submitted group's")
         idem_key, record = idempotency or ("", "")
         keys = [

@@ -221,7 +221,8 @@ class WorkQueue(StoreBase):
         if not sums:
             return
         keys = [self.keys.cache(a, b) for a, b in sums]
-        if isinstance(self.redis, RedisCluster):
+        if isinstance(self.redis, RedisCluster) or self.keys.partitions > 1:
+            # Cache keys in slots of their own: not one script's keys.
             pipe = self.redis.pipeline(transaction=False)
             for key, result in zip(keys, sums.values(), strict=True):
                 pipe.set(key, result, ex=self.retention.cache)
