@@ -20,12 +20,24 @@ import time
 from sumbatch.outage import Outage
 from sumbatch.projection import fold_entries, group_ids
 from sumbatch.store import Store
+from sumbatch.store.base import Entry
 
 log = logging.getLogger("sumbatch.projector")
 
 # How long one read of the log blocks when nothing comes: the trim period is checked
 # after each read, so a trim can come this much later than its period.
 READ_BLOCK_MS = 1000
+# How long a batch that holds no outcome waits for more before it is folded: about the
+# time a worker takes to run a small group with no delay.
+LINGER_MS = 5
+# Entries whose fold no reader waits for: a group's first view is written with its
+# submission, and a start only turns PENDING into STARTED.
+_UNAWAITED = frozenset({"GroupSubmitted", "TaskStarted"})
+
+
+def awaited(entries: list[Entry]) -> bool:
+    """Whether some entry changes what a reader waits for (an outcome, a group's end)."""
+    return any(fields.get("type") not in _UNAWAITED for _, fields in entries)
 
 
 class Projector:
@@ -47,6 +59,11 @@ class Projector:
         entries = await self.store.read_events(self.position or "0-0", self.batch, block_ms)
         if not entries:
             return 0
+        if block_ms and len(entries) < self.batch and not awaited(entries):
+            # Nothing a reader waits for (the first view is the submission's own): give
+            # the outcomes a moment to come, and fold both in one step instead of two.
+            more = self.batch - len(entries)
+            entries += await self.store.read_events(entries[-1][0], more, LINGER_MS)
         views = await self.store.load_views(group_ids(entries))
         set_aside = fold_entries(entries, views, self.store.expired_before(time.time()))
         new_position = entries[-1][0]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import msgspec
 
+from consumers.projector import awaited
 from sumbatch import ids
 from sumbatch.events import (
     AnyEvent,
@@ -200,3 +201,16 @@ def test_a_view_of_the_wrong_shape_is_not_well_formed() -> None:
         msgspec.structs.replace(view, tasks_failed=1),
     ):
         assert not broken.well_formed()
+
+
+def test_the_projector_folds_at_once_only_what_a_reader_waits_for() -> None:
+    """A batch of submissions and starts may wait a moment for its outcomes (one fold
+    instead of two); one with any outcome or end is folded at once."""
+
+    def batch(*kinds: str) -> list[tuple[str, dict[str, str]]]:
+        return [(f"{n}-0", {"type": kind}) for n, kind in enumerate(kinds, 1)]
+
+    assert not awaited(batch("GroupSubmitted", "TaskStarted", "TaskStarted"))
+    for kind in ("TaskCompleted", "TaskFailed", "TaskRetried", "TaskRevoked",
+                 "GroupCancelled", "GroupFinished", "Unknown"):  # fmt: skip
+        assert awaited(batch("GroupSubmitted", kind))
