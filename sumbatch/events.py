@@ -179,13 +179,13 @@ def from_group_log(group_task_id: str, fields: dict[str, str]) -> dict[str, str]
     version, or by hand) keeps its own."""
     if "groupTaskId" in fields and ("taskId" in fields or "index" not in fields):
         return fields
-    full = {"type": fields.get("type", "")} if "type" in fields else {}
+    put_back = {"groupTaskId": group_task_id}
     index = fields.get("index", "")
-    if "taskId" not in fields and _INDEX.fullmatch(index) and int(index) < 2**32 - 1:
-        full["taskId"] = ids.task_id(group_task_id, int(index))
-    full["groupTaskId"] = fields.get("groupTaskId", group_task_id)
-    full.update(fields)
-    return full
+    if _INDEX.fullmatch(index) and int(index) < 2**32 - 1:
+        put_back = {"taskId": ids.task_id(group_task_id, int(index)), **put_back}
+    # In to_flat's order, type first; what the entry has stays as it is.
+    kind = {"type": fields["type"]} if "type" in fields else {}
+    return {**kind, **put_back, **fields}
 
 
 _EVENT_TYPES: dict[str, type[Event]] = {cls.__name__: cls for cls in get_args(AnyEvent)}

@@ -26,7 +26,7 @@ from sumbatch.live.feed import Feed, FeedEntry, Interrupted, Listener
 from sumbatch.live.sse import parse_entry_id, parse_wait
 from sumbatch.store import Store
 from sumbatch.tasks import Delay
-from sumbatch.testing import submit, wait_until
+from sumbatch.testing import Monitor, submit, wait_until
 from tests.support import (
     Processes,
     answers_200,
@@ -151,52 +151,18 @@ def group_log_ids(settings: Settings, gid: str) -> list[str]:
         raw.close()
 
 
-class ReadsOf:
+class ReadsOf(Monitor):
     """Counts the GETs of one key that clients send, from the server's MONITOR feed:
     the server-wide command count also holds other processes' GETs (the projector's
     lease checks run GET inside its scripts), so only this key's reads tell whether
     the API polls."""
 
     def __init__(self, settings: Settings, key: str) -> None:
-        self.client = redis.Redis.from_url(settings.client_url, decode_responses=True)
+        super().__init__(settings.client_url)
         self.key = key
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self.started = False
-        self.thread = threading.Thread(target=self._follow, daemon=True)
-
-    def _follow(self) -> None:
-        try:
-            with self.client.monitor() as feed:  # type: ignore[no-untyped-call]
-                self.started = True
-                self.ready.set()
-                for command in feed.listen():
-                    if command.get("client_type") != "lua":
-                        self.lines.append(command["command"])
-        except (redis.ConnectionError, ValueError, AttributeError):
-            return  # the monitor's connection was closed: the count is over
-        finally:
-            self.ready.set()  # started or not: the test need not wait
-
-    def __enter__(self) -> ReadsOf:
-        self.thread.start()
-        assert self.ready.wait(10) and self.started, "MONITOR did not start"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.client.connection_pool.disconnect()
-        self.client.close()
-        self.thread.join(10)
-        assert not self.thread.is_alive(), "the monitor did not stop"
 
     def count(self) -> int:
-        return sum(1 for line in list(self.lines) if line == f"GET {self.key}")
-
-    def settle(self) -> None:
-        """Waits until the monitor has seen every command sent before this call."""
-        mark = f"{self.key}:mark:{time.monotonic_ns()}"
-        self.client.exists(mark)
-        wait_until_sync(lambda: f"EXISTS {mark}" in self.lines, what="the monitor to catch up")
+        return self.commands().count(f"GET {self.key}")
 
 
 def accepted(port: int) -> int:
@@ -328,7 +294,7 @@ def test_a_long_poll_with_nothing_happening_waits_its_time_without_polling_redis
         # A first read through the monitor, so the count is known to be live.
         assert service.client.get(f"/grouptasks/{gid}").status_code == 200
         reads.settle()
-        assert reads.count() == 1, reads.lines
+        assert reads.count() == 1, reads.commands()
         started = time.monotonic()
         status = service.client.get(f"/grouptasks/{gid}?wait=1.5").json()
         task = service.client.get(f"/tasks/{tid}?wait=1.5").json()
@@ -338,7 +304,7 @@ def test_a_long_poll_with_nothing_happening_waits_its_time_without_polling_redis
         # Each wait reads the view at most three times (on arrival, once registered with
         # the feed, at its end): no loop of reads between.
         reads.settle()
-        assert 1 + 2 <= reads.count() <= 1 + 6, "\n".join(reads.lines)
+        assert 1 + 2 <= reads.count() <= 1 + 6, "\n".join(reads.commands())
 
 
 def test_past_the_cap_of_waiters_a_long_poll_answers_at_once(

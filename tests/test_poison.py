@@ -48,6 +48,13 @@ def xadd(raw: redis.Redis, key: str, fields: Mapping[str, str]) -> str:
     return cast(str, raw.xadd(key, dict(fields.items())))
 
 
+def work_entry(gid: str, task: int, index: str, param_a: int, param_b: int) -> dict[str, str]:
+    """A TaskSubmitted work entry as a hand would write it: the id of task ``task``, at
+    ``index`` (which need not be the same)."""
+    return {"type": "TaskSubmitted", "taskId": ids.task_id(gid, task), "groupTaskId": gid,
+            "index": index, "paramA": str(param_a), "paramB": str(param_b)}  # fmt: skip
+
+
 def completed(gid: str, position: int, **overrides: str) -> dict[str, str]:
     """A TaskCompleted entry as a hand would write it with XADD."""
     fields = {
@@ -276,12 +283,7 @@ def test_a_work_entry_outside_its_group_is_dead_lettered_and_trimming_goes_on(
     keys = Keys(settings.namespace)
     created = post_group(client, [(1, 1), (2, 2)])
     gid = created["groupTaskId"]
-    stray = xadd(
-        raw,
-        keys.work,
-        {"type": "TaskSubmitted", "taskId": ids.task_id(gid, 5), "groupTaskId": gid,
-         "index": "5", "paramA": "1", "paramB": "1"},
-    )  # fmt: skip
+    stray = xadd(raw, keys.work, work_entry(gid, 5, "5", 1, 1))
     later = post_group(client, [(3, 3)] * 5)
 
     async def scenario() -> None:
@@ -309,12 +311,7 @@ def test_a_work_entry_naming_another_task_is_refused_and_its_index_still_runs(
     keys = Keys(settings.namespace)
     created = post_group(client, [(1, 1), (2, 2)])
     gid = created["groupTaskId"]
-    stray = xadd(
-        raw,
-        keys.work,
-        {"type": "TaskSubmitted", "taskId": ids.task_id(gid, 1), "groupTaskId": gid,
-         "index": "0", "paramA": "40", "paramB": "2"},
-    )  # fmt: skip
+    stray = xadd(raw, keys.work, work_entry(gid, 1, "0", 40, 2))
 
     async def scenario() -> None:
         async with open_store(settings) as store:

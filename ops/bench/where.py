@@ -28,7 +28,6 @@ import hashlib
 import os
 import statistics
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -43,7 +42,7 @@ from cpu import cpu_seconds, machine_busy_seconds
 from sumbatch import scripts
 from sumbatch.embedded import EmbeddedServer
 from sumbatch.events import Keys
-from sumbatch.testing import free_port
+from sumbatch.testing import Monitor, free_port
 
 SCRIPT_NAMES = {hashlib.sha1(getattr(scripts, n).encode()).hexdigest(): n for n in scripts.__all__}
 NAMESPACE = "where"
@@ -112,22 +111,6 @@ def trace(base: str, url: str) -> None:
     """Every command Redis ran for one 4-task group (MONITOR, µs clock), from the POST
     to the answer of its ``?wait=``: which process did what, and when. MONITOR costs the
     server time of its own, so the times are a little longer than unwatched."""
-    seen: list[dict[str, object]] = []
-    watcher = redis.Redis.from_url(url, decode_responses=True)
-    ready = threading.Event()
-
-    def follow() -> None:
-        try:
-            with watcher.monitor() as feed:  # type: ignore[no-untyped-call]
-                ready.set()
-                for command in feed.listen():
-                    seen.append(command)
-        except (redis.ConnectionError, ValueError, AttributeError):
-            return  # the watcher's connection was closed: the trace is over
-
-    thread = threading.Thread(target=follow, daemon=True)
-    thread.start()
-    ready.wait(10)
 
     async def one_group() -> tuple[float, float, float]:
         async with httpx.AsyncClient(base_url=base, timeout=30) as http:
@@ -140,14 +123,14 @@ def trace(base: str, url: str) -> None:
             await http.get(f"/grouptasks/{gid}?wait=30")
             return sent, posted, time.time()
 
-    sent, posted, answered = asyncio.run(one_group())
-    watcher.connection_pool.disconnect()
-    thread.join(10)
+    with Monitor(url) as watched:
+        sent, posted, answered = asyncio.run(one_group())
+    seen = watched.seen
     print("\nOne 4-task group, traced (ms since the POST was sent; port = a connection)")
     print(f"  {(posted - sent) * 1000:7.2f}  the client has the POST's answer")
     for command in seen:
-        at = float(command["time"])  # type: ignore[arg-type]
-        if sent <= at <= answered and command.get("client_type") != "lua":
+        at = float(command["time"])
+        if sent <= at <= answered:
             text = str(command["command"])[:96]
             print(f"  {(at - sent) * 1000:7.2f}  {command.get('client_port', '?'):>6}  {text}")
     print(f"  {(answered - sent) * 1000:7.2f}  the client has the ?wait= answer")

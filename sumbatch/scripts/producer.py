@@ -17,20 +17,21 @@ SUBMIT = (
     # A task id is its group's id with its index + 1 in the last INDEX_DIGITS hex digits.
     + f"local INDEX_DIGITS = {INDEX_DIGITS}\n"
     + """
-local params_a, params_b = {}, {}
-for v in string.gmatch(ARGV[7], '%S+') do params_a[#params_a + 1] = v end
-for v in string.gmatch(ARGV[8], '%S+') do params_b[#params_b + 1] = v end
-if #params_a ~= tonumber(ARGV[1]) or #params_b ~= #params_a then
-  return redis.error_reply('ERR paramsA and paramsB must hold tasksTotal values each')
-end
 local earlier = ARGV[2] ~= '' and is_or_none(KEYS[5], 'string')
   and redis.call('GET', KEYS[5])
 -- A client library's retry of this very call (same ids) must not append twice.
 local again = redis.call('EXISTS', KEYS[3]) == 1
+-- A new submission's checks, before its first write (a repeat writes nothing of it).
+local params_a, params_b = {}, {}
 if not earlier and not again then
   if not (is_or_none(KEYS[1], 'stream') and is_or_none(KEYS[2], 'stream')
       and is_or_none(KEYS[5], 'string') and key_type(KEYS[4]) == 'none') then
     return redis.error_reply('ERR a sumbatch key has the wrong type (written by hand?)')
+  end
+  for v in string.gmatch(ARGV[7], '%S+') do params_a[#params_a + 1] = v end
+  for v in string.gmatch(ARGV[8], '%S+') do params_b[#params_b + 1] = v end
+  if #params_a ~= tonumber(ARGV[1]) or #params_b ~= #params_a then
+    return redis.error_reply('ERR paramsA and paramsB must hold tasksTotal values each')
   end
 end
 if earlier then
