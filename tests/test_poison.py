@@ -372,3 +372,22 @@ def test_a_ledger_counter_that_is_no_integer_refuses_the_group_before_any_write(
     kinds = [f["type"] for _, f in entries(raw, keys.group_log(spoiled["groupTaskId"]))]
     assert kinds == ["GroupSubmitted"]
     assert raw.getbit(keys.ended(fine["groupTaskId"]), 0) == 1
+
+
+def test_a_cache_key_of_the_wrong_type_is_a_miss_not_a_stuck_task(
+    client: TestClient, settings: Settings, raw: redis.Redis
+) -> None:
+    """With one partition the begin script reads the cache itself: a cache key made by
+    hand as a hash must count as a miss (as MGET has it), not fail the script and leave
+    the task pending for ever. The task runs, and its sum replaces the hand-made key."""
+    keys = Keys(settings.namespace)
+    raw.hset(keys.cache(20, 22), "hand", "made")
+    created = post_group(client, [(20, 22), (1, 2)])
+
+    work(settings)
+    project(settings)
+    group = client.get(f"/grouptasks/{created['groupTaskId']}").json()
+    assert (group["grouptaskProcessed"], group["results"]) == (True, [42, 3])
+    task = client.get(f"/tasks/{created['taskIds'][0]}").json()
+    assert task["fromCache"] is False
+    assert raw.get(keys.cache(20, 22)) == "42"

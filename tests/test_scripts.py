@@ -142,3 +142,29 @@ def test_a_groups_log_holds_its_events_less_the_ids_its_key_and_index_give(
         assert [(eid, list(f.items())) for eid, f in read_back[gid]] == [
             (eid, list(f.items())) for eid, f in own
         ]
+
+
+def test_begin_reads_the_cache_of_every_entry_of_a_batch_past_a_thousand(
+    settings: Settings, raw: redis.Redis
+) -> None:
+    """With one partition the begin script reads the cache itself, a thousand keys per
+    MGET: a sweep's claim can hand it thousands of entries at once, and each one's sum
+    must be found, the last ones too."""
+    pairs = [(n, 1) for n in range(2500)]
+    submission = Submission.of([TaskIn(param_a=a, param_b=b) for a, b in pairs])
+    keys = Keys(settings.namespace)
+    for a, b in pairs[::2]:  # every other sum is cached
+        raw.set(keys.cache(a, b), a + b)
+
+    async def scenario() -> list[tuple[str, int]]:
+        async with open_store(settings) as store:
+            group = GroupView.submitted(submission.created.group_task_id, len(pairs))
+            await store.submit(submission.event, group)
+            await store.ensure_worker_group()
+            read = await store.read_work("c", len(pairs), 0)
+            items = [from_fields(fields) for _, fields in read]
+            begun = await store.begin(items, [eid for eid, _ in read])  # type: ignore[arg-type]
+            return [(b.kind, b.value) for b in begun]
+
+    decisions = asyncio.run(scenario())
+    assert decisions == [("cached", n + 1) if n % 2 == 0 else ("run", 1) for n in range(len(pairs))]

@@ -29,7 +29,6 @@ from sumbatch.scripts.producer import CANCEL, SUBMIT
 from sumbatch.scripts.work import (
     APPEND,
     BEGIN,
-    CACHE_PUT,
     COMPLETE,
     FORGET_CONSUMER,
     NEXT_ATTEMPT,
@@ -41,7 +40,6 @@ from sumbatch.scripts.work import (
 __all__ = [
     "APPEND",
     "BEGIN",
-    "CACHE_PUT",
     "CANCEL",
     "COMMIT",
     "COMPLETE",

@@ -3,10 +3,13 @@ through the completion fence, and keep the work stream's claims and length in ha
 
 from sumbatch.scripts.lib import LIB
 
-# What a worker does with each handed-out entry. The cache is read before (a sum is
-# deterministic, and its key lives in a slot of its own on a cluster).
-# KEYS: work, then four per group (``Keys.of_group``). ARGV: group, group ids json,
-# items json: [entry id, group id, index, cached sum or ''] per item.  Returns per
+# What a worker does with each handed-out entry. With one partition the cache keys
+# share its hash tag, and are read here; with several, each is in a slot of its own and
+# read before (a sum is deterministic: reading it outside the step is safe).
+# KEYS: work, then four per group (``Keys.of_group``), then (one partition) each item's
+# cache key. ARGV: group, group ids json, items json: [entry id, group id, index,
+# cached sum or ''] per item, the KEYS index of the first cache key (0: none, the sums
+# read before are in the items).  Returns per
 # item: {0} ended already or expired (acknowledged here), {1, result} cache hit,
 # {2, attempt} run it (attempts counted across every worker), or {3} refused: its
 # group's keys are not what sumbatch wrote, or its index is outside the group (left
@@ -16,6 +19,16 @@ BEGIN = (
     + """
 local G = declared(2, cjson.decode(ARGV[2]))
 local items = cjson.decode(ARGV[3])
+local first_cache = tonumber(ARGV[4]) or 0
+local sums = {}
+if first_cache > 0 then
+  -- MGET, not a GET each: one command per thousand (a Lua call costs about a
+  -- microsecond; unpack has a limit). A key of another type (made by hand) is a miss.
+  for from = first_cache, #KEYS, 1000 do
+    local got = redis.call('MGET', unpack(KEYS, from, math.min(#KEYS, from + 999)))
+    for _, sum in ipairs(got) do sums[#sums + 1] = sum or '' end
+  end
+end
 local out = {}
 local seen = {}
 for n, item in ipairs(items) do
@@ -27,7 +40,8 @@ for n, item in ipairs(items) do
   elseif bit_set(g.ended, index) then
     out[n] = {0}
   else
-    out[n] = item[4] ~= '' and {1, item[4]} or {2}
+    local sum = first_cache > 0 and sums[n] or item[4]
+    out[n] = sum ~= '' and {1, sum} or {2}
   end
 end
 -- Every check done: now the writes.
@@ -42,15 +56,6 @@ end
 return out
 """
 )
-
-# Remember sums computed here, each under its own key with its own TTL: one command
-# for a batch instead of a SET each, which cost the worker more than its whole
-# completion step. Only where every cache key shares the partition's tag (one
-# partition, not a cluster); else they are in slots of their own and go in a pipeline.
-# KEYS: cache keys. ARGV: ttl (s), then each key's sum.
-CACHE_PUT = """
-for n, key in ipairs(KEYS) do redis.call('SET', key, ARGV[n + 1], 'EX', ARGV[1]) end
-"""
 
 # Count one more run of a task (a retry in the same worker), unless its group is gone
 # (expired: a late run must not bring its keys back). KEYS: attempts, ledger.
@@ -88,17 +93,18 @@ return appended
 
 # The completion fence. Per item, atomically: if the task has not ended yet, mark it
 # ended, append its outcome (and a dead-letter note), copy a failure to the
-# dead-letter stream; then count the ended tasks per group, ending the groups whose
-# last task this was; and acknowledge every work entry. Items whose group's keys are
-# not what sumbatch wrote, or whose index is outside the group, are refused: left
-# pending, untouched. (Computed sums are cached after, outside: see BEGIN.) The
-# partition's stats count each recorded outcome (and its run's seconds, when it ran)
-# and each group ended, in the same step: an outcome sent twice counts once.
-# KEYS: events, work, dead letters, stats, then four per group.
-# ARGV: group, result ttl, group ids json, items json: per item
-#   [entry id, index, group id, state, outcome, after, seconds], state SUCCESS
-#   (computed), CACHED or FAILURE, outcome one event, after a list of events, seconds
-#   the run's time (-1: none, nothing ran).
+# dead-letter stream, and cache a computed sum (one partition: see BEGIN; with
+# several, the worker caches them after, outside); then count the ended tasks per
+# group, ending the groups whose last task this was; and acknowledge every work entry.
+# Items whose group's keys are not what sumbatch wrote, or whose index is outside the
+# group, are refused: left pending, untouched. The partition's stats count each
+# recorded outcome (and its run's seconds, when it ran) and each group ended, in the
+# same step: an outcome sent twice counts once.
+# KEYS: events, work, dead letters, stats, then four per group, then cache keys.
+# ARGV: group, result ttl, group ids json, items json, cache ttl. Per item: [entry id,
+#   index, group id, state, outcome, after, seconds, cache key's KEYS index (0: none),
+#   sum], state SUCCESS (computed), CACHED or FAILURE, outcome one event, after a list
+#   of events, seconds the run's time (-1: none, nothing ran).
 # Returns {{entry ids whose outcome was recorded}, {refused entry ids}}.
 COMPLETE = (
     LIB
@@ -127,10 +133,11 @@ local groups, counts = {}, {}  -- groups in first-seen order; per group {ended, 
 local acks = {}
 local t = tally()
 for _, item in ipairs(todo) do
-  local entry, index, gid, state_, outcome, after, seconds = unpack(item)
+  local entry, index, gid, state_, outcome, after, seconds, cache_at, sum = unpack(item)
   local g = seen[gid]
   if g.state ~= 'gone' and redis.call('SETBIT', g.keys.ended, index, 1) == 0 then
     recorded[#recorded + 1] = entry
+    if cache_at > 0 then redis.call('SET', KEYS[cache_at], sum, 'EX', ARGV[5]) end
     local log = g.keys.log
     local id = append(KEYS[1], log, outcome)
     if state_ == 'FAILURE' then

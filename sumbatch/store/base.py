@@ -167,7 +167,6 @@ class StoreBase(OwnsClient):
         self._begin = redis.register_script(scripts.BEGIN)
         self._append = redis.register_script(scripts.APPEND)
         self._complete = redis.register_script(scripts.COMPLETE)
-        self._cache_put = redis.register_script(scripts.CACHE_PUT)
         self._cancel = redis.register_script(scripts.CANCEL)
         self._release_ended = redis.register_script(scripts.RELEASE_ENDED)
         self._renew = redis.register_script(scripts.RENEW)

@@ -99,15 +99,31 @@ class WorkQueue(StoreBase):
                 break
         return claimed
 
+    @property
+    def cache_in_scripts(self) -> bool:
+        """Whether the cache keys share the partition's hash tag (one partition), so
+        that the begin and completion scripts read and write the cache themselves: two
+        round trips per batch fewer. With several partitions each sum's key is in a
+        slot of its own, read and written beside them."""
+        return self.keys.partitions == 1
+
     async def begin(self, items: Sequence[TaskSubmitted], entry_ids: Sequence[str]) -> list[Begun]:
-        cached = await self._cached([(item.param_a, item.param_b) for item in items])
+        group_keys, gids = self._declare(item.group_task_id for item in items)
+        params = [(item.param_a, item.param_b) for item in items]
+        cache_keys: list[str] = []
+        if self.cache_in_scripts:
+            cached: list[str | None] = [None] * len(items)
+            cache_keys = [self.keys.cache(a, b) for a, b in params]
+        else:
+            cached = await self._cached(params)
         payload = [
             (entry_id, item.group_task_id, item.index, sum_ or "")
             for entry_id, item, sum_ in zip(entry_ids, items, cached, strict=True)
         ]
-        group_keys, gids = self._declare(item.group_task_id for item in items)
-        args: list[str | bytes] = [WORKER_GROUP, gids, _json.encode(payload)]
-        decisions = await self._begin(keys=[self.keys.work, *group_keys], args=args)
+        first_cache = 2 + len(group_keys) if cache_keys else 0
+        args: list[str | int | bytes] = [WORKER_GROUP, gids, _json.encode(payload), first_cache]
+        keys = [self.keys.work, *group_keys, *cache_keys]
+        decisions = await self._begin(keys=keys, args=args)
         return [Begun(_BEGUN_KINDS[int(d[0])], int(d[1]) if len(d) > 1 else 0) for d in decisions]
 
     async def release_ended(
@@ -159,15 +175,22 @@ class WorkQueue(StoreBase):
             )
 
     async def complete(self, outcomes: Sequence[Outcome]) -> Completed:
+        group_keys, gids = self._declare(outcome.event.group_task_id for outcome in outcomes)
+        in_scripts = self.cache_in_scripts
+        cache_keys: list[str] = []
         items = []
         sums: list[tuple[str, tuple[int, int], int]] = []
         for outcome in outcomes:
             event = outcome.event
             gid = event.group_task_id
             after: list[AnyEvent] = []
+            cache_at, sum_ = 0, ""
             if isinstance(event, TaskCompleted):
                 state = "CACHED" if event.from_cache else "SUCCESS"
-                if not event.from_cache:
+                if not event.from_cache and in_scripts:
+                    cache_keys.append(self.keys.cache(outcome.param_a, outcome.param_b))
+                    cache_at, sum_ = 4 + len(group_keys) + len(cache_keys), str(event.result)
+                elif not event.from_cache:
                     params = (outcome.param_a, outcome.param_b)
                     sums.append((outcome.entry_id, params, event.result))
             else:
@@ -184,25 +207,32 @@ class WorkQueue(StoreBase):
                 )
             flat = to_flat([event, *after])
             seconds = -1.0 if outcome.seconds is None else max(0.0, outcome.seconds)
-            items.append((outcome.entry_id, event.index, gid, state, flat[0], flat[1:], seconds))
-        group_keys, gids = self._declare(outcome.event.group_task_id for outcome in outcomes)
+            items.append(
+                (
+                    outcome.entry_id, event.index, gid, state, flat[0], flat[1:], seconds,
+                    cache_at, sum_,
+                )
+            )  # fmt: skip
         keys = [
             self.keys.events,
             self.keys.work,
             self.keys.dead_letters,
             self.keys.stats,
             *group_keys,
+            *cache_keys,
         ]
         args: list[str | int | bytes] = [
             WORKER_GROUP,
             self.retention.results,
             gids,
             _json.encode(items),
+            self.retention.cache,
         ]
         recorded, refused = await self._complete(keys=keys, args=args)
-        # After the fence, not in it: a sum is the same whoever computes it, so losing
-        # this write (a crash just now) costs a cache miss, nothing more. Only sums of
-        # outcomes the fence let through: a revoked run leaves nothing behind.
+        # Several partitions: after the fence, not in it. A sum is the same whoever
+        # computes it, so losing this write (a crash just now) costs a cache miss,
+        # nothing more. Only sums of outcomes the fence let through: a revoked run
+        # leaves nothing behind.
         through = set(recorded)
         await self._cache(
             {params: result for entry_id, params, result in sums if entry_id in through}
@@ -220,15 +250,11 @@ class WorkQueue(StoreBase):
     async def _cache(self, sums: dict[tuple[int, int], int]) -> None:
         if not sums:
             return
-        keys = [self.keys.cache(a, b) for a, b in sums]
-        if isinstance(self.redis, RedisCluster) or self.keys.partitions > 1:
-            # Cache keys in slots of their own: not one script's keys.
-            pipe = self.redis.pipeline(transaction=False)
-            for key, result in zip(keys, sums.values(), strict=True):
-                pipe.set(key, result, ex=self.retention.cache)
-            await pipe.execute()
-            return
-        await self._cache_put(keys=keys, args=[self.retention.cache, *sums.values()])
+        # Cache keys in slots of their own: not one script's keys.
+        pipe = self.redis.pipeline(transaction=False)
+        for (a, b), result in sums.items():
+            pipe.set(self.keys.cache(a, b), result, ex=self.retention.cache)
+        await pipe.execute()
 
     async def renew(self, consumer: str, entry_ids: Sequence[str], idle_ms: int = 0) -> list[str]:
         """Keep our claim on ``entry_ids`` (or, with ``idle_ms``, hand them back as if
