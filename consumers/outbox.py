@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from consumers.isolate import isolate
 from sumbatch.events import TaskCompleted, TaskFailed, TaskSubmitted, to_fields
-from sumbatch.store import Outcome, Store
+from sumbatch.store import Outcome, Store, entry_id_of
 
 log = logging.getLogger("sumbatch.worker")
 
@@ -26,21 +26,22 @@ class Outbox:
     def __init__(self, store: Store, name: str, flushed: Callable[[str], object]) -> None:
         self.store = store
         self.name = name
-        # Called with each entry id once its outcome is recorded (or can never be).
+        # Called with each task's key once its outcome is recorded (or can never be).
         self._flushed = flushed
         self._queue: asyncio.Queue[Outcome] = asyncio.Queue()
         self.unflushed = 0
 
     def put(
         self,
-        entry_id: str,
+        key: str,
         item: TaskSubmitted,
         event: TaskCompleted | TaskFailed,
         seconds: float | None = None,
     ) -> None:
-        """Queue an outcome; ``seconds``: how long its run took (None: nothing ran)."""
+        """Queue a task's outcome, by its key (``Outcome.key``); ``seconds``: how long
+        its run took (None: nothing ran)."""
         self.unflushed += 1
-        self._queue.put_nowait(Outcome(entry_id, event, item.param_a, item.param_b, seconds))
+        self._queue.put_nowait(Outcome(key, event, item.param_a, item.param_b, seconds))
 
     async def join(self) -> None:
         """Until every outcome put so far is flushed."""
@@ -67,7 +68,7 @@ class Outbox:
         flushed = await isolate(
             f"worker {self.name} completions", self.store.complete, batch, retry_transient=True
         )
-        failed = [outcome.entry_id for outcome in flushed.failed]
+        failed = [outcome.key for outcome in flushed.failed]
         if failed:
             # Not acknowledged: pending, they are claimed again after the claim timeout
             # and run as a further attempt; past max_attempts they end as FAILURE.
@@ -77,25 +78,28 @@ class Outbox:
             )  # fmt: skip
         # Their group went bad while they ran: no outcome can count for them.
         refused = {eid for _, completed in flushed.done for eid in completed.refused}
-        await self.dead_letter(
-            [(o.entry_id, to_fields(o.event)) for o in batch if o.entry_id in refused]
-        )
+        await self.dead_letter([(o.key, to_fields(o.event)) for o in batch if o.key in refused])
         for outcome in batch:
-            self._flushed(outcome.entry_id)
+            self._flushed(outcome.key)
             self._queue.task_done()
         self.unflushed -= len(batch)
 
-    async def dead_letter(self, entries: list[tuple[str, dict[str, str]]]) -> None:
-        """Dead-letter entries the scripts refused, acknowledged. Should that fail too,
-        they stay pending: claimed again, refused again, dead-lettered then."""
-        if not entries:
+    async def dead_letter(self, refused: list[tuple[str, dict[str, str]]]) -> None:
+        """Dead-letter the work entries of tasks the scripts refused (by their keys),
+        acknowledged: each entry once, with the fields of its first refused task.
+        Should that fail too, they stay pending: claimed again, refused again,
+        dead-lettered then."""
+        if not refused:
             return
+        entries: dict[str, dict[str, str]] = {}
+        for key, fields in refused:
+            entries.setdefault(entry_id_of(key), fields)
         log.error(
-            "%d work entries refused (%s); dead-lettered: %s",
-            len(entries), REFUSED_WHY, ", ".join(eid for eid, _ in entries[:10]),
+            "dead-lettered the work entries of %d refused tasks (%s): %s",
+            len(refused), REFUSED_WHY, ", ".join(list(entries)[:10]),
         )  # fmt: skip
         try:
-            for entry_id, fields in entries:
+            for entry_id, fields in entries.items():
                 await self.store.dead_letter_entry(
                     entry_id, fields, "RefusedWorkEntry", REFUSED_WHY
                 )

@@ -1,12 +1,17 @@
 """A worker: one consumer of the ``workers`` group, running many tasks at once.
 
-Flow per work entry: the begin script says skip (already ended), cache hit, or run
-(with the attempt number); runs (``runs.py``) sleep the simulated delay without
-blocking the others; outcomes go through the completion fence in batches
-(``outbox.py``). While a task runs its entry stays in our pending list and we renew
-our claim on it, so only a dead or stuck worker's entries are taken over (XAUTOCLAIM
-after ``claim_timeout``). A run is cut off after ``task_timeout`` (a failed attempt),
-so no run holds its entry forever.
+A work entry holds a slice of a group's tasks (``events.TasksSubmitted``; or one task,
+``TaskSubmitted``, as older versions wrote). Each task is named by its key
+(``store.task_key``) and goes its own way. Flow per task: the begin script says skip
+(already ended), cache hit, or run (with the attempt number); runs (``runs.py``)
+sleep the simulated delay without blocking the others; outcomes go through the
+completion fence in batches (``outbox.py``), which acknowledges an entry once every
+task in it has ended. Tasks taken beyond the worker's room wait in its backlog, begun
+as runs end. While a task of an entry runs or waits, the entry stays in our pending
+list and we renew our claim on it, so only a dead or stuck worker's entries are taken
+over (XAUTOCLAIM after ``claim_timeout``); the taker runs only the tasks that have not
+ended. A run is cut off after ``task_timeout`` (a failed attempt), so no run holds its
+entry forever.
 
 Cancels (``cancels.py``): the cancel script revokes a group's unended tasks and
 publishes its id; we stop our runs of that group's tasks at once.
@@ -27,6 +32,7 @@ import os
 import random
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
@@ -37,17 +43,25 @@ from consumers.outbox import Outbox
 from consumers.runs import Handler, Runs, completed, failed
 from sumbatch import ids
 from sumbatch.config import Settings, resolve_handler
-from sumbatch.events import AnyEvent, TaskSubmitted, from_fields
+from sumbatch.events import (
+    WORK_SLICE,
+    AnyEvent,
+    TasksSubmitted,
+    TaskSubmitted,
+    from_fields,
+    tasks_of,
+    to_fields,
+)
 from sumbatch.outage import REDIS_DOWN, Outage
-from sumbatch.store import Begun, Entry, Store
+from sumbatch.store import Begun, Entry, Store, entry_id_of, task_key
 from sumbatch.tasks import compute
 
 log = logging.getLogger("sumbatch.worker")
 
 __all__ = ["READ_BLOCK_MS", "TRIM_EVERY", "Handler", "Load", "Worker", "consumer_name"]
 
-# Entries one read takes at most: the batch the begin script handles at once, which
-# holds Redis that long (the outbox's BATCH says why it is not larger).
+# Tasks one read takes at most (in whole slices): the batch the begin script handles
+# at once, which holds Redis that long (the outbox's BATCH says why it is not larger).
 READ_COUNT = 200
 # How long one read of the work stream blocks when nothing comes: a worker told to stop
 # issues no other read, so it takes nothing new after at most this long.
@@ -64,6 +78,10 @@ HELPERS_STOP = 1.0
 
 
 WRONG_TASK_ID = "its taskId is not the one its groupTaskId and index name"
+NOT_A_SLICE = "not a slice of a group's tasks as SUBMIT writes them"
+
+# A task taken from a work entry: its key (``store.task_key``) and what it runs.
+Task = tuple[str, TaskSubmitted]
 
 
 def _names_itself(item: TaskSubmitted) -> bool:
@@ -116,13 +134,23 @@ class Worker:
         self.runs = Runs(settings, store, handler, self.name, self.outbox)
         self.load = load or Load(settings.worker_concurrency)
         self.load.workers.append(self)
+        # Tasks taken (their entries pending on us) and not begun: a read takes whole
+        # slices, and a worker begins no more tasks than it has room for.
+        self.backlog: deque[Task] = deque()
+        # Work entries no worker can run, to dead-letter: (entry id, its fields, kind,
+        # reason).
+        self._refusals: deque[tuple[str, dict[str, str], str, str]] = deque()
 
     @property
     def busy(self) -> bool:
-        return bool(self.runs) or self.outbox.unflushed > 0
+        return bool(self.runs) or bool(self.backlog) or self.outbox.unflushed > 0
 
-    def _flushed(self, entry_id: str) -> None:
-        self.runs.forget(entry_id)
+    def _held(self) -> list[str]:
+        """The keys of the tasks we hold: running, or waiting in the backlog."""
+        return [*self.runs, *(key for key, _ in self.backlog)]
+
+    def _flushed(self, key: str) -> None:
+        self.runs.forget(key)
 
     async def run(self) -> None:
         """Work until ``should_exit``; then take nothing new, give in-flight tasks
@@ -150,17 +178,22 @@ class Worker:
                 await asyncio.wait_for(self._drain(), self.settings.shutdown_grace)
             except TimeoutError:
                 await self._hand_back()
+            else:
+                if self.backlog:
+                    await self._hand_back()
         finally:
             await self._stop_helpers(helpers)
 
     async def _hand_back(self) -> None:
-        """Make our unfinished entries claimable at once by any other worker, rather
-        than after the claim timeout; their runs here are abandoned."""
-        entry_ids = list(self.runs)
-        for entry_id in entry_ids:
-            self.runs.stop(entry_id)
-        await self.store.renew(self.name, entry_ids, idle_ms=self.claim_ms * 10)
-        log.warning("handed back %d unfinished entries", len(entry_ids))
+        """Make the entries of our unfinished tasks (running or not begun) claimable at
+        once by any other worker, rather than after the claim timeout; their runs here
+        are abandoned. The taker runs only the tasks that have not ended."""
+        keys = self._held()
+        self.backlog.clear()
+        for key in keys:
+            self.runs.stop(key)
+        await self.store.renew(self.name, keys, idle_ms=self.claim_ms * 10)
+        log.warning("handed back %d unfinished tasks", len(keys))
 
     async def run_until_idle(self) -> None:
         """Process until nothing is left to read, claim, run or flush (like arq's burst)."""
@@ -198,13 +231,18 @@ class Worker:
         return helpers
 
     async def _read(self, block_ms: int) -> int:
+        """Begin the tasks the backlog holds, as many as there is room for; or, when it
+        is empty, read new entries. Returns how many tasks were begun."""
         capacity = self.load.room()
         if capacity <= 0:
             await asyncio.sleep(0.01)
             return 0
-        entries = await self.store.read_work(self.name, min(self.read_count, capacity), block_ms)
-        await self._accept(entries)
-        return len(entries)
+        if not self.backlog:
+            # Whole slices, at least one: a worker with room for one task more takes up
+            # to WORK_SLICE - 1 more into its backlog.
+            slices = max(1, min(self.read_count, capacity) // WORK_SLICE)
+            self._take(await self.store.read_work(self.name, slices, block_ms))
+        return await self._begin_backlog()
 
     async def _keep_claims(self) -> None:
         # Often enough that entries handed back by a stopping worker move on quickly.
@@ -242,84 +280,123 @@ class Worker:
         await self.store.forget_idle_consumers(self.claim_ms * 10)
 
     async def _renew(self) -> None:
-        """Reset the idle time of our running entries; drop runs another worker took."""
-        for entry_id in await self.store.renew(self.name, list(self.runs)):
-            if self.runs.stop(entry_id):
-                log.warning("entry %s was taken over; dropping our run", entry_id)
+        """Reset the idle time of the entries of the tasks we hold; drop the runs and
+        the backlog of entries another worker took."""
+        lost = set(await self.store.renew(self.name, self._held()))
+        if not lost:
+            return
+        self.backlog = deque(task for task in self.backlog if task[0] not in lost)
+        for key in lost:
+            if self.runs.stop(key):
+                log.warning("task %s was taken over; dropping our run", key)
 
     async def _sweep(self) -> int:
         """Take over entries that a dead or stuck worker left idle past the timeout."""
         claimed = await self.store.autoclaim(self.name, self.claim_ms)
-        claimed = [(eid, fields) for eid, fields in claimed if eid not in self.runs]
         if claimed:
             log.info("claimed %d entries from dead or stuck workers", len(claimed))
-            await self._accept(claimed)
+            self._take(claimed)
         return len(claimed)
 
-    async def _accept(self, entries: list[Entry]) -> None:
-        if not entries:
-            return
-        good: list[tuple[str, TaskSubmitted]] = []
+    def _take(self, entries: list[Entry]) -> None:
+        """Put the tasks of work entries in the backlog, those we hold already aside;
+        entries no worker can run are dead-lettered."""
+        held = set(self._held())
         for entry_id, fields in entries:
+            tasks = self._tasks_in(entry_id, fields)
+            self.backlog.extend(task for task in tasks if task[0] not in held)
+
+    def _tasks_in(self, entry_id: str, fields: dict[str, str]) -> list[Task]:
+        try:
+            item: AnyEvent | None = from_fields(fields)
+        except msgspec.ValidationError:
+            item = None
+        if isinstance(item, TasksSubmitted):
             try:
-                item: AnyEvent | None = from_fields(fields)
-            except msgspec.ValidationError:
-                item = None
-            if isinstance(item, TaskSubmitted) and not _names_itself(item):
-                # Its outcome would be logged for another task than its fence bit's:
-                # refused, as the scripts refuse an index outside the group.
-                log.error("work entry %s: %s; dead-lettered", entry_id, WRONG_TASK_ID)
-                await self.store.dead_letter_entry(
-                    entry_id, fields, "RefusedWorkEntry", WRONG_TASK_ID
-                )
-            elif isinstance(item, TaskSubmitted):
-                good.append((entry_id, item))
-            else:
-                # Not a task we can run: keep it for inspection, never block the batch.
-                log.error("unreadable work entry %s (%s); dead-lettered", entry_id, fields)
-                await self.store.dead_letter_entry(entry_id, fields)
-        if not good:
-            return
-        begun = await isolate(f"worker {self.name} begin", self._begin, good, retry_transient=False)
-        refused = [entry_id for entry_id, _ in begun.failed]
-        started: list[AnyEvent] = []
+                return [(task_key(entry_id, task.index), task) for task in tasks_of(item)]
+            except ValueError:
+                self._dead_letter_later(entry_id, fields, "RefusedWorkEntry", NOT_A_SLICE)
+        elif isinstance(item, TaskSubmitted) and not _names_itself(item):
+            # Its outcome would be logged for another task than its fence bit's:
+            # refused, as the scripts refuse an index outside the group.
+            self._dead_letter_later(entry_id, fields, "RefusedWorkEntry", WRONG_TASK_ID)
+        elif isinstance(item, TaskSubmitted):
+            return [(entry_id, item)]
+        else:
+            # Not a task we can run: keep it for inspection, never block the batch.
+            self._dead_letter_later(entry_id, fields, "UnreadableWorkEntry", "")
+        return []
+
+    def _dead_letter_later(
+        self, entry_id: str, fields: dict[str, str], kind: str, why: str
+    ) -> None:
+        log.error("work entry %s: %s; dead-lettered", entry_id, why or f"unreadable ({fields})")
+        self._refusals.append((entry_id, fields, kind, why))
+
+    async def _begin_backlog(self) -> int:
+        """Begin as many backlog tasks as there is room for, in one step; returns how
+        many were begun."""
+        while self._refusals:
+            await self.store.dead_letter_entry(*self._refusals[0])
+            self._refusals.popleft()
+        room = min(self.load.room(), self.read_count)
+        batch = [self.backlog.popleft() for _ in range(min(room, len(self.backlog)))]
+        if not batch:
+            return 0
+        what = f"worker {self.name} begin"
+        try:
+            begun = await isolate(what, self._begin, batch, retry_transient=False)
+        except BaseException:
+            # Redis away (the read loop backs off): begun again once it is back. A begin
+            # that did happen counted one attempt more; the fence keeps the rest exact.
+            self.backlog.extendleft(reversed(batch))
+            raise
+        refused = [key for key, _ in begun.failed]
         decided = [
-            (entry_id, item, decision)
+            (key, item, decision)
             for part, decisions in begun.done
-            for (entry_id, item), decision in zip(part, decisions, strict=True)
+            for (key, item), decision in zip(part, decisions, strict=True)
         ]
-        out_of_reach: list[str] = []
-        for entry_id, item, decision in decided:
-            if decision.kind == "refused":
-                out_of_reach.append(entry_id)
-            elif decision.kind == "cached":
+        # An entry with a task outside its group (made by hand): no run of it counts. It
+        # is dead-lettered with that task's fields.
+        out_of_reach = {
+            entry_id_of(key): to_fields(item)
+            for key, item, decision in decided
+            if decision.kind == "refused"
+        }
+        started: list[AnyEvent] = []
+        for key, item, decision in decided:
+            if entry_id_of(key) in out_of_reach:
+                continue
+            if decision.kind == "cached":
                 cached = completed(item, decision.value, True, 0, self.name)
-                self.outbox.put(entry_id, item, cached)
+                self.outbox.put(key, item, cached)
             elif decision.kind == "run" and decision.value > self.settings.max_attempts:
                 # Delivered again and again, never ended: its runs keep killing workers.
                 attempts = decision.value - 1
                 gave_up = f"gave up after {attempts} runs that never finished (worker lost)"
-                self.outbox.put(entry_id, item, failed(item, attempts, gave_up, self.name))
+                self.outbox.put(key, item, failed(item, attempts, gave_up, self.name))
             elif decision.kind == "run":
-                start = self.runs.start(entry_id, item, decision.value)
+                start = self.runs.start(key, item, decision.value)
                 if start is not None:
                     started.append(start)
         if refused:
             # The server refused the step for them (an ACL, say): left pending, they are
             # claimed again after the claim timeout, when an operator may have fixed it.
             log.error(
-                "%d work entries could not begin; left pending: %s",
+                "%d tasks could not begin; their entries are left pending: %s",
                 len(refused), ", ".join(refused[:10]),
             )  # fmt: skip
         await self.store.append(started)
         # No run can ever count for these: kept in the dead-letter stream instead of
         # pending for ever (which would also stop the work stream's trimming).
         if out_of_reach:
-            fields_of = dict(entries)
-            await self.outbox.dead_letter([(eid, fields_of[eid]) for eid in out_of_reach])
+            self.backlog = deque(t for t in self.backlog if entry_id_of(t[0]) not in out_of_reach)
+            await self.outbox.dead_letter(list(out_of_reach.items()))
+        return len(batch)
 
-    async def _begin(self, part: Sequence[tuple[str, TaskSubmitted]]) -> list[Begun]:
-        return await self.store.begin([item for _, item in part], [eid for eid, _ in part])
+    async def _begin(self, part: Sequence[Task]) -> list[Begun]:
+        return await self.store.begin([item for _, item in part], [key for key, _ in part])
 
     async def _drain(self) -> None:
         """Let in-flight tasks finish and their outcomes land."""

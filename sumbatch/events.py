@@ -40,8 +40,29 @@ class GroupSubmitted(Event, tag=True, frozen=True):
     params_b: str
 
 
+# Tasks per work entry: a group's tasks reach the workers in slices of this many
+# consecutive ones. An entry per task cost Redis an XADD, a delivery and an
+# acknowledgement per task, and the worker a parse; the begin, fence, attempts, cancel
+# and claim still work per task. Small enough that a worker with room for one more task
+# does not take many more than that (``consumers/worker.py``).
+WORK_SLICE: Final = 32
+
+
+class TasksSubmitted(Event, tag=True, frozen=True):
+    """Tasks to run, the work stream's entries (not the event log's): a slice of a
+    group, WORK_SLICE consecutive tasks from ``first`` (a multiple of WORK_SLICE; a
+    group's last slice may hold fewer), their parameters space-separated as in
+    GroupSubmitted. The entry is acknowledged once every task in it has ended."""
+
+    group_task_id: str
+    first: int
+    params_a: str
+    params_b: str
+
+
 class TaskSubmitted(Event, tag=True, frozen=True):
-    """One task to run: the entries of the work stream (not of the event log)."""
+    """One task to run. Work entries of this type (older versions wrote one per task,
+    and hand-written ones) still run; ``tasks_of`` makes a slice into these."""
 
     task_id: str
     group_task_id: str
@@ -125,6 +146,7 @@ class GroupFinished(Event, tag=True, frozen=True):
 
 AnyEvent = (
     GroupSubmitted
+    | TasksSubmitted
     | TaskSubmitted
     | TaskStarted
     | TaskRetried
@@ -209,6 +231,32 @@ def from_fields(fields: dict[str, str]) -> AnyEvent:
         raise msgspec.ValidationError(f"Invalid value {fields.get('type')!r} - at `$.type`")
     event: AnyEvent = msgspec.convert(fields, cls, strict=False)  # type: ignore[assignment]
     return event
+
+
+def tasks_of(work: TasksSubmitted) -> list[TaskSubmitted]:
+    """The tasks of a slice, each with its id (``ids.task_id``). Raises ValueError for a
+    slice no SUBMIT writes (by hand): misaligned, longer than WORK_SLICE, empty, past the
+    most tasks a group can have, or with columns of other lengths or not integers."""
+    first, gid = work.first, work.group_task_id
+    params_a, params_b = work.params_a.split(), work.params_b.split()
+    if not (
+        first >= 0
+        and first % WORK_SLICE == 0
+        and 0 < len(params_a) == len(params_b) <= WORK_SLICE
+        and first + len(params_a) < 2**32
+        and ids.is_group_id(gid)
+    ):
+        raise ValueError("not a slice of a group's tasks as SUBMIT writes them")
+    return [
+        TaskSubmitted(
+            task_id=ids.task_id(gid, index),
+            group_task_id=gid,
+            index=index,
+            param_a=int(a),
+            param_b=int(b),
+        )
+        for index, a, b in zip(itertools.count(first), params_a, params_b, strict=False)
+    ]
 
 
 WORKER_GROUP: Final = "workers"

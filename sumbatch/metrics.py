@@ -183,7 +183,9 @@ def _gauges(seen: Overview) -> Iterator[Metric]:
         return GaugeMetricFamily(name, documentation, labels=["partition", *labels])
 
     lag = per_partition(
-        "sumbatch_work_lag", "Work entries not yet handed to a worker (XINFO GROUPS lag)."
+        "sumbatch_work_lag",
+        "Work entries (each a slice of up to 32 of a group's tasks) not yet handed to a "
+        "worker (XINFO GROUPS lag).",
     )
     pending = per_partition(
         "sumbatch_work_pending", "Work entries handed out and not yet acknowledged."

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 
 from sumbatch import ids
-from sumbatch.events import GroupSubmitted, TaskSubmitted
+from sumbatch.events import WORK_SLICE, GroupSubmitted, TasksSubmitted
 from sumbatch.wire import GroupCreated, TaskIn
 
 _param_a, _param_b = attrgetter("param_a"), attrgetter("param_b")
@@ -16,7 +16,7 @@ _param_a, _param_b = attrgetter("param_a"), attrgetter("param_b")
 @dataclass(frozen=True)
 class Submission:
     """What one POST appends, and the answer that names its ids. The store appends the
-    event and, built from its columns by the SUBMIT script, one work entry per task."""
+    event and, built from its columns by the SUBMIT script, its work entries."""
 
     created: GroupCreated
     event: GroupSubmitted
@@ -36,12 +36,15 @@ class Submission:
         )
 
     @property
-    def work(self) -> list[TaskSubmitted]:
+    def work(self) -> list[TasksSubmitted]:
         """The work entries the SUBMIT script writes for it, as events."""
-        gid = self.created.group_task_id
+        gid, tasks = self.created.group_task_id, self.tasks
         return [
-            TaskSubmitted(
-                task_id=tid, group_task_id=gid, index=i, param_a=t.param_a, param_b=t.param_b
+            TasksSubmitted(
+                group_task_id=gid,
+                first=first,
+                params_a=" ".join(str(t.param_a) for t in tasks[first : first + WORK_SLICE]),
+                params_b=" ".join(str(t.param_b) for t in tasks[first : first + WORK_SLICE]),
             )
-            for i, (tid, t) in enumerate(zip(self.created.task_ids, self.tasks, strict=True))
+            for first in range(0, len(tasks), WORK_SLICE)
         ]

@@ -33,7 +33,7 @@ import redis
 
 from sumbatch.cluster import BUS_OFFSET
 from sumbatch.config import Settings
-from sumbatch.events import WORKER_GROUP, TaskSubmitted, from_fields
+from sumbatch.events import WORKER_GROUP, TasksSubmitted, TaskSubmitted, from_fields, tasks_of
 from sumbatch.ids import entry_order
 from sumbatch.projection import GroupView
 from sumbatch.store import Entry, Store
@@ -129,7 +129,9 @@ async def pending_by_consumer(store: Store) -> dict[str, int]:
 
 
 async def tasks_held_by(store: Store, consumer: str) -> list[str]:
-    """The task ids of the work entries ``consumer`` holds (delivered, not acknowledged)."""
+    """The ids of the tasks ``consumer`` holds and that have not ended: the tasks of
+    the work entries it holds (delivered, not acknowledged) whose fence bit is not set
+    (an entry waits for the last of its tasks; the others may have ended)."""
     pending: list[dict[str, Any]] = await store.redis.xpending_range(
         store.keys.work, WORKER_GROUP, min="-", max="+", count=10_000, consumername=consumer
     )
@@ -137,8 +139,11 @@ async def tasks_held_by(store: Store, consumer: str) -> list[str]:
     for entry in pending:
         entry_id = entry["message_id"]
         found = cast(list[Entry], await store.redis.xrange(store.keys.work, entry_id, entry_id))
-        held += [cast(TaskSubmitted, from_fields(fields)).task_id for _, fields in found]
-    return held
+        for _, fields in found:
+            work = from_fields(fields)
+            tasks = tasks_of(work) if isinstance(work, TasksSubmitted) else [work]
+            held += [cast(TaskSubmitted, task).task_id for task in tasks]
+    return [tid for tid in held if not await store.task_ended(tid)]
 
 
 async def all_processed(store: Store, groups: Groups) -> bool:

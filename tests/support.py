@@ -35,9 +35,11 @@ from sumbatch.events import (
     GroupFinished,
     Keys,
     TaskCompleted,
+    TasksSubmitted,
     TaskStarted,
     from_fields,
     from_group_log,
+    tasks_of,
 )
 from sumbatch.replay import differences
 from sumbatch.store import Store, open_store
@@ -223,9 +225,13 @@ def kinds(raw: redis.Redis, settings: Settings) -> Counter[str]:
 
 
 def appended(raw: redis.Redis, settings: Settings) -> tuple[int, int]:
-    """How long the log and the work stream are."""
+    """How many entries the log holds, and how many tasks the work stream's entries."""
     keys = Keys(settings.namespace)
-    return int(raw.xlen(keys.events)), int(raw.xlen(keys.work))
+    tasks = 0
+    for _, fields in entries(raw, keys.work):
+        work = from_fields(fields)
+        tasks += len(tasks_of(work)) if isinstance(work, TasksSubmitted) else 1
+    return int(raw.xlen(keys.events)), tasks
 
 
 def work_pending_sync(raw: redis.Redis, settings: Settings) -> int:
@@ -387,3 +393,11 @@ async def outcomes(settings: Settings) -> tuple[Counter[str], Counter[str]]:
                 elif isinstance(event, GroupFinished):
                     finished[event.group_task_id] += 1
         return completed, finished
+
+
+async def hang_on_odd(a: int, b: int) -> int:
+    """Sums at once when ``a`` is even; never returns when it is odd. A worker process
+    takes it as SUMBATCH_HANDLER=tests.support:hang_on_odd."""
+    if a % 2:
+        await asyncio.Event().wait()
+    return a + b

@@ -27,12 +27,13 @@ from sumbatch.events import (
     TaskDeadLettered,
     TaskFailed,
     TaskRevoked,
+    TasksSubmitted,
     TaskStarted,
-    TaskSubmitted,
     from_fields,
+    tasks_of,
     to_fields,
 )
-from sumbatch.store import Begun, Store
+from sumbatch.store import Begun, Store, task_key
 from tests.support import (
     Gate,
     appended,
@@ -379,13 +380,15 @@ def test_a_poison_pill_is_given_up_without_running_it(
 
     async def scenario(store: Store) -> None:
         [(entry_id, fields)] = await store.read_work("doomed-0", 10, block_ms=100)
-        item = from_fields(fields)
-        assert isinstance(item, TaskSubmitted)
+        work = from_fields(fields)
+        assert isinstance(work, TasksSubmitted)
+        [item] = tasks_of(work)
+        key = task_key(entry_id, item.index)
         for n in range(lost):
             if n:
                 [(claimed, _)] = await store.autoclaim(f"doomed-{n}", min_idle_ms=0)
                 assert claimed == entry_id
-            [decision] = await store.begin([item], [entry_id])
+            [decision] = await store.begin([item], [key])
             assert decision == Begun("run", n + 1)  # attempt n + 1
         # The last one died long ago: its entry is idle past the claim timeout.
         idle = int(settings.claim_timeout * 1000) * 10
@@ -425,12 +428,14 @@ def test_a_task_with_attempts_left_after_lost_runs_is_run(
 
     async def scenario(store: Store) -> None:
         [(entry_id, fields)] = await store.read_work("doomed-0", 10, block_ms=100)
-        item = from_fields(fields)
-        assert isinstance(item, TaskSubmitted)
+        work = from_fields(fields)
+        assert isinstance(work, TasksSubmitted)
+        [item] = tasks_of(work)
+        key = task_key(entry_id, item.index)
         for n in range(settings.max_attempts - 1):
             if n:
                 await store.autoclaim(f"doomed-{n}", min_idle_ms=0)
-            await store.begin([item], [entry_id])
+            await store.begin([item], [key])
         idle = int(settings.claim_timeout * 1000) * 10
         await store.redis.xclaim(store.keys.work, WORKER_GROUP, "gone", 0, [entry_id], idle=idle)
         await Worker(settings, store, handler=recording(calls)).run_until_idle()

@@ -50,7 +50,7 @@ def test_delete_stops_running_tasks_of_a_worker_process(
         return states == ["STARTED"] * 5
 
     wait_until_sync(all_started, what="every task to be STARTED")
-    assert work_pending_sync(raw, settings) == 5
+    assert work_pending_sync(raw, settings) == 1  # the five tasks are one slice
 
     asked = time.monotonic()
     response = client.delete(f"/grouptasks/{gid}")
@@ -157,7 +157,8 @@ def test_a_cancel_of_another_group_leaves_our_runs_alone(settings: Settings) -> 
             assert await store.cancel(doomed) == CancelOutcome("cancelled", 2)
 
             async def doomed_dropped() -> bool:
-                return await work_pending(store) == 2 and len(worker.runs) == 2
+                # The kept group's slice is the one entry still pending.
+                return await work_pending(store) == 1 and len(worker.runs) == 2
 
             await wait_until(doomed_dropped, within=5, what="the cancelled runs to stop")
             gate.open()

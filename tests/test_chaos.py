@@ -336,8 +336,9 @@ def test_a_short_grace_hands_back_unfinished_entries_for_an_immediate_takeover(
     settings: Settings, procs: Processes
 ) -> None:
     """Grace 0.2 s, tasks 2-3 s, claim timeout 30 s: the stopping worker cannot finish,
-    so it hands its entries back (idle as if long dead). Its replacement takes them
-    over at its first sweep, long before 30 s of idleness could have freed them."""
+    so it hands its entries back (idle as if long dead): 40 tasks, two slices. Its
+    replacement takes them over at its first sweep, long before 30 s of idleness could
+    have freed them."""
     settings = msgspec.structs.replace(settings, delay=Delay(2.0, 3.0), claim_timeout=30.0)
     rng = chaos_rng()
     env = env_for(settings) | {"SUMBATCH_SHUTDOWN_GRACE": "0.2"}
@@ -347,11 +348,11 @@ def test_a_short_grace_hands_back_unfinished_entries_for_an_immediate_takeover(
             await store.ensure_worker_group()
             first = procs.start(settings, "worker", "--name", "first", env=env)
             procs.start(settings, "projector", env=env)
-            pairs = random_pairs(rng, 20)
+            pairs = random_pairs(rng, 40)
             groups = [await submit(store, pairs)]
             expected = {groups[0][0]: [a + b for a, b in pairs]}
             await wait_until(
-                runs_started(store, 20), within=10, what="the first worker to start all 20"
+                runs_started(store, 40), within=10, what="the first worker to start all 40"
             )
             signalled = now_ms()
             first.send_signal(signal.SIGTERM)
@@ -362,7 +363,7 @@ def test_a_short_grace_hands_back_unfinished_entries_for_an_immediate_takeover(
             handed: list[dict[str, Any]] = await store.redis.xpending_range(
                 store.keys.work, WORKER_GROUP, min="-", max="+", count=100
             )
-            assert len(handed) == 20
+            assert len(handed) == 2  # slices of up to WORK_SLICE (32) tasks
             assert {p["consumer"] for p in handed} == {"first"}
             claim_ms = settings.claim_timeout * 1000
             assert min(p["time_since_delivered"] for p in handed) >= claim_ms
@@ -373,9 +374,9 @@ def test_a_short_grace_hands_back_unfinished_entries_for_an_immediate_takeover(
             await assert_sums(store, expected)
             events = await log_events(store)
             starts = Counter((e.worker, e.attempt) for e in events if isinstance(e, TaskStarted))
-            assert starts == Counter({("first", 1): 20, ("second", 2): 20})
+            assert starts == Counter({("first", 1): 40, ("second", 2): 40})
             completed_by = Counter(e.worker for e in events if isinstance(e, TaskCompleted))
-            assert completed_by == Counter(second=20)
+            assert completed_by == Counter(second=40)
             raw = await stream_entries(store, store.keys.events)
             restarts = [
                 entry_ms(eid)

@@ -235,38 +235,39 @@ def test_a_stats_hash_broken_by_hand_loses_counts_not_work(
 
 
 def test_gauges_read_a_backlog_then_a_workers_claims(settings: Settings, procs: Processes) -> None:
-    """Groups of 2, 3 and 4 tasks with no consumer running; then a worker that claims
-    every entry and holds it; then the projector; then a group after it."""
+    """Groups of 2, 3 and 4 tasks with no consumer running (a work entry each: a slice
+    holds up to WORK_SLICE tasks); then a worker that claims every entry and holds it;
+    then the projector; then a group after it."""
     settings = replace(settings, handler="tests.support:hang_forever")
     with TestClient(create_app(settings)) as client:
         for size in (2, 3, 4):
             post_group(client, [(size, n) for n in range(size)])
         seen = scrape(client)
-        assert value(seen, "sumbatch_work_lag", partition="0") == 9
+        assert value(seen, "sumbatch_work_lag", partition="0") == 3
         assert value(seen, "sumbatch_work_pending", partition="0") == 0
         # No position yet: every entry of the log is lag.
         assert value(seen, "sumbatch_projector_lag_events", partition="0") == 3
         assert value(seen, "sumbatch_stream_length", partition="0", stream="events") == 3
-        assert value(seen, "sumbatch_stream_length", partition="0", stream="work") == 9
+        assert value(seen, "sumbatch_stream_length", partition="0", stream="work") == 3
         assert value(seen, "sumbatch_dead_letters", partition="0") == 0
         assert samples(seen, "sumbatch_consumer_pending") == []
         overview = system(client)
-        assert overview["work"] == {"length": 9, "lag": 9, "pending": 0}
+        assert overview["work"] == {"length": 3, "lag": 3, "pending": 0}
         assert (overview["projectorLag"], overview["eventLogLength"]) == (3, 3)
         assert overview["workers"] == []
 
         worker = procs.start(settings, "worker", "--name", "holder")
-        wait_until_sync(lambda: system(client)["work"]["pending"] == 9, what="the worker's claims")
+        wait_until_sync(lambda: system(client)["work"]["pending"] == 3, what="the worker's claims")
         seen = scrape(client)
         assert value(seen, "sumbatch_work_lag", partition="0") == 0
-        assert value(seen, "sumbatch_work_pending", partition="0") == 9
-        assert value(seen, "sumbatch_consumer_pending", partition="0", consumer="holder") == 9
+        assert value(seen, "sumbatch_work_pending", partition="0") == 3
+        assert value(seen, "sumbatch_consumer_pending", partition="0", consumer="holder") == 3
         idle = value(seen, "sumbatch_consumer_idle_seconds", partition="0", consumer="holder")
         assert idle is not None and 0 <= idle < 60
         # Each run logged its TaskStarted: 3 + 9 entries the views do not include.
         wait_until_sync(lambda: system(client)["projectorLag"] == 12, what="9 TaskStarted")
         (holder,) = system(client)["workers"]
-        assert (holder["name"], holder["partition"], holder["pending"]) == ("holder", 0, 9)
+        assert (holder["name"], holder["partition"], holder["pending"]) == ("holder", 0, 3)
 
         procs.kill9(worker)
         project(settings)
@@ -275,7 +276,7 @@ def test_gauges_read_a_backlog_then_a_workers_claims(settings: Settings, procs: 
         overview = system(client)
         # Counted from the projector's position now: one GroupSubmitted after it.
         assert overview["projectorLag"] == 1
-        assert overview["work"] == {"length": 10, "lag": 1, "pending": 9}
+        assert overview["work"] == {"length": 4, "lag": 1, "pending": 3}
 
 
 def test_system_is_the_contracts_json(settings: Settings, raw: redis.Redis) -> None:
@@ -295,7 +296,7 @@ def test_system_is_the_contracts_json(settings: Settings, raw: redis.Redis) -> N
         "groupsSubmitted": 1, "groupsFinished": 1, "tasksSubmitted": 2, "tasksCompleted": 2,
         "tasksCached": 0, "tasksFailed": 0, "tasksRevoked": 0,
     }  # fmt: skip
-    assert body["work"] == {"length": 2, "lag": 0, "pending": 0}
+    assert body["work"] == {"length": 1, "lag": 0, "pending": 0}  # one slice
     # GroupSubmitted, two TaskCompleted, GroupFinished; no projector ran.
     assert (body["projectorLag"], body["eventLogLength"], body["deadLetters"]) == (4, 4, 0)
     (worker,) = body["workers"]

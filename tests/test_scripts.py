@@ -5,6 +5,7 @@ from the event definitions, so the two cannot drift."""
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 import pytest
 import redis
@@ -17,12 +18,14 @@ from sumbatch.events import (
     GroupSubmitted,
     Keys,
     TaskRevoked,
+    TasksSubmitted,
     from_fields,
+    tasks_of,
     to_fields,
 )
 from sumbatch.projection import GroupView
 from sumbatch.scripts.lib import lua_fields
-from sumbatch.store import open_store
+from sumbatch.store import open_store, task_key
 from sumbatch.submission import Submission
 from sumbatch.wire import TaskIn
 from tests.support import entries, submit, work
@@ -39,8 +42,8 @@ def test_the_work_entries_submit_builds_are_what_events_py_writes(
     settings: Settings, raw: redis.Redis
 ) -> None:
     """SUBMIT builds the work entries from columns: each must be, field for field and in
-    order, the TaskSubmitted that events.to_flat writes; params at the ends of the
-    64-bit range pass exactly, and a group past 256 tasks gets every index's id."""
+    order, the TasksSubmitted slice that events.to_flat writes; params at the ends of
+    the 64-bit range pass exactly, and a group past 256 tasks gets every index's id."""
     pairs = [(-(2**63), 2**63 - 1), (0, -1), *[(n, n + 1) for n in range(300)]]
     submission = Submission.of([TaskIn(param_a=a, param_b=b) for a, b in pairs])
 
@@ -54,7 +57,9 @@ def test_the_work_entries_submit_builds_are_what_events_py_writes(
     assert [list(f.items()) for f in written] == [
         list(to_fields(w).items()) for w in submission.work
     ]
-    assert [w["taskId"] for w in written] == submission.created.task_ids
+    tasks = [task for f in written for task in tasks_of(cast(TasksSubmitted, from_fields(f)))]
+    assert [t.task_id for t in tasks] == submission.created.task_ids
+    assert [(t.param_a, t.param_b) for t in tasks] == pairs
 
 
 def test_submit_refuses_columns_that_do_not_hold_every_task_and_writes_nothing(
@@ -162,8 +167,12 @@ def test_begin_reads_the_cache_of_every_entry_of_a_batch_past_a_thousand(
             await store.submit(submission.event, group)
             await store.ensure_worker_group()
             read = await store.read_work("c", len(pairs), 0)
-            items = [from_fields(fields) for _, fields in read]
-            begun = await store.begin(items, [eid for eid, _ in read])  # type: ignore[arg-type]
+            tasks = [
+                (task_key(entry_id, task.index), task)
+                for entry_id, fields in read
+                for task in tasks_of(cast(TasksSubmitted, from_fields(fields)))
+            ]
+            begun = await store.begin([task for _, task in tasks], [key for key, _ in tasks])
             return [(b.kind, b.value) for b in begun]
 
     decisions = asyncio.run(scenario())

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sumbatch import ids
+from sumbatch.events import WORK_SLICE, TasksSubmitted, tasks_of
 from sumbatch.submission import Submission
 from sumbatch.wire import TaskIn
 
@@ -15,12 +18,53 @@ def test_a_submission_names_its_tasks_in_order_and_carries_their_params() -> Non
     event = submission.event
     assert (event.group_task_id, event.tasks_total) == (gid, 2)
     assert (event.params_a, event.params_b) == ("1 -3", "2 4")
-    assert [
-        (w.task_id, w.group_task_id, w.index, w.param_a, w.param_b) for w in submission.work
-    ] == [
+    tasks = [task for work in submission.work for task in tasks_of(work)]
+    assert [(t.task_id, t.group_task_id, t.index, t.param_a, t.param_b) for t in tasks] == [
         (tids[0], gid, 0, 1, 2),
         (tids[1], gid, 1, -3, 4),
     ]
+
+
+def test_a_groups_work_comes_in_slices_of_consecutive_tasks() -> None:
+    pairs = [(n, -n) for n in range(2 * WORK_SLICE + 6)]
+    submission = Submission.of([TaskIn(param_a=a, param_b=b) for a, b in pairs])
+    work = submission.work
+    assert [(w.first, len(w.params_a.split())) for w in work] == [
+        (0, WORK_SLICE),
+        (WORK_SLICE, WORK_SLICE),
+        (2 * WORK_SLICE, 6),
+    ]
+    tasks = [task for w in work for task in tasks_of(w)]
+    assert [(t.index, t.param_a, t.param_b) for t in tasks] == [
+        (n, a, b) for n, (a, b) in enumerate(pairs)
+    ]
+    assert [t.task_id for t in tasks] == submission.created.task_ids
+
+
+@pytest.mark.parametrize(
+    ("first", "params_a", "params_b"),
+    [
+        (1, "1", "2"),  # not where a slice starts
+        (-WORK_SLICE, "1", "2"),
+        (0, "", ""),  # empty
+        (0, "1 2", "3"),  # columns of other lengths
+        (0, " ".join(["1"] * (WORK_SLICE + 1)), " ".join(["2"] * (WORK_SLICE + 1))),
+        (0, "1 x", "2 3"),  # not integers
+        (2**32, "1", "2"),  # past the most tasks a group can have
+    ],
+)
+def test_a_slice_no_submit_writes_is_refused(first: int, params_a: str, params_b: str) -> None:
+    gid = ids.new_group_id()
+    work = TasksSubmitted(group_task_id=gid, first=first, params_a=params_a, params_b=params_b)
+    with pytest.raises(ValueError):
+        tasks_of(work)
+
+
+def test_a_slice_of_no_group_is_refused() -> None:
+    work = TasksSubmitted(group_task_id=ids.task_id(ids.new_group_id(), 0), first=0,
+                          params_a="1", params_b="2")  # fmt: skip
+    with pytest.raises(ValueError):
+        tasks_of(work)
 
 
 def test_two_submissions_get_different_groups() -> None:

@@ -172,6 +172,7 @@ def test_a_group_with_a_damaged_key_does_not_hold_up_the_batch_nor_spin(
             bad, bad_tids = await submit(store, [(4, 4), (5, 5), (6, 6)])
             running = asyncio.create_task(worker.run())
             await wait_until(runs_started(store, 6), what="all six runs to start")
+            work = await stream_entries(store, store.keys.work)
             await store.redis.hset(store.keys.ended(bad), "not", "a bitmap")
             gate.open()  # all six outcomes land in the same flush
             await wait_until(worker_idle(store, worker), within=10, what="every entry acknowledged")
@@ -186,13 +187,15 @@ def test_a_group_with_a_damaged_key_does_not_hold_up_the_batch_nor_spin(
                 isinstance(e, TaskCompleted | GroupFinished) and e.group_task_id == bad
                 for e in events
             )
-            dead = [f for _, f in await stream_entries(store, store.keys.dead_letters)]
-            assert sorted(f["taskId"] for f in dead) == sorted(bad_tids)
-            assert {f["type"] for f in dead} == {"RefusedWorkEntry"}
+            # The bad group's one work entry (a slice of its three tasks), once.
+            [(slice_id, _)] = [e for e in work if e[1]["groupTaskId"] == bad]
+            [dead] = [f for _, f in await stream_entries(store, store.keys.dead_letters)]
+            assert (dead["type"], dead["workEntryId"]) == ("RefusedWorkEntry", slice_id)
+            assert dead["groupTaskId"] == bad and dead["taskId"] in bad_tids
 
     asyncio.run(scenario())
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(messages) == 1 and "3 work entries refused" in messages[0], messages
+    assert len(messages) == 1 and "of 3 refused tasks" in messages[0], messages
 
 
 def fails_with_undecodable_text(a: int, b: int) -> int:
@@ -266,7 +269,7 @@ def test_a_step_the_server_refuses_for_one_group_is_isolated_and_the_rest_go_thr
                     within=20,
                     what="the allowed group to finish",
                 )
-                assert await work_pending(store) == 2  # the denied group's entries, untouched
+                assert await work_pending(store) == 1  # the denied group's slice, untouched
             finally:
                 worker.should_exit = True
                 await asyncio.wait_for(running, 10)

@@ -13,11 +13,13 @@ from consumers.projector import Projector
 from consumers.worker import Worker
 from sumbatch.config import Settings
 from sumbatch.events import GroupFinished, TaskCompleted, TaskStarted
-from sumbatch.store import Outcome, open_store
+from sumbatch.store import Outcome, Store, open_store
 from sumbatch.tasks import Delay
 from tests.support import (
     Processes,
+    assert_exactly_once,
     blocked_in_xreadgroup,
+    group_finished,
     log_events,
     stream_entries,
     submit,
@@ -287,5 +289,92 @@ def test_a_worker_stops_even_when_a_helper_loses_its_cancellation(
             await asyncio.wait_for(running, 10)
             left = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
             assert left == []
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_runs_no_more_tasks_than_its_limit_however_big_a_slice(
+    settings: Settings,
+) -> None:
+    """A read takes a whole slice (here 5 tasks, one work entry) even with room for one
+    task; the rest wait in the worker's backlog, begun one by one as runs end, and the
+    entry is acknowledged with the last of them."""
+    settings = msgspec.structs.replace(settings, worker_concurrency=1)
+    gates = [asyncio.Event() for _ in range(5)]
+    running: list[int] = []
+    most = 0
+
+    async def handler(a: int, b: int) -> int:
+        nonlocal most
+        running.append(a)
+        most = max(most, len(running))
+        await gates[a].wait()
+        running.remove(a)
+        return a + b
+
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            await store.ensure_worker_group()
+            gid, _ = await submit(store, [(n, 10) for n in range(5)])
+            worker = Worker(settings, store, handler=handler)
+            task = asyncio.create_task(worker.run())
+            for n in range(5):
+
+                async def alone(n: int = n) -> bool:
+                    return running == [n]
+
+                await wait_until(alone, what=f"task {n} to run alone")
+                assert len(worker.backlog) == 4 - n
+                assert await work_pending(store) == 1  # the one slice, held throughout
+                gates[n].set()
+            await wait_until(lambda: group_finished(store, gid), what="the group to finish")
+            await wait_until(lambda: work_pending_is(store, 0), what="the slice to be acknowledged")
+            worker.should_exit = True
+            await asyncio.wait_for(task, 10)
+
+    asyncio.run(scenario())
+    assert most == 1
+
+
+async def work_pending_is(store: Store, count: int) -> bool:
+    return await work_pending(store) == count
+
+
+def test_a_taken_over_slice_runs_only_its_tasks_that_have_not_ended(
+    settings: Settings, procs: Processes
+) -> None:
+    """A worker ends the even tasks of a 40-task group (two slices) and hangs on the odd
+    ones; kill -9. The worker that takes its two entries over runs only the odd tasks:
+    the even ones, ended, are neither started nor counted again."""
+    settings = msgspec.structs.replace(settings, claim_timeout=1.0)
+
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            await store.ensure_worker_group()
+            gid, tids = await submit(store, [(n, 1) for n in range(40)])
+            hanging = msgspec.structs.replace(settings, handler="tests.support:hang_on_odd")
+            first = procs.start(hanging, "worker", "--name", "first")
+
+            async def evens_done() -> bool:
+                done = [e for e in await log_events(store) if isinstance(e, TaskCompleted)]
+                return len(done) == 20
+
+            await wait_until(evens_done, within=20, what="the first worker to end the evens")
+            assert await work_pending(store) == 2  # both slices wait for their odd tasks
+            procs.kill9(first)
+            procs.start(settings, "worker", "--name", "second")
+            await wait_until(lambda: group_finished(store, gid), within=20, what="the group")
+            await assert_exactly_once(store, [(gid, tids)])
+            events = await log_events(store)
+            completed_by = {e.index: e.worker for e in events if isinstance(e, TaskCompleted)}
+            assert completed_by == {n: "first" if n % 2 == 0 else "second" for n in range(40)}
+            # Begun (and their attempts counted) only where they had not ended: the
+            # second worker began none of the even ones.
+            counted = str(await store.redis.get(store.keys.attempts(gid)))
+            assert [ord(c) for c in counted] == [1 if n % 2 == 0 else 2 for n in range(40)]
+            attempts = {e.index: e.attempt for e in events if isinstance(e, TaskCompleted)}
+            assert attempts == {n: 1 if n % 2 == 0 else 2 for n in range(40)}
+            sums = {e.index: e.result for e in events if isinstance(e, TaskCompleted)}
+            assert sums == {n: n + 1 for n in range(40)}
 
     asyncio.run(scenario())

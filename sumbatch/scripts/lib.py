@@ -166,5 +166,25 @@ local function bit_set(bitmap, i)
   local byte = string.byte(bitmap, math.floor(i / 8) + 1) or 0
   return math.floor(byte / 2 ^ (7 - i % 8)) % 2 == 1
 end
+
+-- Whether every task a work entry can hold has ended, by the group's fence bitmap: the
+-- `count` indexes from `first` that are within the group's `total` tasks (a group's
+-- last slice is shorter). Only then is the entry acknowledged.
+local function entry_done(bitmap, first, count, total)
+  for i = first, math.min(first + count, total) - 1 do
+    if not bit_set(bitmap, i) then return false end
+  end
+  return true
+end
+
+-- Acknowledge work entries, each once, a thousand per XACK (unpack has a limit).
+-- `acked` maps each entry id to true.
+local function ack_entries(work, group, acked)
+  local ids = {}
+  for entry in pairs(acked) do ids[#ids + 1] = entry end
+  for from = 1, #ids, 1000 do
+    redis.call('XACK', work, group, unpack(ids, from, math.min(#ids, from + 999)))
+  end
+end
 """
 )

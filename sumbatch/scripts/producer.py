@@ -1,7 +1,7 @@
 """The producer's scripts: submit a group, cancel one."""
 
-from sumbatch.ids import INDEX_DIGITS
-from sumbatch.scripts.lib import LIB
+from sumbatch.events import WORK_SLICE, TasksSubmitted
+from sumbatch.scripts.lib import LIB, lua_fields
 
 # A group's events, work entries and first view, or nothing; with an Idempotency-Key,
 # a repeated POST gets the first answer back instead. The ledger keeps the submission
@@ -14,8 +14,20 @@ from sumbatch.scripts.lib import LIB
 # Returns the earlier idempotency record if any.
 SUBMIT = (
     LIB
-    # A task id is its group's id with its index + 1 in the last INDEX_DIGITS hex digits.
-    + f"local INDEX_DIGITS = {INDEX_DIGITS}\n"
+    + f"""
+local WORK_SLICE = {WORK_SLICE}
+local function work_entry(gid, first, params_a, params_b)
+  return {
+        lua_fields(
+            TasksSubmitted,
+            group_task_id="gid",
+            first="tostring(first)",
+            params_a="params_a",
+            params_b="params_b",
+        )
+    }
+end
+"""
     + """
 local earlier = ARGV[2] ~= '' and is_or_none(KEYS[5], 'string')
   and redis.call('GET', KEYS[5])
@@ -48,15 +60,13 @@ if again then
   return false
 end
 for _, fields in ipairs(cjson.decode(ARGV[5])) do append(KEYS[1], KEYS[4], fields) end
--- The work entries, one TaskSubmitted per task, built here from the group's columns:
--- no entry is built or sent one by one. The params stay text, so 64-bit integers pass
--- exactly. The fields are those of events.to_flat, in its order.
-local gid, prefix = ARGV[6], string.sub(ARGV[6], 1, -(INDEX_DIGITS + 1))
-local id_format = '%0' .. INDEX_DIGITS .. 'x'
-for n = 1, #params_a do
-  redis.call('XADD', KEYS[2], '*', 'type', 'TaskSubmitted',
-    'taskId', prefix .. string.format(id_format, n), 'groupTaskId', gid,
-    'index', tostring(n - 1), 'paramA', params_a[n], 'paramB', params_b[n])
+-- The work entries, a TasksSubmitted per WORK_SLICE tasks, built here from the group's
+-- columns: no entry is built or sent one by one. The params stay text, so 64-bit
+-- integers pass exactly.
+for first = 0, #params_a - 1, WORK_SLICE do
+  local last = math.min(first + WORK_SLICE, #params_a)
+  redis.call('XADD', KEYS[2], '*', unpack(work_entry(ARGV[6], first,
+    table.concat(params_a, ' ', first + 1, last), table.concat(params_b, ' ', first + 1, last))))
 end
 redis.call('HSET', KEYS[3], 'total', ARGV[1], 'finished', 0, 'failed', 0, 'revoked', 0,
   'submitted', string.format('%d', now_ms()))

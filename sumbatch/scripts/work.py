@@ -6,14 +6,15 @@ from sumbatch.scripts.lib import LIB
 # What a worker does with each handed-out entry. With one partition the cache keys
 # share its hash tag, and are read here; with several, each is in a slot of its own and
 # read before (a sum is deterministic: reading it outside the step is safe).
+# Items are tasks; a work entry may hold several (``events.TasksSubmitted``), and is
+# acknowledged once every task it can hold has ended, or its group is gone.
 # KEYS: work, then four per group (``Keys.of_group``), then (one partition) each item's
 # cache key. ARGV: group, group ids json, items json: [entry id, group id, index,
-# cached sum or ''] per item, the KEYS index of the first cache key (0: none, the sums
-# read before are in the items).  Returns per
-# item: {0} ended already or expired (acknowledged here), {1, result} cache hit,
-# {2, attempt} run it (attempts counted across every worker), or {3} refused: its
-# group's keys are not what sumbatch wrote, or its index is outside the group (left
-# pending, untouched).
+# cached sum or '', entry's first index, how many it can hold] per item, the KEYS index
+# of the first cache key (0: none, the sums read before are in the items).  Returns per
+# item: {0} ended already or expired, {1, result} cache hit, {2, attempt} run it
+# (attempts counted across every worker), or {3} refused: its group's keys are not what
+# sumbatch wrote, or its index is outside the group (left pending, untouched).
 BEGIN = (
     LIB
     + """
@@ -45,14 +46,19 @@ for n, item in ipairs(items) do
   end
 end
 -- Every check done: now the writes.
+local acked = {}
 for n, item in ipairs(items) do
   if out[n][1] == 0 then
-    redis.call('XACK', KEYS[1], ARGV[1], item[1])
+    local g = seen[item[2]]
+    if g.state == 'gone' or entry_done(g.ended, item[5], item[6], g.state) then
+      acked[item[1]] = true
+    end
   elseif out[n][1] == 2 then
     out[n][2] = redis.call('BITFIELD', seen[item[2]].keys.attempts,
       'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' .. item[3], 1)[1]
   end
 end
+ack_entries(KEYS[1], ARGV[1], acked)
 return out
 """
 )
@@ -100,12 +106,14 @@ return appended
 # group, are refused: left pending, untouched. The partition's stats count each
 # recorded outcome (and its run's seconds, when it ran) and each group ended, in the
 # same step: an outcome sent twice counts once.
+# A work entry is acknowledged once every task it can hold has ended (see BEGIN).
 # KEYS: events, work, dead letters, stats, then four per group, then cache keys.
-# ARGV: group, result ttl, group ids json, items json, cache ttl. Per item: [entry id,
+# ARGV: group, result ttl, group ids json, items json, cache ttl. Per item: [task key,
 #   index, group id, state, outcome, after, seconds, cache key's KEYS index (0: none),
-#   sum], state SUCCESS (computed), CACHED or FAILURE, outcome one event, after a list
-#   of events, seconds the run's time (-1: none, nothing ran).
-# Returns {{entry ids whose outcome was recorded}, {refused entry ids}}.
+#   sum, entry id, entry's first index, how many it can hold], state SUCCESS
+#   (computed), CACHED or FAILURE, outcome one event, after a list of events, seconds
+#   the run's time (-1: none, nothing ran).
+# Returns {{task keys whose outcome was recorded}, {refused task keys}}.
 COMPLETE = (
     LIB
     + """
@@ -119,10 +127,10 @@ local seen = {}
 local refused = {}
 local todo = {}
 for _, item in ipairs(items) do
-  local entry, index = item[1], item[2]
+  local key, index = item[1], item[2]
   local total = group_of(G, seen, item[3]).state
   if total == 'bad' or (total ~= 'gone' and not index_ok(index, total)) then
-    refused[#refused + 1] = entry
+    refused[#refused + 1] = key
   else
     todo[#todo + 1] = item
   end
@@ -130,13 +138,12 @@ end
 -- Every check done: now the writes.
 local recorded = {}
 local groups, counts = {}, {}  -- groups in first-seen order; per group {ended, failed}
-local acks = {}
 local t = tally()
 for _, item in ipairs(todo) do
-  local entry, index, gid, state_, outcome, after, seconds, cache_at, sum = unpack(item)
+  local key, index, gid, state_, outcome, after, seconds, cache_at, sum = unpack(item)
   local g = seen[gid]
   if g.state ~= 'gone' and redis.call('SETBIT', g.keys.ended, index, 1) == 0 then
-    recorded[#recorded + 1] = entry
+    recorded[#recorded + 1] = key
     if cache_at > 0 then redis.call('SET', KEYS[cache_at], sum, 'EX', ARGV[5]) end
     local log = g.keys.log
     local id = append(KEYS[1], log, outcome)
@@ -167,36 +174,52 @@ for _, item in ipairs(todo) do
       end
     end
   end
-  acks[#acks + 1] = entry
 end
 for _, gid in ipairs(groups) do
   tasks_ended(KEYS[1], seen[gid].keys, gid, counts[gid][1], counts[gid][2], 0, ARGV[2], t)
 end
 write_tally(t, KEYS[4])
-if #acks > 0 then redis.call('XACK', KEYS[2], ARGV[1], unpack(acks)) end
+-- The entries whose every task has ended now (the fence as it is after these writes).
+local acked, fences = {}, {}
+for _, item in ipairs(todo) do
+  local g, entry = seen[item[3]], item[10]
+  if g.state == 'gone' then
+    acked[entry] = true
+  elseif not acked[entry] then
+    fences[item[3]] = fences[item[3]] or redis.call('GET', g.keys.ended) or ''
+    if entry_done(fences[item[3]], item[11], item[12], g.state) then acked[entry] = true end
+  end
+end
+ack_entries(KEYS[2], ARGV[1], acked)
 return {recorded, refused}
 """
 )
 
-# Acknowledge work entries whose task has ended (revoked by a cancel, or finished
-# elsewhere) or whose group is gone; leave the others pending.
-# KEYS: work, then four per group. ARGV: group, group ids json, items json: [entry id,
-# group id, index]. Returns the entry ids acknowledged.
+# Which tasks have ended (revoked by a cancel, or finished elsewhere) or have their
+# group gone: their runs can stop. Acknowledges the work entries whose every task has
+# ended (see BEGIN); the others stay pending.
+# KEYS: work, then four per group. ARGV: group, group ids json, items json: [task key,
+# group id, index, entry id, entry's first index, how many it can hold].
+# Returns the keys of the tasks that ended.
 RELEASE_ENDED = (
     LIB
     + """
 local G = declared(2, cjson.decode(ARGV[2]))
-local released = {}
+local released, acked = {}, {}
 local seen = {}
 for _, item in ipairs(cjson.decode(ARGV[3])) do
-  local entry, index = item[1], item[3]
+  local index = item[3]
   local g = group_of(G, seen, item[2])
-  if g.state == 'gone' or (type(g.state) == 'number' and index_ok(index, g.state)
-      and bit_set(g.ended, index)) then
-    released[#released + 1] = entry
+  if g.state == 'gone' then
+    released[#released + 1] = item[1]
+    acked[item[4]] = true
+  elseif type(g.state) == 'number' and index_ok(index, g.state)
+      and bit_set(g.ended, index) then
+    released[#released + 1] = item[1]
+    if entry_done(g.ended, item[5], item[6], g.state) then acked[item[4]] = true end
   end
 end
-if #released > 0 then redis.call('XACK', KEYS[1], ARGV[1], unpack(released)) end
+ack_entries(KEYS[1], ARGV[1], acked)
 return released
 """
 )

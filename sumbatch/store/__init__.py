@@ -9,9 +9,11 @@ lost or doubled live in these two packages.
 
 Streams, in brief: the event log is append-only; the work stream is read by the
 ``workers`` consumer group, whose pending-entries list (PEL) holds what was handed out
-and not yet acknowledged. An entry leaves the PEL inside the completion script,
-together with the result event (or in the begin script when its task has already
-ended), so a crash at any point leaves it pending for XAUTOCLAIM, never lost.
+and not yet acknowledged. A work entry holds a slice of a group's tasks; it leaves the
+PEL inside the completion script that records the outcome of its last unended task
+(or in the begin script when all its tasks have already ended), so a crash at any
+point leaves it pending for XAUTOCLAIM, never lost; the one that claims it runs only
+the tasks that have not ended.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from sumbatch.store.base import DurableMode, Entry, Retention, StoreBase, connec
 from sumbatch.store.inspect import Inspector
 from sumbatch.store.log import REJECTED_KEPT, EventLog
 from sumbatch.store.producer import CancelOutcome, NotDurable, Producer, Submitted, _durable_mode
-from sumbatch.store.work import Begun, Completed, Outcome, WorkQueue
+from sumbatch.store.work import Begun, Completed, Outcome, WorkQueue, entry_id_of, task_key
 
 __all__ = [
     "REJECTED_KEPT",
@@ -45,7 +47,9 @@ __all__ = [
     "WorkQueue",
     "_durable_mode",
     "connect",
+    "entry_id_of",
     "open_store",
+    "task_key",
 ]
 
 

@@ -76,9 +76,9 @@ class Producer(StoreBase):
         idempotency: tuple[str, str] | None = None,
         fsync_timeout_ms: int | None = None,
     ) -> Submitted:
-        """Append a group's GroupSubmitted and its work entries, one per task, and write
-        its first view; or nothing. The script builds the work entries from the event's
-        columns: no entry is built or sent one by one.
+        """Append a group's GroupSubmitted and its work entries (TasksSubmitted, a slice
+        of its tasks each), and write its first view; or nothing. The script builds the
+        work entries from the event's columns: no entry is built or sent one by one.
 
         ``idempotency`` is (key, record): when the key was used before, nothing is
         appended and the earlier record is returned instead. With

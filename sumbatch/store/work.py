@@ -11,6 +11,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from sumbatch.events import (
+    WORK_SLICE,
     WORKER_GROUP,
     AnyEvent,
     TaskCompleted,
@@ -22,11 +23,38 @@ from sumbatch.events import (
 from sumbatch.store.base import Entry, StoreBase, _json
 
 
+def task_key(entry_id: str, index: int) -> str:
+    """How a worker names one task of a work entry that holds several (a slice)."""
+    return f"{entry_id}/{index}"
+
+
+def entry_of(key: str, index: int) -> tuple[str, int, int]:
+    """The work entry a task key names, and the tasks it can hold: the first index and
+    how many. A slice holds the WORK_SLICE indexes of its task's (``tasks_of`` takes no
+    other); a one-task entry (TaskSubmitted), that task alone. The scripts acknowledge
+    an entry once all of those that are in its group have ended."""
+    entry_id, sliced, _ = key.partition("/")
+    if not sliced:
+        return key, index, 1
+    return entry_id, index - index % WORK_SLICE, WORK_SLICE
+
+
+def entry_id_of(key: str) -> str:
+    """The work entry a task's key names."""
+    return key.partition("/")[0]
+
+
+def entry_ids(keys: Sequence[str]) -> list[str]:
+    """The work entries of some tasks' keys, each once, in order."""
+    return list(dict.fromkeys(map(entry_id_of, keys)))
+
+
 @dataclass(frozen=True)
 class Outcome:
     """One ended task, ready for the completion fence."""
 
-    entry_id: str
+    # The task's key: its work entry's id, or ``task_key`` for a task of a slice.
+    key: str
     event: TaskCompleted | TaskFailed
     param_a: int
     param_b: int
@@ -107,7 +135,8 @@ class WorkQueue(StoreBase):
         slot of its own, read and written beside them."""
         return self.keys.partitions == 1
 
-    async def begin(self, items: Sequence[TaskSubmitted], entry_ids: Sequence[str]) -> list[Begun]:
+    async def begin(self, items: Sequence[TaskSubmitted], keys: Sequence[str]) -> list[Begun]:
+        """Begin tasks, each named by its key (``task_key``, or a one-task entry's id)."""
         group_keys, gids = self._declare(item.group_task_id for item in items)
         params = [(item.param_a, item.param_b) for item in items]
         cache_keys: list[str] = []
@@ -117,29 +146,28 @@ class WorkQueue(StoreBase):
         else:
             cached = await self._cached(params)
         payload = [
-            (entry_id, item.group_task_id, item.index, sum_ or "")
-            for entry_id, item, sum_ in zip(entry_ids, items, cached, strict=True)
+            (entry_id, item.group_task_id, item.index, sum_ or "", first, count)
+            for key, item, sum_ in zip(keys, items, cached, strict=True)
+            for entry_id, first, count in [entry_of(key, item.index)]
         ]
         first_cache = 2 + len(group_keys) if cache_keys else 0
         args: list[str | int | bytes] = [WORKER_GROUP, gids, _json.encode(payload), first_cache]
-        keys = [self.keys.work, *group_keys, *cache_keys]
-        decisions = await self._begin(keys=keys, args=args)
+        declared = [self.keys.work, *group_keys, *cache_keys]
+        decisions = await self._begin(keys=declared, args=args)
         return [Begun(_BEGUN_KINDS[int(d[0])], int(d[1]) if len(d) > 1 else 0) for d in decisions]
 
-    async def release_ended(
-        self, items: Sequence[TaskSubmitted], entry_ids: Sequence[str]
-    ) -> list[str]:
-        """Acknowledge the entries whose task has ended (a cancel revoked it, or it
-        finished elsewhere) or whose group is gone; returns those entry ids. The others
-        stay pending: their run goes on."""
+    async def release_ended(self, items: Sequence[TaskSubmitted], keys: Sequence[str]) -> list[str]:
+        """The keys of the tasks that have ended (a cancel revoked them, or they finished
+        elsewhere) or whose group is gone: their runs can stop. Their entries are
+        acknowledged once every task in them has ended. The others' runs go on."""
         payload = [
-            (entry_id, item.group_task_id, item.index)
-            for entry_id, item in zip(entry_ids, items, strict=True)
+            (key, item.group_task_id, item.index, *entry_of(key, item.index))
+            for key, item in zip(keys, items, strict=True)
         ]
         group_keys, gids = self._declare(item.group_task_id for item in items)
         args: list[str | bytes] = [WORKER_GROUP, gids, _json.encode(payload)]
-        keys = [self.keys.work, *group_keys]
-        return cast(list[str], await self._release_ended(keys=keys, args=args))
+        declared = [self.keys.work, *group_keys]
+        return cast(list[str], await self._release_ended(keys=declared, args=args))
 
     async def dead_letter_entry(
         self,
@@ -152,6 +180,7 @@ class WorkQueue(StoreBase):
         its task is outside its group, or its group's keys are not what sumbatch wrote)
         to the dead-letter stream, acknowledged: kept for inspection, and no longer
         pending, where it would hold back the work stream's trimming."""
+        entry_id = entry_id_of(entry_id)  # a task's key names its entry
         pipe = self.redis.pipeline(transaction=True)
         rest = {k: v for k, v in fields.items() if k != "type"}
         why = {"reason": reason} if reason else {}
@@ -192,7 +221,7 @@ class WorkQueue(StoreBase):
                     cache_at, sum_ = 4 + len(group_keys) + len(cache_keys), str(event.result)
                 elif not event.from_cache:
                     params = (outcome.param_a, outcome.param_b)
-                    sums.append((outcome.entry_id, params, event.result))
+                    sums.append((outcome.key, params, event.result))
             else:
                 state = "FAILURE"
                 after.append(
@@ -209,8 +238,8 @@ class WorkQueue(StoreBase):
             seconds = -1.0 if outcome.seconds is None else max(0.0, outcome.seconds)
             items.append(
                 (
-                    outcome.entry_id, event.index, gid, state, flat[0], flat[1:], seconds,
-                    cache_at, sum_,
+                    outcome.key, event.index, gid, state, flat[0], flat[1:], seconds,
+                    cache_at, sum_, *entry_of(outcome.key, event.index),
                 )
             )  # fmt: skip
         keys = [
@@ -256,15 +285,17 @@ class WorkQueue(StoreBase):
             pipe.set(self.keys.cache(a, b), result, ex=self.retention.cache)
         await pipe.execute()
 
-    async def renew(self, consumer: str, entry_ids: Sequence[str], idle_ms: int = 0) -> list[str]:
-        """Keep our claim on ``entry_ids`` (or, with ``idle_ms``, hand them back as if
-        idle that long); returns those another worker took over."""
-        lost: list[str] = []
-        for at in range(0, len(entry_ids), 1000):
-            chunk = entry_ids[at : at + 1000]
+    async def renew(self, consumer: str, keys: Sequence[str], idle_ms: int = 0) -> list[str]:
+        """Keep our claim on the entries of these tasks (or, with ``idle_ms``, hand them
+        back as if idle that long); returns the keys whose entry another worker took
+        over."""
+        entries = entry_ids(keys)
+        lost: set[str] = set()
+        for at in range(0, len(entries), 1000):
+            chunk = entries[at : at + 1000]
             args = [WORKER_GROUP, consumer, str(idle_ms), *chunk]
-            lost += cast(list[str], await self._renew(keys=[self.keys.work], args=args))
-        return lost
+            lost.update(cast(list[str], await self._renew(keys=[self.keys.work], args=args)))
+        return [key for key in keys if entry_id_of(key) in lost]
 
     async def trim_work(self) -> int:
         return int(await self._trim_work(keys=[self.keys.work], args=[WORKER_GROUP]))
