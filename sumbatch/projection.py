@@ -6,8 +6,9 @@ version): ``fold_entries`` checks each event against the group it names and sets
 aside what it cannot apply, with the reason, so that one bad entry never stalls the
 projector.
 
-One view per group holds its tasks too, by submission index, so a status read is one
-GET and the projector writes one key per group it touched, however many events.
+One view per group holds its tasks too, by submission index. The store keeps it in
+chunks of CHUNK_TASKS tasks, and the projector loads only the chunks a batch of events
+touches (``Views.partial``): the fold never reads a task outside them (``problem``).
 """
 
 from __future__ import annotations
@@ -49,12 +50,29 @@ STATE_OF_LETTER: dict[str, TaskState] = {
     "X": "REVOKED",
 }
 ENDED = frozenset("DCFX")
+# Marks a task of a chunk that was not loaded (``Views.partial``): no state of the fold,
+# so a view holding one is never taken for a whole one.
+UNLOADED = "?"
 TERMINAL: frozenset[str] = frozenset({"FAILURE", "SUCCESS", "REVOKED"})
 
 
-class GroupSummary(msgspec.Struct, rename="camel", kw_only=True):
-    """What GET /grouptasks/{id} needs of a group view: decoding only this part of a
-    stored view skips the per-task details, which big groups make long."""
+# Tasks per chunk of a stored view: a big running group's step rewrites the few chunks
+# its outcomes touch, ~15 KB each, not the whole view (~150 KB for 10,000 tasks); and a
+# small group's view stays one chunk. A power of two, so a chunk's tasks are a range.
+CHUNK_TASKS = 1024
+
+
+def chunk_of(index: int) -> int:
+    """The chunk of a stored view that holds a task, by its index."""
+    return index // CHUNK_TASKS
+
+
+def chunk_count(tasks_total: int) -> int:
+    return -(-tasks_total // CHUNK_TASKS)
+
+
+class GroupCounts(msgspec.Struct, rename="camel", kw_only=True):
+    """A group view less its tasks: what a stored view keeps in its ``summary``."""
 
     group_task_id: str
     tasks_total: int
@@ -66,8 +84,6 @@ class GroupSummary(msgspec.Struct, rename="camel", kw_only=True):
     # DELETE with 409) that every task has ended. The one source of "processed"; the
     # counts above are for progress.
     finished: bool = False
-    # By submission index; None until that task succeeded.
-    results: list[int | None] = msgspec.field(default_factory=list)
 
     @property
     def processed(self) -> bool:
@@ -77,6 +93,24 @@ class GroupSummary(msgspec.Struct, rename="camel", kw_only=True):
     def succeeded(self) -> bool:
         """No task failed or was revoked: ``results`` has every task's sum in the end."""
         return self.tasks_failed == 0 and self.tasks_revoked == 0
+
+    def counts_ok(self) -> bool:
+        """Whether the counts are ones the fold can reach."""
+        total = self.tasks_total
+        return (
+            0 <= self.tasks_failed + self.tasks_revoked <= self.tasks_completed <= total
+            and self.tasks_failed >= 0
+            and self.tasks_revoked >= 0
+            and (not self.finished or self.tasks_completed == total)
+        )
+
+
+class GroupSummary(GroupCounts, kw_only=True):
+    """What GET /grouptasks/{id} needs of a group view: reading only this part of a
+    stored view skips the per-task details, which big groups make long."""
+
+    # By submission index; None until that task succeeded.
+    results: list[int | None] = msgspec.field(default_factory=list)
 
 
 class GroupView(GroupSummary, kw_only=True):
@@ -92,8 +126,7 @@ class GroupView(GroupSummary, kw_only=True):
         return (
             len(self.states) == len(self.results) == len(self.attempts) == total
             and all(letter in STATE_OF_LETTER for letter in self.states)
-            and 0 <= self.tasks_failed + self.tasks_revoked <= self.tasks_completed <= total
-            and (not self.finished or self.tasks_completed == total)
+            and self.counts_ok()
         )
 
     @classmethod
@@ -136,9 +169,14 @@ def task_view(group: GroupView, task_id: str, index: int) -> TaskView | None:
 
 @dataclass
 class Views:
-    """The slice of the read model a fold works on: group views by id."""
+    """The slice of the read model a fold works on: group views by id.
+
+    ``partial`` names the views loaded in part, with the chunks loaded: their other
+    tasks are UNLOADED, which the store never writes back. A view not named there is
+    whole; GroupSubmitted makes one whole afresh."""
 
     groups: dict[str, GroupView] = field(default_factory=dict)
+    partial: dict[str, frozenset[int]] = field(default_factory=dict)
 
 
 def apply(views: Views, event: AnyEvent) -> None:
@@ -149,6 +187,7 @@ def apply(views: Views, event: AnyEvent) -> None:
         views.groups[event.group_task_id] = GroupView.submitted(
             event.group_task_id, event.tasks_total
         )
+        views.partial.pop(event.group_task_id, None)
         return
     group = views.groups.get(event.group_task_id)
     if group is None:
@@ -222,6 +261,11 @@ def problem(views: Views, event: AnyEvent) -> str | None:
             return f"index {index} is outside the group's {group.tasks_total} tasks"
         if event.task_id != ids.task_id(gid, index):  # type: ignore[union-attr]
             return "taskId does not match groupTaskId and index"
+        loaded = views.partial.get(gid)
+        if loaded is not None and chunk_of(index) not in loaded:
+            # The loader read the index otherwise than the event does: folding it
+            # would change a task that is not there, and that change would be lost.
+            return f"index {index}: its chunk of the view was not loaded"
     return None
 
 
@@ -229,6 +273,24 @@ def group_ids(entries: Iterable[Entry]) -> set[str]:
     """The groups some entries name, read off their fields: the views to load before
     ``fold_entries``."""
     return {gid for _, fields in entries if (gid := fields.get("groupTaskId"))}
+
+
+def chunks_touched(entries: Iterable[Entry]) -> dict[str, set[int]]:
+    """The chunks of each group's view that some entries touch, read off their fields:
+    what to load before ``fold_entries``. An index is read as the event's decoding
+    reads it; one that does not read as a number touches no chunk."""
+    touched: dict[str, set[int]] = {}
+    for _, fields in entries:
+        gid = fields.get("groupTaskId")
+        if not gid:
+            continue
+        chunks = touched.setdefault(gid, set())
+        if (text := fields.get("index")) is not None:
+            try:
+                chunks.add(chunk_of(msgspec.convert(text, int, strict=False)))
+            except msgspec.ValidationError:
+                pass
+    return touched
 
 
 def fold_entries(
