@@ -371,7 +371,8 @@ class Keys:
         return f"{self.tag}:attempts:{group_task_id}"
 
     def group_view(self, group_task_id: str) -> str:
-        """The projected status of a group and its tasks (JSON)."""
+        """The projected status of a group and its tasks: a hash, its counts in one
+        field and its tasks in chunks (``chunks.py``)."""
         return f"{self.tag}:view:{group_task_id}"
 
 

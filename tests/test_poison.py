@@ -332,17 +332,55 @@ def test_a_work_entry_naming_another_task_is_refused_and_its_index_still_runs(
     ]
 
 
+def _spoil(raw: redis.Redis, key: str, gid: str, how: str) -> None:
+    """Overwrite a 2-task group's view by hand: a key of another type, or a hash whose
+    fields are not of the fold's shape."""
+    summary = {"groupTaskId": gid, "tasksTotal": 2, "tasksCompleted": 0}
+    chunk = [[None, None], "PP", [0, 0], {}]
+    raw.delete(key)
+    if how == "a string":
+        raw.set(key, json.dumps({"groupTaskId": gid, "tasksTotal": 2}))
+        return
+    fields = {
+        "no chunk": {"summary": json.dumps(summary)},
+        "a short chunk": {"summary": json.dumps(summary), "0": json.dumps([[None], "P", [0], {}])},
+        "a summary that is no JSON": {"summary": "{", "0": json.dumps(chunk)},
+        "another group's summary": {
+            "summary": json.dumps({**summary, "groupTaskId": ids.new_group_id()}),
+            "0": json.dumps(chunk),
+        },
+        "a state that is no state": {
+            "summary": json.dumps(summary),
+            "0": '[[null,null],"PZ",[0,0],{}]',
+        },
+    }[how]
+    for name, value in fields.items():
+        raw.hset(key, name, value)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "a string",
+        "no chunk",
+        "a short chunk",
+        "a summary that is no JSON",
+        "another group's summary",
+        "a state that is no state",
+    ],
+)
 def test_a_stored_view_of_the_wrong_shape_is_ignored_not_fatal(
-    client: TestClient, settings: Settings, raw: redis.Redis
+    client: TestClient, settings: Settings, raw: redis.Redis, how: str
 ) -> None:
-    """A view overwritten by hand with JSON of another shape: the projector counts it
-    as absent (that group's later events are set aside) and goes on with the others,
-    and GET /tasks of that group is a 404, not a 500."""
+    """A view overwritten by hand with another type or fields of another shape: the
+    projector counts it as absent (that group's later events are set aside) and goes
+    on with the others, and GET /tasks and /grouptasks of that group are a 404, not
+    a 500."""
     keys = Keys(settings.namespace)
     spoiled = post_group(client, [(1, 1), (2, 2)])
     project(settings)
     gid = spoiled["groupTaskId"]
-    raw.set(keys.group_view(gid), json.dumps({"groupTaskId": gid, "tasksTotal": 2}))
+    _spoil(raw, keys.group_view(gid), gid, how)
     later = post_group(client, [(3, 3)])
 
     work(settings)
@@ -350,6 +388,12 @@ def test_a_stored_view_of_the_wrong_shape_is_ignored_not_fatal(
     assert client.get(f"/grouptasks/{later['groupTaskId']}").json()["grouptaskProcessed"]
     answer = client.get(f"/tasks/{spoiled['taskIds'][0]}")
     assert answer.status_code == 404, answer.text
+    # The group's status decodes its chunks' results only: a state it does not read
+    # passes there.
+    answer = client.get(f"/grouptasks/{gid}")
+    assert answer.status_code == (200 if how == "a state that is no state" else 404), answer.text
+    rejected = [f["reason"] for _, f in entries(raw, keys.rejected)]
+    assert any(gid in reason for reason in rejected), rejected
 
 
 def test_a_ledger_counter_that_is_no_integer_refuses_the_group_before_any_write(

@@ -2,18 +2,21 @@
 
 from sumbatch.events import WORK_SLICE, TasksSubmitted
 from sumbatch.scripts.lib import LIB, lua_fields
+from sumbatch.scripts.log import HSET_ARGS
 
 # A group's events, work entries and first view, or nothing; with an Idempotency-Key,
 # a repeated POST gets the first answer back instead. The ledger keeps the submission
 # time (the server's clock, ms) for the group's time to finished; the partition's stats
 # count the group and its tasks, once: a retry of this call counts nothing more.
 # KEYS: events, work, ledger, group log, idempotency key, group view, stats.
-# ARGV: tasksTotal, idempotency record ('' = no key), its ttl, group view json,
-#       events json, then the work entries' columns: the group id, its tasks' paramsA
-#       and paramsB (space-separated, as GroupSubmitted holds them).
+# ARGV: tasksTotal, idempotency record ('' = no key), its ttl, events json, then the
+#       work entries' columns: the group id, its tasks' paramsA and paramsB
+#       (space-separated, as GroupSubmitted holds them), then the group view's hash
+#       fields and values (chunks.py).
 # Returns the earlier idempotency record if any.
 SUBMIT = (
     LIB
+    + HSET_ARGS
     + f"""
 local WORK_SLICE = {WORK_SLICE}
 local function work_entry(gid, first, params_a, params_b)
@@ -40,8 +43,8 @@ if not earlier and not again then
       and is_or_none(KEYS[5], 'string') and key_type(KEYS[4]) == 'none') then
     return redis.error_reply('ERR a sumbatch key has the wrong type (written by hand?)')
   end
-  for v in string.gmatch(ARGV[7], '%S+') do params_a[#params_a + 1] = v end
-  for v in string.gmatch(ARGV[8], '%S+') do params_b[#params_b + 1] = v end
+  for v in string.gmatch(ARGV[6], '%S+') do params_a[#params_a + 1] = v end
+  for v in string.gmatch(ARGV[7], '%S+') do params_b[#params_b + 1] = v end
   if #params_a ~= tonumber(ARGV[1]) or #params_b ~= #params_a then
     return redis.error_reply('ERR paramsA and paramsB must hold tasksTotal values each')
   end
@@ -59,18 +62,20 @@ if again then
   redis.call('HINCRBY', KEYS[3], 'total', 0)
   return false
 end
-for _, fields in ipairs(cjson.decode(ARGV[5])) do append(KEYS[1], KEYS[4], fields) end
+for _, fields in ipairs(cjson.decode(ARGV[4])) do append(KEYS[1], KEYS[4], fields) end
 -- The work entries, a TasksSubmitted per WORK_SLICE tasks, built here from the group's
 -- columns: no entry is built or sent one by one. The params stay text, so 64-bit
 -- integers pass exactly.
 for first = 0, #params_a - 1, WORK_SLICE do
   local last = math.min(first + WORK_SLICE, #params_a)
-  redis.call('XADD', KEYS[2], '*', unpack(work_entry(ARGV[6], first,
+  redis.call('XADD', KEYS[2], '*', unpack(work_entry(ARGV[5], first,
     table.concat(params_a, ' ', first + 1, last), table.concat(params_b, ' ', first + 1, last))))
 end
 redis.call('HSET', KEYS[3], 'total', ARGV[1], 'finished', 0, 'failed', 0, 'revoked', 0,
   'submitted', string.format('%d', now_ms()))
-redis.call('SET', KEYS[6], ARGV[4])
+-- A key left by hand under this new group's view name would fail HSET.
+redis.call('DEL', KEYS[6])
+hset_args(KEYS[6], 8, #ARGV)
 local t = tally()
 count(t, 'groupsSubmitted', 1)
 count(t, 'tasksSubmitted', tonumber(ARGV[1]))

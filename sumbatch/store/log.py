@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
-import msgspec
+from redis.exceptions import ResponseError
 
-from sumbatch import ids
+from sumbatch import chunks, ids
 from sumbatch.events import from_group_log
-from sumbatch.projection import GroupSummary, GroupView, SetAside, TaskView, Views, task_view
+from sumbatch.projection import GroupSummary, GroupView, SetAside, TaskView, Views, chunk_of
 from sumbatch.store.base import Entry, StoreBase, _json
 
 log = logging.getLogger("sumbatch.store")
 
-_group_view_decoder = msgspec.json.Decoder(GroupView)
-_group_summary_decoder = msgspec.json.Decoder(GroupSummary)
 # Entries kept in the rejected stream (about: trimmed with MAXLEN ~).
 REJECTED_KEPT = 10_000
 
@@ -94,10 +92,40 @@ class EventLog(StoreBase):
         return cast(str | None, await self.redis.get(self.keys.projector_position))
 
     async def load_views(self, group_ids: Iterable[str]) -> Views:
+        """Whole views (every chunk), as ``sumbatch replay`` folds on them."""
         gids = list(group_ids)
         if not gids:
             return Views()
-        return _views(gids, await self.redis.mget([self.keys.group_view(g) for g in gids]))
+        # One HGETALL per view, in one step (a cluster client refuses multi-key
+        # commands in a pipeline, even on one slot).
+        pipe = self.redis.pipeline(transaction=True)
+        for gid in gids:
+            pipe.hgetall(self.keys.group_view(gid))
+        return _whole_views(gids, await pipe.execute(raise_on_error=False))
+
+    async def load_touched(self, touched: Mapping[str, Iterable[int]]) -> Views:
+        """The views of some groups, each with only its summary and the chunks given
+        (``projection.chunks_touched``): what the projector folds a batch into."""
+        if not touched:
+            return Views()
+        wanted = {gid: sorted(set(ks)) for gid, ks in touched.items()}
+        pipe = self.redis.pipeline(transaction=True)
+        for gid, ks in wanted.items():
+            pipe.hmget(self.keys.group_view(gid), [chunks.SUMMARY, *map(chunks.field_name, ks)])
+        views = Views()
+        replies = await pipe.execute(raise_on_error=False)
+        for (gid, ks), reply in zip(wanted.items(), replies, strict=True):
+            fields = _reply(gid, reply)
+            if fields is None or fields[0] is None:
+                continue
+            try:
+                view = chunks.decode_view(gid, fields[0], dict(zip(ks, fields[1:], strict=True)))
+            except chunks.NotAView as exc:
+                _absent(gid, exc)
+                continue
+            views.groups[gid] = view
+            views.partial[gid] = frozenset(k for k in ks if chunks.span(k, view.tasks_total))
+        return views
 
     async def commit_views(
         self,
@@ -108,7 +136,9 @@ class EventLog(StoreBase):
     ) -> bool:
         """Write views and the position they include, compare-and-set on ``expected``,
         and copy the entries the fold set aside to the rejected stream, all in one
-        step. Processed groups start to expire; the rest live on."""
+        step. A view loaded in part gets its summary and the chunks loaded; any other
+        is written whole, replacing what was there. Processed groups start to expire;
+        the rest live on."""
         ttl = str(self.retention.results)
         keys = [self.keys.projector_position, self.keys.rejected]
         rejected = [
@@ -122,74 +152,121 @@ class EventLog(StoreBase):
             REJECTED_KEPT,
         ]
         for gid, group in views.groups.items():
+            loaded = views.partial.get(gid)
+            fields = chunks.flat_fields(group, loaded)
             keys.append(self.keys.group_view(gid))
-            args += (ttl if group.processed else "0", _json.encode(group))
+            args += (ttl if group.processed else "0", "1" if loaded is None else "0", len(fields))
+            args += fields
         return bool(await self._commit(keys=keys, args=args))
 
     async def snapshot(self, group_ids: Sequence[str]) -> tuple[str | None, Views, dict[str, bool]]:
-        """In one step: the projector's position, these groups' views, and whether
-        each group's ledger still exists (it has not expired)."""
-        # One GET per view, not MGET: a cluster client refuses multi-key commands in
-        # a pipeline, even on one slot.
+        """In one step: the projector's position, these groups' whole views, and
+        whether each group's ledger still exists (it has not expired)."""
+        # One command per key, not MGET: a cluster client refuses multi-key commands
+        # in a pipeline, even on one slot.
         pipe = self.redis.pipeline(transaction=True)
         pipe.get(self.keys.projector_position)
         for gid in group_ids:
-            pipe.get(self.keys.group_view(gid))
+            pipe.hgetall(self.keys.group_view(gid))
         for gid in group_ids:
             pipe.exists(self.keys.ledger(gid))
-        position, *replies = await pipe.execute()
-        blobs, exists = replies[: len(group_ids)], replies[len(group_ids) :]
+        position, *replies = await pipe.execute(raise_on_error=False)
+        if isinstance(position, Exception):
+            raise position
+        stored, exists = replies[: len(group_ids)], replies[len(group_ids) :]
         live = {gid: bool(n) for gid, n in zip(group_ids, exists, strict=True)}
-        return position, _views(group_ids, blobs), live
+        return position, _whole_views(group_ids, stored), live
 
     async def forget_position(self) -> None:
         """Make the projector fold the log again from its start (``sumbatch replay``).
         Safe while it runs: its next commit fails the compare-and-set and it reloads.
         The fold is idempotent for events already in a view, and GroupSubmitted starts
-        a view afresh, so the views converge to the fold of the log."""
+        a view afresh (written whole, its old fields dropped), so the views converge to
+        the fold of the log."""
         await self.redis.delete(self.keys.projector_position)
 
-    async def _view_blob(self, group_task_id: str) -> str | None:
-        """A group's stored view; an id that cannot be a group's never reaches Redis."""
+    async def _view_fields(self, group_task_id: str) -> dict[str, str] | None:
+        """A group's whole stored view, as fields; an id that cannot be a group's never
+        reaches Redis."""
         if not ids.is_group_id(group_task_id):
             return None
-        return cast(str | None, await self.redis.get(self.keys.group_view(group_task_id)))
+        try:
+            fields = await self.redis.hgetall(self.keys.group_view(group_task_id))
+        except ResponseError as exc:
+            _reply(group_task_id, exc)
+            return None
+        return cast(dict[str, str], fields) or None
 
     async def group_view(self, group_task_id: str) -> GroupView | None:
-        blob = await self._view_blob(group_task_id)
-        return None if blob is None else _view(group_task_id, blob)
+        fields = await self._view_fields(group_task_id)
+        return None if fields is None else _decoded(group_task_id, chunks.decode_whole, fields)
 
     async def group_summary(self, group_task_id: str) -> GroupSummary | None:
-        blob = await self._view_blob(group_task_id)
-        return None if blob is None else _group_summary_decoder.decode(blob)
+        """The group's counts and results: every chunk read, only the results decoded."""
+        fields = await self._view_fields(group_task_id)
+        return None if fields is None else _decoded(group_task_id, chunks.decode_summary, fields)
 
     async def task_view(self, task_id: str) -> TaskView | None:
+        """One task's view: the group's summary and the one chunk that holds it."""
         where = ids.split_task_id(task_id)
         if where is None:
             return None
-        group = await self.group_view(where[0])
-        return None if group is None else task_view(group, task_id, where[1])
+        gid, index = where
+        key = self.keys.group_view(gid)
+        try:
+            summary, chunk = await self.redis.hmget(
+                key, [chunks.SUMMARY, chunks.field_name(chunk_of(index))]
+            )
+        except ResponseError as exc:
+            _reply(gid, exc)
+            return None
+        if summary is None:
+            return None
+        try:
+            return chunks.decode_task(task_id, gid, index, summary, chunk)
+        except chunks.NotAView as exc:
+            _absent(gid, exc)
+            return None
 
 
-def _view(group_task_id: str, blob: str | bytes) -> GroupView | None:
-    """A stored view; one that is no view of the fold's shape (written by hand) counts
-    as absent, so its group's events are set aside rather than stall the projector,
-    and a read of it is a 404 rather than a 500."""
+T = TypeVar("T")
+
+
+def _absent(group_task_id: str, why: Exception) -> None:
+    """A stored view that is no view of the fold's shape (written by hand) counts as
+    absent, so its group's events are set aside rather than stall the projector, and
+    a read of it is a 404 rather than a 500."""
+    log.error("the stored view of group %s is no view (%s); ignored", group_task_id, why)
+
+
+def _reply(group_task_id: str, reply: T | Exception) -> T | None:
+    """A reply about a view key; a key of another type (written by hand) counts as an
+    absent view. Other errors are raised."""
+    if isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE"):
+        _absent(group_task_id, reply)
+        return None
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
+def _decoded(
+    group_task_id: str,
+    decode: Callable[[str, Mapping[str, str]], T],
+    fields: Mapping[str, str],
+) -> T | None:
     try:
-        view = _group_view_decoder.decode(blob)
-    except msgspec.DecodeError as exc:
-        log.error("the stored view of group %s is no view (%s); ignored", group_task_id, exc)
+        return decode(group_task_id, fields)
+    except chunks.NotAView as exc:
+        _absent(group_task_id, exc)
         return None
-    if view.group_task_id != group_task_id or not view.well_formed():
-        log.error("the stored view of group %s is not a view's shape; ignored", group_task_id)
-        return None
-    return view
 
 
-def _views(group_ids: Sequence[str], blobs: Sequence[str | bytes | None]) -> Views:
+def _whole_views(group_ids: Sequence[str], replies: Sequence[object]) -> Views:
     views = Views()
-    for gid, blob in zip(group_ids, blobs, strict=True):
-        if blob is not None and (view := _view(gid, blob)) is not None:
+    for gid, reply in zip(group_ids, replies, strict=True):
+        fields = _reply(gid, reply)
+        if fields and (view := _decoded(gid, chunks.decode_whole, cast(dict[str, str], fields))):
             views.groups[gid] = view
     return views
 

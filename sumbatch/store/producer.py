@@ -15,7 +15,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from sumbatch import ids, scripts
+from sumbatch import chunks, ids, scripts
 from sumbatch.events import GroupCancelled, GroupSubmitted, to_flat
 from sumbatch.outage import refusal
 from sumbatch.projection import GroupView
@@ -101,11 +101,11 @@ class Producer(StoreBase):
             group.tasks_total,
             record,
             self.retention.results,
-            _json.encode(group),
             _json.encode(to_flat([event])),
             gid,
             event.params_a,
             event.params_b,
+            *chunks.flat_fields(group),
         ]
         if fsync_timeout_ms is None or self.durable == "always":
             # appendfsync always: the server fsyncs before it answers.

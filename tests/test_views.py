@@ -1,0 +1,106 @@
+"""A stored group view, on a real server: the projector reads and rewrites only the
+chunks a batch touches, a refold from the log writes every view whole, and the status
+reads read what they need."""
+
+from __future__ import annotations
+
+import json
+
+from consumers.projector import Projector
+from sumbatch import ids
+from sumbatch.config import Settings
+from sumbatch.projection import CHUNK_TASKS
+from sumbatch.replay import differences
+from sumbatch.store import Store
+from sumbatch.testing import Monitor, submit
+from tests.support import run_with_store
+
+TOTAL = 2 * CHUNK_TASKS + 452  # three chunks
+
+
+def completed(gid: str, index: int) -> dict[str, str]:
+    return {
+        "type": "TaskCompleted",
+        "taskId": ids.task_id(gid, index),
+        "groupTaskId": gid,
+        "index": str(index),
+        "result": str(index),
+        "fromCache": "false",
+        "attempt": "1",
+        "worker": "a-hand",
+    }
+
+
+async def field(store: Store, key: str, name: str) -> str:
+    value = await store.redis.hget(key, name)
+    assert isinstance(value, str), f"{key} has no field {name}"
+    return value
+
+
+def test_the_projector_rewrites_only_the_chunks_its_events_touch(settings: Settings) -> None:
+    async def scenario(store: Store) -> None:
+        gid, tids = await submit(store, [(1, 1)] * TOTAL)
+        await Projector(store).run_until_idle()
+        key = store.keys.group_view(gid)
+        # Marks no write of the projector would leave: chunk 0 spelled with spaces
+        # (the same tasks), and a field no view has.
+        spaced = json.dumps(json.loads(await field(store, key, "0")))
+        assert spaced.encode() != await store.redis.hget(key, "0")
+        await store.redis.hset(key, mapping={"0": spaced, "mark": "kept"})
+        for index in (2 * CHUNK_TASKS, 2 * CHUNK_TASKS + 1):
+            await store.redis.xadd(store.keys.events, completed(gid, index))  # type: ignore[arg-type]
+
+        with Monitor(settings.client_url) as monitor:
+            await Projector(store).run_until_idle()
+            assert (await store.task_view(tids[2 * CHUNK_TASKS])).result == 2 * CHUNK_TASKS  # type: ignore[union-attr]
+            monitor.settle()
+        seen = [c for c in monitor.commands() if key in c]
+        # The projector's load, the task read: each the summary and chunk 2 alone.
+        reads = [c for c in seen if not c.startswith("EVALSHA")]
+        assert reads == [f"HMGET {key} summary 2"] * 2, reads
+        # The commit (its JSON has no spaces): ttl none, in part, summary and chunk 2.
+        [commit] = [c.split(" ") for c in seen if c.startswith("EVALSHA")]
+        assert commit[10:15] == ["0", "0", "4", "summary", commit[14]]
+        assert commit[15] == "2" and len(commit) == 17
+        assert await store.redis.hget(key, "0") == spaced
+        assert await store.redis.hget(key, "mark") == "kept"
+        summary = json.loads(await field(store, key, "summary"))
+        assert summary["tasksCompleted"] == 2 and await store.redis.ttl(key) == -1
+
+        # A refold from the log's start: the submission writes the view whole again.
+        await store.forget_position()
+        await Projector(store).run_until_idle()
+        assert sorted(await store.redis.hkeys(key)) == ["0", "1", "2", "summary"]
+        assert await store.redis.hget(key, "0") != spaced
+        view = await store.group_view(gid)
+        assert view is not None and view.tasks_completed == 2
+        assert view.results[2 * CHUNK_TASKS + 1] == 2 * CHUNK_TASKS + 1
+        assert (await differences(store)).differences == []
+
+    run_with_store(settings, scenario)
+
+
+def test_a_processed_view_expires_and_a_wrong_type_view_never_fails_a_commit(
+    settings: Settings,
+) -> None:
+    async def scenario(store: Store) -> None:
+        gid, _ = await submit(store, [(1, 2)])
+        spoiled, _ = await submit(store, [(3, 4)])
+        await Projector(store).run_until_idle()
+        await store.redis.delete(store.keys.group_view(spoiled))
+        await store.redis.rpush(store.keys.group_view(spoiled), "by hand")
+        for group in (gid, spoiled):
+            await store.redis.xadd(store.keys.events, completed(group, 0))  # type: ignore[arg-type]
+            finished = {"type": "GroupFinished", "groupTaskId": group, "tasksTotal": "1",
+                        "tasksFailed": "0", "tasksRevoked": "0", "succeeded": "true"}  # fmt: skip
+            await store.redis.xadd(store.keys.events, finished)  # type: ignore[arg-type]
+        projector = Projector(store)
+        await projector.run_until_idle()
+        assert projector.set_aside == 2  # the spoiled group's two events
+        assert (await store.group_summary(gid)).processed  # type: ignore[union-attr]
+        assert 0 < await store.redis.ttl(store.keys.group_view(gid)) <= store.retention.results
+        assert await store.redis.type(store.keys.group_view(spoiled)) == "list"
+        assert await store.group_summary(spoiled) is None
+        assert await store.task_view(ids.task_id(spoiled, 0)) is None
+
+    run_with_store(settings, scenario)
