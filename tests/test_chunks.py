@@ -56,26 +56,24 @@ def done(i: int) -> TaskCompleted:
 def test_a_view_is_a_summary_and_chunks_of_its_tasks_and_reads_back_whole() -> None:
     fields = stored(sample())
     assert sorted(fields) == ["0", "1", "2", "summary"]
-    summary = json.loads(fields["summary"])
-    assert summary == {
-        "groupTaskId": GID,
-        "tasksTotal": TOTAL,
-        "tasksCompleted": 3,
-        "tasksFailed": 1,
-        "tasksRevoked": 0,
-        "cancelled": False,
-        "finished": False,
-    }
+    assert json.loads(fields["summary"]) == [GID, TOTAL, 3, 1, 0, False, False]
     results, states, attempts, errors = json.loads(fields["2"])
     assert len(results) == len(states) == len(attempts) == 452
     assert states == "P" * 451 + "R" and errors == {str(TOTAL - 1): "again"}
     assert chunks.decode_whole(GID, fields) == sample()
 
 
-def test_a_small_group_is_a_summary_and_one_chunk() -> None:
-    fields = stored(GroupView.submitted(GID, 4))
-    assert sorted(fields) == ["0", "summary"]
-    assert fields["0"] == b'[[null,null,null,null],"PPPP",[0,0,0,0],{}]'
+def test_a_small_group_is_a_summary_and_one_chunk_each_within_a_listpacks_64_bytes() -> None:
+    gid = ids.new_group_id()
+    view = GroupView.submitted(gid, 4)
+    view.states, view.results, view.attempts = list("DDDD"), [123456] * 4, [1] * 4
+    view.tasks_completed, view.finished = 4, True
+    fields = stored(view)
+    assert fields == {
+        "summary": f'["{gid}",4,4,0,0,false,true]'.encode(),
+        "0": b'[[123456,123456,123456,123456],"DDDD",[1,1,1,1],{}]',
+    }
+    assert all(len(value) <= 64 for value in fields.values())
 
 
 def test_a_view_loaded_in_part_holds_placeholders_that_are_never_written() -> None:
@@ -156,8 +154,9 @@ def test_a_status_read_decodes_results_and_a_task_read_one_chunk() -> None:
     ("change", "why"),
     [
         ({"summary": b"{"}, "summary"),
-        ({"summary": b'{"groupTaskId":"other","tasksTotal":2500}'}, "another group"),
-        ({"summary": b'{"groupTaskId":"g","tasksTotal":2500,"tasksCompleted":-1}'}, "counts"),
+        ({"summary": b'["other",2500]'}, "another group"),
+        ({"summary": b'["g",2500,-1]'}, "counts"),
+        ({"summary": b'{"groupTaskId":"g","tasksTotal":2500}'}, "summary"),
         ({"1": b'[[1],"D",[1],{}]'}, "shape"),
         ({"1": b"[]"}, "chunk 1"),
         ({"2": None}, "fields other"),

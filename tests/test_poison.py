@@ -335,7 +335,7 @@ def test_a_work_entry_naming_another_task_is_refused_and_its_index_still_runs(
 def _spoil(raw: redis.Redis, key: str, gid: str, how: str) -> None:
     """Overwrite a 2-task group's view by hand: a key of another type, or a hash whose
     fields are not of the fold's shape."""
-    summary = {"groupTaskId": gid, "tasksTotal": 2, "tasksCompleted": 0}
+    summary = [gid, 2, 0, 0, 0, False, False]
     chunk = [[None, None], "PP", [0, 0], {}]
     raw.delete(key)
     if how == "a string":
@@ -345,8 +345,12 @@ def _spoil(raw: redis.Redis, key: str, gid: str, how: str) -> None:
         "no chunk": {"summary": json.dumps(summary)},
         "a short chunk": {"summary": json.dumps(summary), "0": json.dumps([[None], "P", [0], {}])},
         "a summary that is no JSON": {"summary": "{", "0": json.dumps(chunk)},
+        "a summary of names": {
+            "summary": json.dumps({"groupTaskId": gid, "tasksTotal": 2}),
+            "0": json.dumps(chunk),
+        },
         "another group's summary": {
-            "summary": json.dumps({**summary, "groupTaskId": ids.new_group_id()}),
+            "summary": json.dumps([ids.new_group_id(), *summary[1:]]),
             "0": json.dumps(chunk),
         },
         "a state that is no state": {
@@ -365,6 +369,7 @@ def _spoil(raw: redis.Redis, key: str, gid: str, how: str) -> None:
         "no chunk",
         "a short chunk",
         "a summary that is no JSON",
+        "a summary of names",
         "another group's summary",
         "a state that is no state",
     ],

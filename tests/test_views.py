@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from consumers.projector import Projector
-from sumbatch import ids
+from sumbatch import chunks, ids
 from sumbatch.config import Settings
 from sumbatch.projection import CHUNK_TASKS
 from sumbatch.replay import differences
@@ -64,8 +64,10 @@ def test_the_projector_rewrites_only_the_chunks_its_events_touch(settings: Setti
         assert commit[15] == "2" and len(commit) == 17
         assert await store.redis.hget(key, "0") == spaced
         assert await store.redis.hget(key, "mark") == "kept"
-        summary = json.loads(await field(store, key, "summary"))
-        assert summary["tasksCompleted"] == 2 and await store.redis.ttl(key) == -1
+        counts = chunks.decode_counts(gid, await field(store, key, "summary"))
+        assert counts.tasks_completed == 2 and await store.redis.ttl(key) == -1
+        # A whole read sees the field no view has: no view.
+        assert await store.group_summary(gid) is None
 
         # A refold from the log's start: the submission writes the view whole again.
         await store.forget_position()
