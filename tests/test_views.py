@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import msgspec
+
 from consumers.projector import Projector
 from sumbatch import chunks, ids
 from sumbatch.config import Settings
@@ -104,5 +106,29 @@ def test_a_processed_view_expires_and_a_wrong_type_view_never_fails_a_commit(
         assert await store.redis.type(store.keys.group_view(spoiled)) == "list"
         assert await store.group_summary(spoiled) is None
         assert await store.task_view(ids.task_id(spoiled, 0)) is None
+
+    run_with_store(settings, scenario)
+
+
+def test_a_replay_rewrites_a_view_of_the_old_layout_as_a_hash(settings: Settings) -> None:
+    """A view stored as one JSON string (before views were hashes) reads as absent; a
+    refold from the log (``sumbatch replay``) writes it again, whole, as a hash."""
+
+    async def scenario(store: Store) -> None:
+        gid, tids = await submit(store, [(1, 2), (3, 4)])
+        for index in (0, 1):
+            await store.redis.xadd(store.keys.events, completed(gid, index))  # type: ignore[arg-type]
+        await Projector(store).run_until_idle()
+        view = await store.group_view(gid)
+        assert view is not None
+        await store.redis.delete(store.keys.group_view(gid))
+        await store.redis.set(store.keys.group_view(gid), msgspec.json.encode(view))
+        assert await store.group_view(gid) is None and await store.task_view(tids[0]) is None
+
+        await store.forget_position()
+        await Projector(store).run_until_idle()
+        assert await store.redis.type(store.keys.group_view(gid)) == "hash"
+        assert await store.group_view(gid) == view
+        assert (await differences(store)).differences == []
 
     run_with_store(settings, scenario)
