@@ -278,19 +278,24 @@ def group_ids(entries: Iterable[Entry]) -> set[str]:
 def chunks_touched(entries: Iterable[Entry]) -> dict[str, set[int]]:
     """The chunks of each group's view that some entries touch, read off their fields:
     what to load before ``fold_entries``. An index is read as the event's decoding
-    reads it; one that does not read as a number touches no chunk."""
+    reads it; one that does not read as a number touches no chunk. A group whose first
+    entry here is its GroupSubmitted needs nothing loaded: the fold starts its view
+    afresh (a small group's whole life often comes in one batch)."""
     touched: dict[str, set[int]] = {}
+    fresh: set[str] = set()
     for _, fields in entries:
         gid = fields.get("groupTaskId")
         if not gid:
             continue
+        if gid not in touched and fields.get("type") == "GroupSubmitted":
+            fresh.add(gid)
         chunks = touched.setdefault(gid, set())
         if (text := fields.get("index")) is not None:
             try:
                 chunks.add(chunk_of(msgspec.convert(text, int, strict=False)))
             except msgspec.ValidationError:
                 pass
-    return touched
+    return {gid: chunks for gid, chunks in touched.items() if gid not in fresh}
 
 
 def fold_entries(

@@ -138,7 +138,20 @@ def test_the_chunks_a_batch_touches_are_read_as_the_events_decode_their_index() 
         ("1-3", {"type": "TaskCompleted", "groupTaskId": "c", "index": "soon"}),
         ("1-4", {"type": "TaskCompleted", "index": "1"}),
     ]
-    assert chunks_touched(entries) == {"a": set(), "b": {0, 1}, "c": set()}
+    # "a" starts in this batch: its view starts afresh, nothing of it is loaded.
+    assert chunks_touched(entries) == {"b": {0, 1}, "c": set()}
+
+
+def test_a_group_submitted_again_after_its_first_entry_here_is_loaded() -> None:
+    """Only a group whose first entry in the batch is its GroupSubmitted starts afresh:
+    one with an event before it (a refold meeting a hand-written entry) is loaded."""
+    entries = [
+        ("1-0", {"type": "TaskCompleted", "groupTaskId": "a", "index": "0"}),
+        ("1-1", {"type": "GroupSubmitted", "groupTaskId": "a"}),
+        ("1-2", {"type": "GroupSubmitted", "groupTaskId": "b"}),
+        ("1-3", {"type": "TaskCompleted", "groupTaskId": "b", "index": "0"}),
+    ]
+    assert chunks_touched(entries) == {"a": {0}}
 
 
 def test_a_status_read_decodes_results_and_a_task_read_one_chunk() -> None:

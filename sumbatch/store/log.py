@@ -8,17 +8,36 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
+import msgspec
 from redis.exceptions import ResponseError
 
 from sumbatch import chunks, ids
 from sumbatch.events import from_group_log
-from sumbatch.projection import GroupSummary, GroupView, SetAside, TaskView, Views, chunk_of
+from sumbatch.projection import (
+    GroupSummary,
+    GroupView,
+    SetAside,
+    TaskView,
+    Views,
+    chunk_of,
+    task_view,
+)
 from sumbatch.store.base import Entry, StoreBase, _json
 
 log = logging.getLogger("sumbatch.store")
 
 # Entries kept in the rejected stream (about: trimmed with MAXLEN ~).
 REJECTED_KEPT = 10_000
+
+# A view as versions before views were hashes stored it: one JSON string.
+_old_layout = msgspec.json.Decoder(GroupView)
+
+
+class _WrongType:
+    """A view key that is not a hash: a view of the old layout, or one made by hand."""
+
+
+WRONG_TYPE = _WrongType()
 
 
 class EventLog(StoreBase):
@@ -101,7 +120,7 @@ class EventLog(StoreBase):
         pipe = self.redis.pipeline(transaction=True)
         for gid in gids:
             pipe.hgetall(self.keys.group_view(gid))
-        return _whole_views(gids, await pipe.execute(raise_on_error=False))
+        return await self._whole_views(gids, await pipe.execute(raise_on_error=False))
 
     async def load_touched(self, touched: Mapping[str, Iterable[int]]) -> Views:
         """The views of some groups, each with only its summary and the chunks given
@@ -114,9 +133,13 @@ class EventLog(StoreBase):
             pipe.hmget(self.keys.group_view(gid), [chunks.SUMMARY, *map(chunks.field_name, ks)])
         views = Views()
         replies = await pipe.execute(raise_on_error=False)
+        old: list[str] = []
         for (gid, ks), reply in zip(wanted.items(), replies, strict=True):
             fields = _reply(gid, reply)
-            if fields is None or fields[0] is None:
+            if isinstance(fields, _WrongType):
+                old.append(gid)
+                continue
+            if fields[0] is None:
                 continue
             try:
                 view = chunks.decode_view(gid, fields[0], dict(zip(ks, fields[1:], strict=True)))
@@ -125,6 +148,8 @@ class EventLog(StoreBase):
                 continue
             views.groups[gid] = view
             views.partial[gid] = frozenset(k for k in ks if chunks.span(k, view.tasks_total))
+        # Loaded whole: their commit writes them whole, as hashes.
+        views.groups.update(await self._old_views(old))
         return views
 
     async def commit_views(
@@ -175,7 +200,7 @@ class EventLog(StoreBase):
             raise position
         stored, exists = replies[: len(group_ids)], replies[len(group_ids) :]
         live = {gid: bool(n) for gid, n in zip(group_ids, exists, strict=True)}
-        return position, _whole_views(group_ids, stored), live
+        return position, await self._whole_views(group_ids, stored), live
 
     async def forget_position(self) -> None:
         """Make the projector fold the log again from its start (``sumbatch replay``).
@@ -185,7 +210,7 @@ class EventLog(StoreBase):
         the fold of the log."""
         await self.redis.delete(self.keys.projector_position)
 
-    async def _view_fields(self, group_task_id: str) -> dict[str, str] | None:
+    async def _view_fields(self, group_task_id: str) -> Mapping[str, chunks.Blob] | None:
         """A group's whole stored view, as fields; an id that cannot be a group's never
         reaches Redis."""
         if not ids.is_group_id(group_task_id):
@@ -194,7 +219,8 @@ class EventLog(StoreBase):
             fields = await self.redis.hgetall(self.keys.group_view(group_task_id))
         except ResponseError as exc:
             _reply(group_task_id, exc)
-            return None
+            old = await self._old_views([group_task_id])
+            return chunks.to_fields(old[group_task_id]) if group_task_id in old else None
         return cast(dict[str, str], fields) or None
 
     async def group_view(self, group_task_id: str) -> GroupView | None:
@@ -219,7 +245,8 @@ class EventLog(StoreBase):
             )
         except ResponseError as exc:
             _reply(gid, exc)
-            return None
+            old = await self._old_views([gid])
+            return task_view(old[gid], task_id, index) if gid in old else None
         if summary is None:
             return None
         try:
@@ -227,6 +254,42 @@ class EventLog(StoreBase):
         except chunks.NotAView as exc:
             _absent(gid, exc)
             return None
+
+    async def _whole_views(self, group_ids: Sequence[str], replies: Sequence[object]) -> Views:
+        views = Views()
+        old: list[str] = []
+        for gid, reply in zip(group_ids, replies, strict=True):
+            fields = _reply(gid, reply)
+            if isinstance(fields, _WrongType):
+                old.append(gid)
+            elif fields and (
+                view := _decoded(gid, chunks.decode_whole, cast(dict[str, str], fields))
+            ):
+                views.groups[gid] = view
+        views.groups.update(await self._old_views(old))
+        return views
+
+    async def _old_views(self, group_ids: Sequence[str]) -> dict[str, GroupView]:
+        """Views stored by a version before views were hashes (one JSON string each),
+        read as they are: the projector's next commit of such a group writes its view
+        whole, as a hash, so an upgrade needs no step of its own. A key of another type,
+        or a string that is no view of the fold's shape (by hand), counts as absent."""
+        if not group_ids:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for gid in group_ids:
+            pipe.get(self.keys.group_view(gid))
+        found = {}
+        for gid, blob in zip(group_ids, await pipe.execute(raise_on_error=False), strict=True):
+            try:
+                view = _old_layout.decode(blob) if isinstance(blob, str) else None
+            except msgspec.DecodeError:
+                view = None
+            if view is not None and view.group_task_id == gid and view.well_formed():
+                found[gid] = view
+            else:
+                _absent(gid, ValueError("its key is no hash, nor a view of the old layout"))
+        return found
 
 
 T = TypeVar("T")
@@ -239,12 +302,11 @@ def _absent(group_task_id: str, why: Exception) -> None:
     log.error("the stored view of group %s is no view (%s); ignored", group_task_id, why)
 
 
-def _reply(group_task_id: str, reply: T | Exception) -> T | None:
-    """A reply about a view key; a key of another type (written by hand) counts as an
-    absent view. Other errors are raised."""
+def _reply(group_task_id: str, reply: T | Exception) -> T | _WrongType:
+    """A reply about a view key; WRONG_TYPE for a key that is no hash (a view of the
+    old layout, or one made by hand: ``_old_views`` tells). Other errors are raised."""
     if isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE"):
-        _absent(group_task_id, reply)
-        return None
+        return WRONG_TYPE
     if isinstance(reply, Exception):
         raise reply
     return reply
@@ -252,23 +314,14 @@ def _reply(group_task_id: str, reply: T | Exception) -> T | None:
 
 def _decoded(
     group_task_id: str,
-    decode: Callable[[str, Mapping[str, str]], T],
-    fields: Mapping[str, str],
+    decode: Callable[[str, Mapping[str, chunks.Blob]], T],
+    fields: Mapping[str, chunks.Blob],
 ) -> T | None:
     try:
         return decode(group_task_id, fields)
     except chunks.NotAView as exc:
         _absent(group_task_id, exc)
         return None
-
-
-def _whole_views(group_ids: Sequence[str], replies: Sequence[object]) -> Views:
-    views = Views()
-    for gid, reply in zip(group_ids, replies, strict=True):
-        fields = _reply(gid, reply)
-        if fields and (view := _decoded(gid, chunks.decode_whole, cast(dict[str, str], fields))):
-            views.groups[gid] = view
-    return views
 
 
 def _pairs(flat: Sequence[str]) -> dict[str, str]:
