@@ -178,10 +178,12 @@ local function entry_done(bitmap, first, count, total)
 end
 
 -- Acknowledge work entries, each once, a thousand per XACK (unpack has a limit).
--- `acked` maps each entry id to true.
+-- `acked` maps entry ids to whether to acknowledge them.
 local function ack_entries(work, group, acked)
   local ids = {}
-  for entry in pairs(acked) do ids[#ids + 1] = entry end
+  for entry, yes in pairs(acked) do
+    if yes then ids[#ids + 1] = entry end
+  end
   for from = 1, #ids, 1000 do
     redis.call('XACK', work, group, unpack(ids, from, math.min(#ids, from + 999)))
   end

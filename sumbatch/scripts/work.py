@@ -46,12 +46,12 @@ for n, item in ipairs(items) do
   end
 end
 -- Every check done: now the writes.
-local acked = {}
+local acked = {}  -- per entry: whether to acknowledge it, decided once
 for n, item in ipairs(items) do
   if out[n][1] == 0 then
     local g = seen[item[2]]
-    if g.state == 'gone' or entry_done(g.ended, item[5], item[6], g.state) then
-      acked[item[1]] = true
+    if acked[item[1]] == nil then
+      acked[item[1]] = g.state == 'gone' or entry_done(g.ended, item[5], item[6], g.state)
     end
   elseif out[n][1] == 2 then
     out[n][2] = redis.call('BITFIELD', seen[item[2]].keys.attempts,
@@ -180,14 +180,17 @@ for _, gid in ipairs(groups) do
 end
 write_tally(t, KEYS[4])
 -- The entries whose every task has ended now (the fence as it is after these writes).
+-- Decided once per entry: its tasks' bits are as these writes left them.
 local acked, fences = {}, {}
 for _, item in ipairs(todo) do
   local g, entry = seen[item[3]], item[10]
-  if g.state == 'gone' then
-    acked[entry] = true
-  elseif not acked[entry] then
-    fences[item[3]] = fences[item[3]] or redis.call('GET', g.keys.ended) or ''
-    if entry_done(fences[item[3]], item[11], item[12], g.state) then acked[entry] = true end
+  if acked[entry] == nil then
+    if g.state == 'gone' then
+      acked[entry] = true
+    else
+      fences[item[3]] = fences[item[3]] or redis.call('GET', g.keys.ended) or ''
+      acked[entry] = entry_done(fences[item[3]], item[11], item[12], g.state)
+    end
   end
 end
 ack_entries(KEYS[2], ARGV[1], acked)
@@ -205,7 +208,7 @@ RELEASE_ENDED = (
     LIB
     + """
 local G = declared(2, cjson.decode(ARGV[2]))
-local released, acked = {}, {}
+local released, acked = {}, {}  -- acked: per entry, decided once
 local seen = {}
 for _, item in ipairs(cjson.decode(ARGV[3])) do
   local index = item[3]
@@ -216,7 +219,9 @@ for _, item in ipairs(cjson.decode(ARGV[3])) do
   elseif type(g.state) == 'number' and index_ok(index, g.state)
       and bit_set(g.ended, index) then
     released[#released + 1] = item[1]
-    if entry_done(g.ended, item[5], item[6], g.state) then acked[item[4]] = true end
+    if acked[item[4]] == nil then
+      acked[item[4]] = entry_done(g.ended, item[5], item[6], g.state)
+    end
   end
 end
 ack_entries(KEYS[1], ARGV[1], acked)
