@@ -46,11 +46,12 @@ class Cancels:
             except Exception as exc:
                 await asyncio.sleep(outage.failed(exc))
 
-    async def stop_ended(self, entry_ids: list[str]) -> None:
-        """Stop the runs of those entries whose task has ended (revoked, or finished
-        elsewhere): the server acknowledges exactly those, so an entry whose task goes
-        on is never left running nowhere."""
-        known = [(eid, self.runs.item(eid)) for eid in entry_ids if eid in self.runs]
+    async def stop_ended(self, keys: list[str]) -> None:
+        """Stop the runs of those tasks (by key) that have ended (revoked, or finished
+        elsewhere): the server says exactly which, and acknowledges an entry only once
+        every task in it has ended, so a task that goes on is never left running
+        nowhere."""
+        known = [(key, self.runs.item(key)) for key in keys if key in self.runs]
         if not known:
             return
         try:

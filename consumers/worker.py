@@ -238,10 +238,7 @@ class Worker:
             await asyncio.sleep(0.01)
             return 0
         if not self.backlog:
-            # Whole slices, at least one: a worker with room for one task more takes up
-            # to WORK_SLICE - 1 more into its backlog.
-            slices = max(1, min(self.read_count, capacity) // WORK_SLICE)
-            self._take(await self.store.read_work(self.name, slices, block_ms))
+            self._take(await self.store.read_work(self.name, self._entries_for(capacity), block_ms))
         return await self._begin_backlog()
 
     async def _keep_claims(self) -> None:
@@ -290,9 +287,22 @@ class Worker:
             if self.runs.stop(key):
                 log.warning("task %s was taken over; dropping our run", key)
 
+    def _entries_for(self, room: int) -> int:
+        """How many work entries to take with room for ``room`` more tasks: as many
+        whole slices as fit, at least one (a worker with room for one task more takes
+        up to WORK_SLICE - 1 more into its backlog), at most ``read_count`` entries
+        (small groups' entries hold fewer tasks; the backlog is begun ``read_count``
+        tasks at a time)."""
+        return max(1, min(self.read_count, room // WORK_SLICE))
+
     async def _sweep(self) -> int:
-        """Take over entries that a dead or stuck worker left idle past the timeout."""
-        claimed = await self.store.autoclaim(self.name, self.claim_ms)
+        """Take over entries that a dead or stuck worker left idle past the timeout, as
+        many as there is room for: a worker with a backlog takes none, so that idle
+        workers can."""
+        room = self.load.room()
+        if self.backlog or room <= 0:
+            return 0
+        claimed = await self.store.autoclaim(self.name, self.claim_ms, self._entries_for(room))
         if claimed:
             log.info("claimed %d entries from dead or stuck workers", len(claimed))
             self._take(claimed)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import cast
 
+import msgspec
 import pytest
 import redis
 from starlette.testclient import TestClient
@@ -440,3 +441,37 @@ def test_a_cache_key_of_the_wrong_type_is_a_miss_not_a_stuck_task(
     task = client.get(f"/tasks/{created['taskIds'][0]}").json()
     assert task["fromCache"] is False
     assert raw.get(keys.cache(20, 22)) == "42"
+
+
+def test_a_cached_value_that_is_no_integer_is_a_miss(
+    client: TestClient, settings: Settings, raw: redis.Redis
+) -> None:
+    """A cache entry written by hand with text that is no integer: a miss, not an
+    error that drops the task (and holds its slice pending) on every begin."""
+    keys = Keys(settings.namespace)
+    raw.set(keys.cache(20, 22), "forty-two")
+    created = post_group(client, [(20, 22), (1, 2)])
+
+    work(settings)
+    project(settings)
+    group = client.get(f"/grouptasks/{created['groupTaskId']}").json()
+    assert (group["grouptaskProcessed"], group["results"]) == (True, [42, 3])
+    assert raw.get(keys.cache(20, 22)) == "42"
+
+
+def test_a_cache_write_the_server_refuses_costs_a_miss_not_the_task(
+    client: TestClient, settings: Settings, raw: redis.Redis
+) -> None:
+    """The completion script writes the cache last and never fatally: with a TTL the
+    server refuses (past its largest expiry), the outcomes are still recorded, counted
+    and acknowledged; only the cache entries are missing."""
+    settings = msgspec.structs.replace(settings, cache_ttl=10**17)
+    keys = Keys(settings.namespace)
+    created = post_group(client, [(20, 22), (1, 2)])
+
+    work(settings)
+    project(settings)
+    group = client.get(f"/grouptasks/{created['groupTaskId']}").json()
+    assert (group["grouptaskProcessed"], group["results"]) == (True, [42, 3])
+    assert raw.exists(keys.cache(20, 22), keys.cache(1, 2)) == 0
+    assert work_pending_sync(raw, settings) == 0

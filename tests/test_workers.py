@@ -16,11 +16,13 @@ from sumbatch.events import GroupFinished, TaskCompleted, TaskStarted
 from sumbatch.store import Outcome, Store, open_store
 from sumbatch.tasks import Delay
 from tests.support import (
+    Gate,
     Processes,
     assert_exactly_once,
     blocked_in_xreadgroup,
     group_finished,
     log_events,
+    pending_by_consumer,
     stream_entries,
     submit,
     wait_until,
@@ -376,5 +378,41 @@ def test_a_taken_over_slice_runs_only_its_tasks_that_have_not_ended(
             assert attempts == {n: 1 if n % 2 == 0 else 2 for n in range(40)}
             sums = {e.index: e.result for e in events if isinstance(e, TaskCompleted)}
             assert sums == {n: n + 1 for n in range(40)}
+
+    asyncio.run(scenario())
+
+
+def test_a_sweep_takes_over_only_as_many_entries_as_the_worker_has_room_for(
+    settings: Settings,
+) -> None:
+    """Three entries a dead worker left idle; a worker with room for one task claims
+    one of them per sweep, not all three, so that other workers can take the rest."""
+    settings = msgspec.structs.replace(settings, worker_concurrency=1)
+
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            await store.ensure_worker_group()
+            groups = [await submit(store, [(n, n)]) for n in range(3)]
+            read = await store.read_work("dead", 10, 0)
+            assert len(read) == 3
+            idle = int(settings.claim_timeout * 1000) * 10
+            await store.redis.xclaim(
+                store.keys.work, "workers", "dead", 0, [eid for eid, _ in read], idle=idle
+            )
+            gate = Gate()
+            worker = Worker(settings, store, handler=gate.handler)
+            assert await worker._sweep() == 1
+            assert await pending_by_consumer(store) == {"dead": 2, worker.name: 1}
+            assert await worker._sweep() == 0  # its one slot is taken: nothing more
+            running = asyncio.create_task(worker.run())
+            gate.open()
+
+            async def all_finished() -> bool:
+                return all([await group_finished(store, gid) for gid, _ in groups])
+
+            await wait_until(all_finished, what="every group to finish")
+            worker.should_exit = True
+            await asyncio.wait_for(running, 10)
+            await assert_exactly_once(store, groups)
 
     asyncio.run(scenario())

@@ -27,7 +27,10 @@ if first_cache > 0 then
   -- microsecond; unpack has a limit). A key of another type (made by hand) is a miss.
   for from = first_cache, #KEYS, 1000 do
     local got = redis.call('MGET', unpack(KEYS, from, math.min(#KEYS, from + 999)))
-    for _, sum in ipairs(got) do sums[#sums + 1] = sum or '' end
+    for _, sum in ipairs(got) do
+      -- A value that is no integer (written by hand) is a miss too.
+      sums[#sums + 1] = (sum and string.match(sum, '^%-?%d+$')) and sum or ''
+    end
   end
 end
 local out = {}
@@ -137,6 +140,7 @@ for _, item in ipairs(items) do
 end
 -- Every check done: now the writes.
 local recorded = {}
+local cache = {}  -- {key, sum} of the sums computed here, written last
 local groups, counts = {}, {}  -- groups in first-seen order; per group {ended, failed}
 local t = tally()
 for _, item in ipairs(todo) do
@@ -144,7 +148,7 @@ for _, item in ipairs(todo) do
   local g = seen[gid]
   if g.state ~= 'gone' and redis.call('SETBIT', g.keys.ended, index, 1) == 0 then
     recorded[#recorded + 1] = key
-    if cache_at > 0 then redis.call('SET', KEYS[cache_at], sum, 'EX', ARGV[5]) end
+    if cache_at > 0 then cache[#cache + 1] = {KEYS[cache_at], sum} end
     local log = g.keys.log
     local id = append(KEYS[1], log, outcome)
     if state_ == 'FAILURE' then
@@ -194,6 +198,9 @@ for _, item in ipairs(todo) do
   end
 end
 ack_entries(KEYS[2], ARGV[1], acked)
+-- Last, and never fatal: a failed cache write (a TTL the server refuses, say) costs a
+-- cache miss, where an error would stop the script after the fence bits were set.
+for _, kv in ipairs(cache) do redis.pcall('SET', kv[1], kv[2], 'EX', ARGV[5]) end
 return {recorded, refused}
 """
 )

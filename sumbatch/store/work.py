@@ -65,9 +65,10 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Begun:
-    """What the begin script decided for one work entry."""
+    """What the begin script decided for one task."""
 
-    # ended: already ended, or its group is gone (acknowledged); cached: answered from
+    # ended: already ended, or its group is gone (its entry acknowledged once every
+    # task in it has ended); cached: answered from
     # the cache (``value`` is the sum); run: run it (``value`` is the attempt number,
     # counted across workers); refused: its task is outside its group, or its group's
     # keys are not what sumbatch wrote (left pending, untouched).
@@ -112,18 +113,20 @@ class WorkQueue(StoreBase):
     async def autoclaim(
         self, consumer: str, min_idle_ms: int, count: int = 500, max_pages: int = 20
     ) -> list[Entry]:
-        """Take over entries idle longer than ``min_idle_ms`` (their worker is dead or
-        stuck). Entries deleted from the stream meanwhile are acknowledged."""
+        """Take over up to ``count`` entries idle longer than ``min_idle_ms`` (their
+        worker is dead or stuck). Entries deleted from the stream meanwhile are
+        acknowledged."""
         claimed: list[Entry] = []
         cursor = "0-0"
         for _ in range(max_pages):
             cursor, entries, deleted = await self.redis.xautoclaim(
-                self.keys.work, WORKER_GROUP, consumer, min_idle_ms, cursor, count=count
-            )
+                self.keys.work, WORKER_GROUP, consumer, min_idle_ms, cursor,
+                count=count - len(claimed),
+            )  # fmt: skip
             claimed += [(eid, fields) for eid, fields in entries if fields]
             if deleted:
                 await self.redis.xack(self.keys.work, WORKER_GROUP, *deleted)
-            if cursor == "0-0":
+            if cursor == "0-0" or len(claimed) >= count:
                 break
         return claimed
 
