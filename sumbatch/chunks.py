@@ -173,16 +173,14 @@ def decode_task(
     k = chunk_of(index)
     part = decode_chunk(counts, k, chunk)
     at = index - span(k, counts.tasks_total).start
-    letter = part.states[at]
-    return TaskView(
-        task_id=task_id,
-        group_task_id=group_task_id,
-        index=index,
-        state=STATE_OF_LETTER[letter],
-        result=part.results[at],
-        from_cache=letter == "C",
-        attempts=part.attempts[at],
-        error=part.errors.get(index),
+    return TaskView.of(
+        task_id,
+        group_task_id,
+        index,
+        part.states[at],
+        part.results[at],
+        part.attempts[at],
+        part.errors.get(index),
     )
 
 

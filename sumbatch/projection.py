@@ -150,20 +150,42 @@ class TaskView(msgspec.Struct, kw_only=True):
     attempts: int
     error: str | None
 
+    @classmethod
+    def of(
+        cls,
+        task_id: str,
+        group_task_id: str,
+        index: int,
+        letter: str,
+        result: int | None,
+        attempts: int,
+        error: str | None,
+    ) -> TaskView:
+        """A task's view from what a group view keeps of it: its state's letter (C, a
+        SUCCESS from the cache), its result, attempts and error."""
+        return cls(
+            task_id=task_id,
+            group_task_id=group_task_id,
+            index=index,
+            state=STATE_OF_LETTER[letter],
+            result=result,
+            from_cache=letter == "C",
+            attempts=attempts,
+            error=error,
+        )
+
 
 def task_view(group: GroupView, task_id: str, index: int) -> TaskView | None:
     if not 0 <= index < group.tasks_total:
         return None
-    letter = group.states[index]
-    return TaskView(
-        task_id=task_id,
-        group_task_id=group.group_task_id,
-        index=index,
-        state=STATE_OF_LETTER[letter],
-        result=group.results[index],
-        from_cache=letter == "C",
-        attempts=group.attempts[index],
-        error=group.errors.get(index),
+    return TaskView.of(
+        task_id,
+        group.group_task_id,
+        index,
+        group.states[index],
+        group.results[index],
+        group.attempts[index],
+        group.errors.get(index),
     )
 
 
