@@ -167,18 +167,27 @@ local function bit_set(bitmap, i)
   return math.floor(byte / 2 ^ (7 - i % 8)) % 2 == 1
 end
 
--- Whether every task a work entry can hold has ended, by the group's fence bitmap: the
--- `count` indexes from `first` that are within the group's `total` tasks (a group's
--- last slice is shorter). Only then is the entry acknowledged.
-local function entry_done(bitmap, first, count, total)
-  for i = first, math.min(first + count, total) - 1 do
-    if not bit_set(bitmap, i) then return false end
+-- Decide, once per script run, whether to acknowledge a work entry: its group is gone
+-- (state 'gone'), or every task it can hold has ended by the group's fence bitmap (the
+-- `count` indexes from `first` within the group's `total` tasks, its state: a group's
+-- last slice is shorter). `acked` maps entry ids to the decision.
+local function decide_ack(acked, entry, state, bitmap, first, count)
+  if acked[entry] ~= nil then return end
+  if state == 'gone' then
+    acked[entry] = true
+    return
   end
-  return true
+  for i = first, math.min(first + count, state) - 1 do
+    if not bit_set(bitmap, i) then
+      acked[entry] = false
+      return
+    end
+  end
+  acked[entry] = true
 end
 
--- Acknowledge work entries, each once, a thousand per XACK (unpack has a limit).
--- `acked` maps entry ids to whether to acknowledge them.
+-- Acknowledge the work entries `decide_ack` said yes to, a thousand per XACK (unpack
+-- has a limit).
 local function ack_entries(work, group, acked)
   local ids = {}
   for entry, yes in pairs(acked) do

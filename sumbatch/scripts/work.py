@@ -49,13 +49,11 @@ for n, item in ipairs(items) do
   end
 end
 -- Every check done: now the writes.
-local acked = {}  -- per entry: whether to acknowledge it, decided once
+local acked = {}
 for n, item in ipairs(items) do
   if out[n][1] == 0 then
     local g = seen[item[2]]
-    if acked[item[1]] == nil then
-      acked[item[1]] = g.state == 'gone' or entry_done(g.ended, item[5], item[6], g.state)
-    end
+    decide_ack(acked, item[1], g.state, g.ended, item[5], item[6])
   elseif out[n][1] == 2 then
     out[n][2] = redis.call('BITFIELD', seen[item[2]].keys.attempts,
       'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' .. item[3], 1)[1]
@@ -183,19 +181,15 @@ for _, gid in ipairs(groups) do
   tasks_ended(KEYS[1], seen[gid].keys, gid, counts[gid][1], counts[gid][2], 0, ARGV[2], t)
 end
 write_tally(t, KEYS[4])
--- The entries whose every task has ended now (the fence as it is after these writes).
--- Decided once per entry: its tasks' bits are as these writes left them.
+-- The entries whose every task has ended now: by the fence as these writes left it.
 local acked, fences = {}, {}
 for _, item in ipairs(todo) do
-  local g, entry = seen[item[3]], item[10]
-  if acked[entry] == nil then
-    if g.state == 'gone' then
-      acked[entry] = true
-    else
-      fences[item[3]] = fences[item[3]] or redis.call('GET', g.keys.ended) or ''
-      acked[entry] = entry_done(fences[item[3]], item[11], item[12], g.state)
-    end
+  local gid = item[3]
+  local g = seen[gid]
+  if g.state ~= 'gone' and not fences[gid] then
+    fences[gid] = redis.call('GET', g.keys.ended) or ''
   end
+  decide_ack(acked, item[10], g.state, fences[gid], item[11], item[12])
 end
 ack_entries(KEYS[2], ARGV[1], acked)
 -- Last, and never fatal: a failed cache write (a TTL the server refuses, say) costs a
@@ -215,20 +209,15 @@ RELEASE_ENDED = (
     LIB
     + """
 local G = declared(2, cjson.decode(ARGV[2]))
-local released, acked = {}, {}  -- acked: per entry, decided once
+local released, acked = {}, {}
 local seen = {}
 for _, item in ipairs(cjson.decode(ARGV[3])) do
   local index = item[3]
   local g = group_of(G, seen, item[2])
-  if g.state == 'gone' then
+  if g.state == 'gone' or (type(g.state) == 'number' and index_ok(index, g.state)
+      and bit_set(g.ended, index)) then
     released[#released + 1] = item[1]
-    acked[item[4]] = true
-  elseif type(g.state) == 'number' and index_ok(index, g.state)
-      and bit_set(g.ended, index) then
-    released[#released + 1] = item[1]
-    if acked[item[4]] == nil then
-      acked[item[4]] = entry_done(g.ended, item[5], item[6], g.state)
-    end
+    decide_ack(acked, item[4], g.state, g.ended, item[5], item[6])
   end
 end
 ack_entries(KEYS[1], ARGV[1], acked)
