@@ -27,13 +27,15 @@ dead-lettered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Container, Sequence
+from typing import NamedTuple
 
 import msgspec
 
@@ -84,9 +86,37 @@ NOT_A_SLICE = "not a slice of a group's tasks as SUBMIT writes them"
 Task = tuple[str, TaskSubmitted]
 
 
+class Refusal(NamedTuple):
+    """Why no worker can run a work entry: the dead letter's kind and reason."""
+
+    kind: str
+    why: str
+
+
 def _names_itself(item: TaskSubmitted) -> bool:
     """Whether a work entry's task id is its group's id with its index (ids.py)."""
     return item.task_id == ids.task_id(item.group_task_id, item.index)
+
+
+def _tasks_in(entry_id: str, fields: dict[str, str]) -> list[Task] | Refusal:
+    """The tasks a work entry holds, each with its key; or why none can run."""
+    try:
+        item: AnyEvent | None = from_fields(fields)
+    except msgspec.ValidationError:
+        item = None
+    if isinstance(item, TasksSubmitted):
+        try:
+            return [(task_key(entry_id, task.index), task) for task in tasks_of(item)]
+        except ValueError:
+            return Refusal("RefusedWorkEntry", NOT_A_SLICE)
+    if isinstance(item, TaskSubmitted) and not _names_itself(item):
+        # Its outcome would be logged for another task than its fence bit's: refused,
+        # as the scripts refuse an index outside the group.
+        return Refusal("RefusedWorkEntry", WRONG_TASK_ID)
+    if isinstance(item, TaskSubmitted):
+        return [(entry_id, item)]
+    # Not a task we can run: kept for inspection, never blocking the batch.
+    return Refusal("UnreadableWorkEntry", "")
 
 
 def consumer_name() -> str:
@@ -137,9 +167,6 @@ class Worker:
         # Tasks taken (their entries pending on us) and not begun: a read takes whole
         # slices, and a worker begins no more tasks than it has room for.
         self.backlog: deque[Task] = deque()
-        # Work entries no worker can run, to dead-letter: (entry id, its fields, kind,
-        # reason).
-        self._refusals: deque[tuple[str, dict[str, str], str, str]] = deque()
 
     @property
     def busy(self) -> bool:
@@ -174,13 +201,10 @@ class Worker:
                 except Exception as exc:
                     # Entries read but not begun stay pending: a sweep claims them.
                     await asyncio.sleep(outage.failed(exc))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drain(), self.settings.shutdown_grace)
-            except TimeoutError:
+            if self.runs or self.backlog:  # runs the grace did not see end, or not begun
                 await self._hand_back()
-            else:
-                if self.backlog:
-                    await self._hand_back()
         finally:
             await self._stop_helpers(helpers)
 
@@ -238,7 +262,8 @@ class Worker:
             await asyncio.sleep(0.01)
             return 0
         if not self.backlog:
-            self._take(await self.store.read_work(self.name, self._entries_for(capacity), block_ms))
+            entries = await self.store.read_work(self.name, self._entries_for(capacity), block_ms)
+            await self._take(entries)
         return await self._begin_backlog()
 
     async def _keep_claims(self) -> None:
@@ -305,50 +330,25 @@ class Worker:
         claimed = await self.store.autoclaim(self.name, self.claim_ms, self._entries_for(room))
         if claimed:
             log.info("claimed %d entries from dead or stuck workers", len(claimed))
-            self._take(claimed)
+            # Its backlog is empty here; an entry of ours may still have runs going.
+            await self._take(claimed, held=self.runs)
         return len(claimed)
 
-    def _take(self, entries: list[Entry]) -> None:
-        """Put the tasks of work entries in the backlog, those we hold already aside;
+    async def _take(self, entries: list[Entry], held: Container[str] = ()) -> None:
+        """Put the tasks of work entries in the backlog, those in ``held`` aside;
         entries no worker can run are dead-lettered."""
-        held = set(self._held())
         for entry_id, fields in entries:
-            tasks = self._tasks_in(entry_id, fields)
-            self.backlog.extend(task for task in tasks if task[0] not in held)
-
-    def _tasks_in(self, entry_id: str, fields: dict[str, str]) -> list[Task]:
-        try:
-            item: AnyEvent | None = from_fields(fields)
-        except msgspec.ValidationError:
-            item = None
-        if isinstance(item, TasksSubmitted):
-            try:
-                return [(task_key(entry_id, task.index), task) for task in tasks_of(item)]
-            except ValueError:
-                self._dead_letter_later(entry_id, fields, "RefusedWorkEntry", NOT_A_SLICE)
-        elif isinstance(item, TaskSubmitted) and not _names_itself(item):
-            # Its outcome would be logged for another task than its fence bit's:
-            # refused, as the scripts refuse an index outside the group.
-            self._dead_letter_later(entry_id, fields, "RefusedWorkEntry", WRONG_TASK_ID)
-        elif isinstance(item, TaskSubmitted):
-            return [(entry_id, item)]
-        else:
-            # Not a task we can run: keep it for inspection, never block the batch.
-            self._dead_letter_later(entry_id, fields, "UnreadableWorkEntry", "")
-        return []
-
-    def _dead_letter_later(
-        self, entry_id: str, fields: dict[str, str], kind: str, why: str
-    ) -> None:
-        log.error("work entry %s: %s; dead-lettered", entry_id, why or f"unreadable ({fields})")
-        self._refusals.append((entry_id, fields, kind, why))
+            tasks = _tasks_in(entry_id, fields)
+            if isinstance(tasks, Refusal):
+                why = tasks.why or f"unreadable ({fields})"
+                log.error("work entry %s: %s; dead-lettered", entry_id, why)
+                await self.store.dead_letter_entry(entry_id, fields, tasks.kind, tasks.why)
+            else:
+                self.backlog.extend(task for task in tasks if task[0] not in held)
 
     async def _begin_backlog(self) -> int:
         """Begin as many backlog tasks as there is room for, in one step; returns how
         many were begun."""
-        while self._refusals:
-            await self.store.dead_letter_entry(*self._refusals[0])
-            self._refusals.popleft()
         room = min(self.load.room(), self.read_count)
         batch = [self.backlog.popleft() for _ in range(min(room, len(self.backlog)))]
         if not batch:

@@ -183,7 +183,6 @@ class WorkQueue(StoreBase):
         its task is outside its group, or its group's keys are not what sumbatch wrote)
         to the dead-letter stream, acknowledged: kept for inspection, and no longer
         pending, where it would hold back the work stream's trimming."""
-        entry_id = entry_id_of(entry_id)  # a task's key names its entry
         pipe = self.redis.pipeline(transaction=True)
         rest = {k: v for k, v in fields.items() if k != "type"}
         why = {"reason": reason} if reason else {}
