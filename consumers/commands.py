@@ -11,8 +11,8 @@ from typing import Any
 from consumers.projector import Projector
 from consumers.worker import Load, Worker, consumer_name
 from sumbatch.config import Settings, resolve_handler
+from sumbatch.processes.running import Consumer, Together, run_until_signal, when_reachable
 from sumbatch.replay import Check, differences
-from sumbatch.running import Consumer, Together, run_until_signal, when_reachable
 from sumbatch.store.partitions import Partitions, open_partitions
 
 

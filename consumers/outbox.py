@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 
 from consumers.isolate import isolate
-from sumbatch.events import TaskCompleted, TaskFailed, TaskSubmitted, to_fields
+from sumbatch.model.events import TaskCompleted, TaskFailed, TaskSubmitted, to_fields
 from sumbatch.store import Outcome, Store, entry_id_of
 
 log = logging.getLogger("sumbatch.worker")

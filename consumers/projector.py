@@ -17,8 +17,8 @@ import asyncio
 import logging
 import time
 
+from sumbatch.model.projection import chunks_touched, fold_entries
 from sumbatch.outage import Outage
-from sumbatch.projection import chunks_touched, fold_entries
 from sumbatch.store import Store
 from sumbatch.store.base import Entry
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from consumers.outbox import Outbox
 from sumbatch.config import Settings
-from sumbatch.events import (
+from sumbatch.model.events import (
     AnyEvent,
     TaskCompleted,
     TaskFailed,
@@ -22,8 +22,8 @@ from sumbatch.events import (
     TaskStarted,
     TaskSubmitted,
 )
+from sumbatch.model.tasks import retry_backoff, should_retry
 from sumbatch.store import Store
-from sumbatch.tasks import retry_backoff, should_retry
 
 log = logging.getLogger("sumbatch.worker")
 

@@ -43,9 +43,9 @@ from consumers.cancels import Cancels
 from consumers.isolate import isolate
 from consumers.outbox import Outbox
 from consumers.runs import Handler, Runs, completed, failed
-from sumbatch import ids
 from sumbatch.config import Settings, resolve_handler
-from sumbatch.events import (
+from sumbatch.model import ids
+from sumbatch.model.events import (
     WORK_SLICE,
     AnyEvent,
     TasksSubmitted,
@@ -54,9 +54,9 @@ from sumbatch.events import (
     tasks_of,
     to_fields,
 )
+from sumbatch.model.tasks import compute
 from sumbatch.outage import REDIS_DOWN, Outage
 from sumbatch.store import Begun, Entry, Store, entry_id_of, task_key
-from sumbatch.tasks import compute
 
 log = logging.getLogger("sumbatch.worker")
 

@@ -1,5 +1,5 @@
 """``python -m sumbatch``: the ``sumbatch`` command."""
 
-from sumbatch.cli import main
+from sumbatch.cli.main import main
 
 raise SystemExit(main())

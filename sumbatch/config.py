@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from sumbatch.ids import MAX_PARTITIONS
-from sumbatch.tasks import Delay, parse_delay
+from sumbatch.model.ids import MAX_PARTITIONS
+from sumbatch.model.tasks import Delay, parse_delay
 
 T = TypeVar("T")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from sumbatch.projection import SetAside, Views, fold_entries, group_ids
+from sumbatch.model.projection import SetAside, Views, fold_entries, group_ids
 from sumbatch.store import Store
 
 

@@ -31,14 +31,14 @@ from typing import IO, Any, Self, TypeVar, cast
 
 import redis
 
-from sumbatch.cluster import BUS_OFFSET
 from sumbatch.config import Settings
-from sumbatch.events import WORKER_GROUP, TasksSubmitted, TaskSubmitted, from_fields, tasks_of
-from sumbatch.ids import entry_order
-from sumbatch.projection import GroupView
+from sumbatch.model.events import WORKER_GROUP, TasksSubmitted, TaskSubmitted, from_fields, tasks_of
+from sumbatch.model.ids import entry_order
+from sumbatch.model.projection import GroupView
+from sumbatch.model.submission import Submission
+from sumbatch.model.wire import TaskIn
+from sumbatch.processes.cluster import BUS_OFFSET
 from sumbatch.store import Entry, Store
-from sumbatch.submission import Submission
-from sumbatch.wire import TaskIn
 
 T = TypeVar("T")
 

@@ -17,10 +17,10 @@ import pytest
 import redis
 from starlette.testclient import TestClient
 
-from sumbatch.api import create_app
 from sumbatch.config import Settings
-from sumbatch.embedded import EmbeddedServer, ServerNotFound
-from sumbatch.tasks import Delay
+from sumbatch.model.tasks import Delay
+from sumbatch.processes.embedded import EmbeddedServer, ServerNotFound
+from sumbatch.web.api import create_app
 from tests.support import Processes, drop_namespace, free_port, fresh_namespace, processes
 
 

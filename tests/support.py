@@ -28,8 +28,7 @@ from starlette.testclient import TestClient
 from consumers.projector import Projector
 from consumers.worker import Handler, Worker
 from sumbatch.config import Settings
-from sumbatch.embedded import EmbeddedServer
-from sumbatch.events import (
+from sumbatch.model.events import (
     WORKER_GROUP,
     AnyEvent,
     GroupFinished,
@@ -41,6 +40,7 @@ from sumbatch.events import (
     from_group_log,
     tasks_of,
 )
+from sumbatch.processes.embedded import EmbeddedServer
 from sumbatch.replay import differences
 from sumbatch.store import Store, open_store
 from sumbatch.store.partitions import open_partitions

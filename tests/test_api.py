@@ -10,9 +10,9 @@ import pytest
 import redis
 from starlette.testclient import TestClient
 
-from sumbatch.api import create_app
 from sumbatch.config import Settings
-from sumbatch.events import Keys
+from sumbatch.model.events import Keys
+from sumbatch.web.api import create_app
 from tests.support import appended, entries
 
 ORIGINAL_EXAMPLE = {

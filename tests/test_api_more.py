@@ -16,9 +16,8 @@ from starlette.testclient import TestClient
 
 from consumers.projector import Projector
 from consumers.worker import Handler, Worker
-from sumbatch.api import MAX_IDEMPOTENCY_KEY, create_app
 from sumbatch.config import Settings
-from sumbatch.events import (
+from sumbatch.model.events import (
     WORKER_GROUP,
     GroupCancelled,
     GroupFinished,
@@ -33,7 +32,9 @@ from sumbatch.events import (
     tasks_of,
     to_fields,
 )
+from sumbatch.model.wire import MAX_IDEMPOTENCY_KEY
 from sumbatch.store import Begun, Store, task_key
+from sumbatch.web.api import create_app
 from tests.support import (
     Gate,
     appended,

@@ -13,9 +13,9 @@ from starlette.testclient import TestClient
 
 from consumers.worker import Worker
 from sumbatch.config import Settings
-from sumbatch.events import GroupFinished, TaskCompleted, TaskRevoked
+from sumbatch.model.events import GroupFinished, TaskCompleted, TaskRevoked
+from sumbatch.model.tasks import Delay
 from sumbatch.store import CancelOutcome, open_store
-from sumbatch.tasks import Delay
 from tests.support import (
     Gate,
     Processes,

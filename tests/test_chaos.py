@@ -24,15 +24,15 @@ import msgspec
 
 from consumers.worker import READ_BLOCK_MS as WORKER_READ_BLOCK_MS
 from sumbatch.config import Settings
-from sumbatch.events import (
+from sumbatch.model.events import (
     WORKER_GROUP,
     GroupSubmitted,
     TaskCompleted,
     TaskStarted,
     from_fields,
 )
+from sumbatch.model.tasks import Delay
 from sumbatch.store import Store, open_store
-from sumbatch.tasks import Delay
 from tests.support import (
     Groups,
     Processes,

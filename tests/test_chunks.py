@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from sumbatch import chunks, ids
-from sumbatch.chunks import NotAView
-from sumbatch.events import GroupSubmitted, TaskCompleted, TaskFailed, to_fields
-from sumbatch.projection import (
+from sumbatch.model import chunks, ids
+from sumbatch.model.chunks import NotAView
+from sumbatch.model.events import GroupSubmitted, TaskCompleted, TaskFailed, to_fields
+from sumbatch.model.projection import (
     CHUNK_TASKS,
     UNLOADED,
     GroupView,

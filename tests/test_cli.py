@@ -15,8 +15,8 @@ import msgspec
 import pytest
 
 from sumbatch.config import Settings
+from sumbatch.model.tasks import Delay
 from sumbatch.store import open_store
-from sumbatch.tasks import Delay
 from tests.support import (
     ROOT,
     Processes,

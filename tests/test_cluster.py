@@ -26,16 +26,16 @@ from starlette.testclient import TestClient
 
 from consumers.projector import Projector
 from consumers.worker import Worker
-from sumbatch import ids
-from sumbatch.api import create_app, durable_problem
-from sumbatch.cluster import TLS, LocalCluster
 from sumbatch.config import ConfigError, Settings
-from sumbatch.embedded import EmbeddedServer, find_cli, find_server
-from sumbatch.events import Keys, TaskCompleted, from_fields
+from sumbatch.model import ids
+from sumbatch.model.events import Keys, TaskCompleted, from_fields
+from sumbatch.model.tasks import Delay
+from sumbatch.processes.cluster import TLS, LocalCluster
+from sumbatch.processes.embedded import EmbeddedServer, find_cli, find_server
 from sumbatch.replay import differences
 from sumbatch.store.partitions import PER_MASTER, Partitions, open_partitions
-from sumbatch.tasks import Delay
 from sumbatch.testing import clean_env, free_cluster_ports
+from sumbatch.web.api import create_app, durable_problem
 from tests.support import (
     Processes,
     answers_200,

@@ -17,10 +17,10 @@ from urllib.parse import urlsplit
 import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no types (no types-PyYAML here)
 
-from sumbatch import metrics
-from sumbatch.api import create_app
 from sumbatch.config import Settings
-from sumbatch.http import Limits
+from sumbatch.web import metrics
+from sumbatch.web.api import create_app
+from sumbatch.web.http import Limits
 from tests.support import ROOT, run_sumbatch
 
 COMPOSE = ROOT / "compose.yaml"

@@ -7,7 +7,7 @@ import msgspec
 import pytest
 
 from sumbatch.config import ConfigError, Settings, resolve_handler
-from sumbatch.tasks import Delay, parse_delay, retry_backoff, should_retry
+from sumbatch.model.tasks import Delay, parse_delay, retry_backoff, should_retry
 
 
 @pytest.mark.parametrize(

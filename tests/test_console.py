@@ -26,9 +26,7 @@ import pytest
 import redis
 from rich.console import Console
 
-from sumbatch.client import Api, Message, default_url, parse_sse
-from sumbatch.config import Settings
-from sumbatch.console import (
+from sumbatch.client.console import (
     InputError,
     Tally,
     follow_events,
@@ -36,8 +34,10 @@ from sumbatch.console import (
     read_input,
     until_processed,
 )
-from sumbatch.events import WORKER_GROUP, Keys
-from sumbatch.top import Sample, frame, rate, size
+from sumbatch.client.rest import Api, Message, default_url, parse_sse
+from sumbatch.client.top import Sample, frame, rate, size
+from sumbatch.config import Settings
+from sumbatch.model.events import WORKER_GROUP, Keys
 from tests.support import ROOT, answers_200, free_port, run_sumbatch, up_env, wait_until_sync
 
 TOKEN = "cli-test-token"

@@ -27,7 +27,7 @@ import httpx2 as httpx
 import pytest
 from starlette.testclient import TestClient
 
-from sumbatch import dashboard
+from sumbatch.web import dashboard
 from tests.support import ROOT, answers_200, body_of, free_port, up_env, wait_until_sync
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from sumbatch.config import Settings
-from sumbatch.openapi import openapi_schema
+from sumbatch.web.openapi import openapi_schema
 from tests.support import Processes, answers_200, env_for, free_port, wait_until_sync
 from tests.test_dashboard import chromium_path
 

@@ -16,15 +16,15 @@ import pytest
 import redis
 from starlette.testclient import TestClient
 
-from sumbatch.api import create_app
 from sumbatch.config import Settings
-from sumbatch.embedded import EmbeddedServer
-from sumbatch.events import Keys
-from sumbatch.projection import GroupView
+from sumbatch.model.events import Keys
+from sumbatch.model.projection import GroupView
+from sumbatch.model.submission import Submission
+from sumbatch.model.tasks import Delay
+from sumbatch.model.wire import TaskIn
+from sumbatch.processes.embedded import EmbeddedServer
 from sumbatch.store import NotDurable, Store, _durable_mode, open_store
-from sumbatch.submission import Submission
-from sumbatch.tasks import Delay
-from sumbatch.wire import TaskIn
+from sumbatch.web.api import create_app
 from tests.support import (
     entries,
     env_for,

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot
 
-from sumbatch import ids
-from sumbatch.events import (
+from sumbatch.model import ids
+from sumbatch.model.events import (
     GROUP_LOG_OMITS,
     AnyEvent,
     GroupCancelled,

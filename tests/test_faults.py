@@ -8,9 +8,9 @@ from collections import Counter
 import msgspec
 
 from sumbatch.config import Settings
-from sumbatch.events import TaskCompleted, TaskStarted
+from sumbatch.model.events import TaskCompleted, TaskStarted
+from sumbatch.model.tasks import Delay
 from sumbatch.store import open_store
-from sumbatch.tasks import Delay
 from tests.support import (
     Processes,
     all_processed,

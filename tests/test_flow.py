@@ -11,7 +11,7 @@ from starlette.testclient import TestClient
 from consumers.projector import Projector
 from consumers.worker import Worker
 from sumbatch.config import Settings
-from sumbatch.events import GroupFinished, TaskCompleted, TaskStarted
+from sumbatch.model.events import GroupFinished, TaskCompleted, TaskStarted
 from sumbatch.replay import differences
 from sumbatch.store import Entry, open_store
 from tests.support import hang_forever, log_of, post_group, wait_until, work_and_project

@@ -1,5 +1,5 @@
 """The HTTP edges of the served API, over raw sockets against a real uvicorn process
-(sumbatch.http.serve, the real app, the session's Redis): malformed requests, requests
+(sumbatch.web.http.serve, the real app, the session's Redis): malformed requests, requests
 that stall before their headers end or half-way through their body, oversized headers,
 and keep-alive between requests."""
 
@@ -21,9 +21,9 @@ import redis
 import uvicorn
 
 from sumbatch.config import ConfigError, Settings
-from sumbatch.events import Keys
-from sumbatch.http import Limits
-from sumbatch.tasks import Delay
+from sumbatch.model.events import Keys
+from sumbatch.model.tasks import Delay
+from sumbatch.web.http import Limits
 from tests.support import (
     answers_200,
     drop_namespace,
@@ -43,9 +43,9 @@ MAX_HEADER_BYTES = Limits().max_header_bytes
 
 SERVE = """
 import sys
-from sumbatch.api import create_app
+from sumbatch.web.api import create_app
 from sumbatch.config import Settings
-from sumbatch.http import serve
+from sumbatch.web.http import serve
 settings = Settings.from_env()
 serve(create_app(settings), "127.0.0.1", int(sys.argv[1]), settings)
 """

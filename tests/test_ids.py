@@ -4,7 +4,7 @@ import uuid
 
 import pytest
 
-from sumbatch import ids
+from sumbatch.model import ids
 
 
 def test_group_ids_are_v4_uuids_ending_in_zeros() -> None:

@@ -18,15 +18,15 @@ import redis
 from msgspec.structs import replace
 
 from consumers.worker import Worker
-from sumbatch import ids
 from sumbatch.config import Settings
-from sumbatch.events import Keys
-from sumbatch.live import streams
-from sumbatch.live.feed import Feed, FeedEntry, Interrupted, Listener
-from sumbatch.live.sse import parse_entry_id, parse_wait
+from sumbatch.model import ids
+from sumbatch.model.events import Keys
+from sumbatch.model.tasks import Delay
 from sumbatch.store import Store
-from sumbatch.tasks import Delay
 from sumbatch.testing import Monitor, submit, wait_until
+from sumbatch.web.live import streams
+from sumbatch.web.live.feed import Feed, FeedEntry, Interrupted, Listener
+from sumbatch.web.live.sse import parse_entry_id, parse_wait
 from tests.support import (
     Processes,
     answers_200,

@@ -22,17 +22,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from starlette.testclient import TestClient
 
-from sumbatch import metrics
-from sumbatch.api import create_app
 from sumbatch.config import Settings
-from sumbatch.events import Keys, TaskCompleted
-from sumbatch.projection import GroupView
+from sumbatch.model.events import Keys, TaskCompleted
+from sumbatch.model.projection import GroupView
+from sumbatch.model.submission import Submission
+from sumbatch.model.tasks import Delay
+from sumbatch.model.wire import TaskIn
 from sumbatch.scripts import stats
 from sumbatch.store import Outcome, open_store
 from sumbatch.store.partitions import open_partitions
-from sumbatch.submission import Submission
-from sumbatch.tasks import Delay
-from sumbatch.wire import TaskIn
+from sumbatch.web import metrics
+from sumbatch.web.api import create_app
 from tests.support import (
     Processes,
     answers_200,

@@ -20,13 +20,13 @@ import schemathesis
 from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
-import sumbatch.api
-import sumbatch.openapi
-from sumbatch import ids
-from sumbatch.api import create_app
+import sumbatch.web.api
+import sumbatch.web.openapi
 from sumbatch.config import Settings
-from sumbatch.events import Keys
-from sumbatch.openapi import openapi_schema, package_version
+from sumbatch.model import ids
+from sumbatch.model.events import Keys
+from sumbatch.web.api import create_app
+from sumbatch.web.openapi import openapi_schema, package_version
 from tests.support import ROOT, free_port
 
 # Starlette answers HEAD on every GET route, as GET without the body (RFC 9110
@@ -136,12 +136,13 @@ def test_the_version_without_package_metadata(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(importlib.metadata, "version", missing)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert package_version() == project["version"]
-    monkeypatch.setattr(sumbatch.openapi, "_PYPROJECT", ROOT / "no-such-pyproject.toml")
+    monkeypatch.setattr(sumbatch.web.openapi, "_PYPROJECT", ROOT / "no-such-pyproject.toml")
     assert package_version() == "0+unknown"
 
 
 def test_limits_come_from_the_api_and_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sumbatch.api, "MAX_IDEMPOTENCY_KEY", 17)
+    # The API and its document read the one limit the wire model sets.
+    monkeypatch.setattr(sumbatch.web.openapi, "MAX_IDEMPOTENCY_KEY", 17)
     document = openapi_schema(Settings(max_tasks_per_group=3, max_body_bytes=999))
     post = document["paths"]["/grouptasks"]["post"]
     (key,) = [p for p in post["parameters"] if p["name"] == "Idempotency-Key"]

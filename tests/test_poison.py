@@ -19,9 +19,9 @@ from starlette.testclient import TestClient
 
 from consumers.projector import Projector
 from consumers.worker import Worker
-from sumbatch import ids
 from sumbatch.config import Settings
-from sumbatch.events import GroupFinished, Keys, TaskCompleted
+from sumbatch.model import ids
+from sumbatch.model.events import GroupFinished, Keys, TaskCompleted
 from sumbatch.replay import differences
 from sumbatch.store import Store, open_store
 from tests.support import (

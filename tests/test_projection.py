@@ -3,8 +3,8 @@ from __future__ import annotations
 import msgspec
 
 from consumers.projector import awaited
-from sumbatch import ids
-from sumbatch.events import (
+from sumbatch.model import ids
+from sumbatch.model.events import (
     AnyEvent,
     GroupCancelled,
     GroupFinished,
@@ -16,7 +16,7 @@ from sumbatch.events import (
     TaskStarted,
     to_fields,
 )
-from sumbatch.projection import GroupView, Views, apply, fold, fold_entries, task_view
+from sumbatch.model.projection import GroupView, Views, apply, fold, fold_entries, task_view
 
 
 def submitted(n: int) -> list[AnyEvent]:

@@ -19,19 +19,19 @@ from pathlib import Path
 
 import httpx2 as httpx
 
-from sumbatch import ids
 from sumbatch.config import Settings
-from sumbatch.embedded import EmbeddedServer
-from sumbatch.events import (
+from sumbatch.model import ids
+from sumbatch.model.events import (
     WORKER_GROUP,
     GroupFinished,
     GroupSubmitted,
     TaskCompleted,
     TaskStarted,
 )
+from sumbatch.model.tasks import Delay
+from sumbatch.processes.embedded import EmbeddedServer
 from sumbatch.replay import differences
 from sumbatch.store import Store, open_store
-from sumbatch.tasks import Delay
 from tests.support import (
     Processes,
     answers_200,

@@ -32,12 +32,12 @@ from redis.exceptions import (
 from redis.retry import Retry
 from starlette.testclient import TestClient
 
-from sumbatch.api import REDIS_TIMEOUT, create_app
 from sumbatch.config import Settings
-from sumbatch.embedded import EmbeddedServer, find_server
-from sumbatch.events import Keys
+from sumbatch.model.events import Keys
+from sumbatch.model.tasks import Delay
 from sumbatch.outage import is_transient, refusal
-from sumbatch.tasks import Delay
+from sumbatch.processes.embedded import EmbeddedServer, find_server
+from sumbatch.web.api import REDIS_TIMEOUT, create_app
 from tests.support import free_port, fresh_namespace, own_server, wait_until_sync
 
 BODY = {"tasks": [{"paramA": 1, "paramB": 2}, {"paramA": 3, "paramB": 4}]}

@@ -24,12 +24,12 @@ import httpx2 as httpx
 import redis
 from redis.crc import key_slot
 
-from sumbatch import ids
-from sumbatch.cluster import LocalCluster
 from sumbatch.config import Settings
-from sumbatch.events import Keys
+from sumbatch.model import ids
+from sumbatch.model.events import Keys
+from sumbatch.model.tasks import Delay
+from sumbatch.processes.cluster import LocalCluster
 from sumbatch.store.partitions import PER_MASTER
-from sumbatch.tasks import Delay
 from sumbatch.testing import free_cluster_ports
 from tests.support import (
     Processes,

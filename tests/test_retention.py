@@ -16,9 +16,9 @@ from consumers.projector import Projector
 from consumers.worker import TRIM_EVERY as WORKER_TRIM_EVERY
 from consumers.worker import Worker
 from sumbatch.config import Settings
+from sumbatch.model.tasks import Delay
 from sumbatch.replay import differences
 from sumbatch.store import Entry, Store, open_store
-from sumbatch.tasks import Delay
 from tests.support import entry_ms, submit, wait_until
 
 

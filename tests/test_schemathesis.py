@@ -23,9 +23,9 @@ from schemathesis.specs.openapi.checks import (
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from sumbatch.api import create_app
 from sumbatch.config import Settings
-from sumbatch.openapi import openapi_schema
+from sumbatch.web.api import create_app
+from sumbatch.web.openapi import openapi_schema
 
 TOKEN = "s3cret"
 # 413 is documented for POST /grouptasks (body or group too large): a group over

@@ -10,9 +10,9 @@ from typing import cast
 import pytest
 import redis
 
-from sumbatch import ids
 from sumbatch.config import Settings
-from sumbatch.events import (
+from sumbatch.model import ids
+from sumbatch.model.events import (
     GROUP_LOG_OMITS,
     GroupFinished,
     GroupSubmitted,
@@ -23,11 +23,11 @@ from sumbatch.events import (
     tasks_of,
     to_fields,
 )
-from sumbatch.projection import GroupView
+from sumbatch.model.projection import GroupView
+from sumbatch.model.submission import Submission
+from sumbatch.model.wire import TaskIn
 from sumbatch.scripts.lib import lua_fields
 from sumbatch.store import open_store, task_key
-from sumbatch.submission import Submission
-from sumbatch.wire import TaskIn
 from tests.support import entries, submit, work
 
 

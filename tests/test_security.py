@@ -21,12 +21,12 @@ from starlette.testclient import TestClient
 
 from consumers.projector import Projector
 from consumers.worker import Worker
-from sumbatch import ids
-from sumbatch.api import create_app
 from sumbatch.config import Settings
-from sumbatch.embedded import find_server
-from sumbatch.events import GroupFinished, GroupSubmitted, Keys, TaskCompleted, from_fields
+from sumbatch.model import ids
+from sumbatch.model.events import GroupFinished, GroupSubmitted, Keys, TaskCompleted, from_fields
+from sumbatch.processes.embedded import find_server
 from sumbatch.store.partitions import open_partitions
+from sumbatch.web.api import create_app
 from tests.support import (
     appended,
     entries,

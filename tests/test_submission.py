@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from sumbatch import ids
-from sumbatch.events import WORK_SLICE, TasksSubmitted, tasks_of
-from sumbatch.submission import Submission
-from sumbatch.wire import TaskIn
+from sumbatch.model import ids
+from sumbatch.model.events import WORK_SLICE, TasksSubmitted, tasks_of
+from sumbatch.model.submission import Submission
+from sumbatch.model.wire import TaskIn
 
 
 def test_a_submission_names_its_tasks_in_order_and_carries_their_params() -> None:

@@ -12,8 +12,8 @@ import pytest
 import redis
 
 from sumbatch.config import Settings
-from sumbatch.embedded import EmbeddedServer
-from sumbatch.events import Keys
+from sumbatch.model.events import Keys
+from sumbatch.processes.embedded import EmbeddedServer
 from tests.support import ROOT, entries, env_for, own_server, wait_until_sync
 
 

@@ -17,7 +17,7 @@ import redis
 from consumers.projector import Projector
 from consumers.worker import Worker
 from sumbatch.config import Settings
-from sumbatch.events import (
+from sumbatch.model.events import (
     GroupFinished,
     Keys,
     TaskCompleted,

@@ -19,14 +19,14 @@ import pytest
 import redis
 
 from sumbatch.config import Settings
-from sumbatch.embedded import (
+from sumbatch.model.events import Keys
+from sumbatch.processes.embedded import (
     MIN_SERVER_VERSION,
     find_server,
     locate_server,
     parse_server_version,
     server_version,
 )
-from sumbatch.events import Keys
 from tests.support import (
     ROOT,
     answers_200,

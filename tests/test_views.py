@@ -9,9 +9,9 @@ import json
 import msgspec
 
 from consumers.projector import Projector
-from sumbatch import chunks, ids
 from sumbatch.config import Settings
-from sumbatch.projection import CHUNK_TASKS
+from sumbatch.model import chunks, ids
+from sumbatch.model.projection import CHUNK_TASKS
 from sumbatch.replay import differences
 from sumbatch.store import Store
 from sumbatch.testing import Monitor, submit

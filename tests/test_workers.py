@@ -12,9 +12,9 @@ import pytest
 from consumers.projector import Projector
 from consumers.worker import Worker
 from sumbatch.config import Settings
-from sumbatch.events import GroupFinished, TaskCompleted, TaskStarted
+from sumbatch.model.events import GroupFinished, TaskCompleted, TaskStarted
+from sumbatch.model.tasks import Delay
 from sumbatch.store import Outcome, Store, open_store
-from sumbatch.tasks import Delay
 from tests.support import (
     Gate,
     Processes,

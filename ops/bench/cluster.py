@@ -68,7 +68,7 @@ from cluster_targets import Target, partition_layout, pick_server, start_targets
 from common import service
 from cpu import roles_of
 
-from sumbatch.embedded import EmbeddedServer, server_version, version_text
+from sumbatch.processes.embedded import EmbeddedServer, server_version, version_text
 
 # -- a round ---------------------------------------------------------------------------
 

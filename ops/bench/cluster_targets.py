@@ -13,10 +13,10 @@ from pathlib import Path
 import redis
 from redis.crc import key_slot
 
-from sumbatch.cluster import LocalCluster
 from sumbatch.config import Settings
-from sumbatch.embedded import EmbeddedServer, find_server
-from sumbatch.events import SLOTS
+from sumbatch.model.events import SLOTS
+from sumbatch.processes.cluster import LocalCluster
+from sumbatch.processes.embedded import EmbeddedServer, find_server
 from sumbatch.store.partitions import open_partitions
 from sumbatch.testing import free_cluster_ports, free_port
 

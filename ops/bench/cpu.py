@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from sumbatch.embedded import EmbeddedServer
+from sumbatch.processes.embedded import EmbeddedServer
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

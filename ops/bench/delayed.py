@@ -18,7 +18,7 @@ import time
 import httpx2 as httpx
 from common import peak_rss_kib, service, tasks_for
 
-from sumbatch.embedded import EmbeddedServer
+from sumbatch.processes.embedded import EmbeddedServer
 from sumbatch.testing import free_port
 
 POLL = 0.05  # how often the client asks, as a client would

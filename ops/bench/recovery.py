@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sumbatch.config import Settings
-from sumbatch.embedded import EmbeddedServer
+from sumbatch.model.tasks import Delay
+from sumbatch.processes.embedded import EmbeddedServer
 from sumbatch.store import Entry, Store, open_store
-from sumbatch.tasks import Delay
 from sumbatch.testing import (
     Processes,
     all_processed,

@@ -28,8 +28,8 @@ import httpx2 as httpx
 import redis
 from common import service, tasks_for
 
-from sumbatch.embedded import EmbeddedServer
-from sumbatch.events import Keys
+from sumbatch.model.events import Keys
+from sumbatch.processes.embedded import EmbeddedServer
 from sumbatch.testing import free_port
 
 NAMESPACE = "soak"

@@ -30,7 +30,7 @@ from bench import latencies, pct, throughput
 from common import service, wait_ready
 from report import Goal, Row, report
 
-from sumbatch.embedded import EmbeddedServer
+from sumbatch.processes.embedded import EmbeddedServer
 from sumbatch.testing import free_port
 
 HERE = Path(__file__).resolve().parent

@@ -40,8 +40,8 @@ from common import service, tasks_for
 from cpu import cpu_seconds, machine_busy_seconds
 
 from sumbatch import scripts
-from sumbatch.embedded import EmbeddedServer
-from sumbatch.events import Keys
+from sumbatch.model.events import Keys
+from sumbatch.processes.embedded import EmbeddedServer
 from sumbatch.testing import Monitor, free_port
 
 SCRIPT_NAMES = {hashlib.sha1(getattr(scripts, n).encode()).hexdigest(): n for n in scripts.__all__}

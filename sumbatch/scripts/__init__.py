@@ -21,6 +21,8 @@ Every script checks all it can before its first write, and nothing after that ca
 fail: a script that errors half-way keeps what it wrote (no rollback), which could log
 an outcome without counting it. Shared streams are checked with ``is_or_none``, group
 keys with ``group_state``; items that fail a check are refused, not half-done.
+
+May import ``model`` and ``config``: it holds script text, never a connection.
 """
 
 from sumbatch.scripts.inspect import INSPECT

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import msgspec
 
-from sumbatch import ids
 from sumbatch.config import MAX_TASKS_LIMIT
-from sumbatch.events import GROUP_LOG_OMITS, Event, GroupFinished, TaskRevoked
+from sumbatch.model import ids
+from sumbatch.model.events import GROUP_LOG_OMITS, Event, GroupFinished, TaskRevoked
 from sumbatch.scripts import stats
 
 

@@ -1,6 +1,6 @@
 """The producer's scripts: submit a group, cancel one."""
 
-from sumbatch.events import WORK_SLICE, TasksSubmitted
+from sumbatch.model.events import WORK_SLICE, TasksSubmitted
 from sumbatch.scripts.lib import LIB, lua_fields
 from sumbatch.scripts.log import HSET_ARGS
 

@@ -14,6 +14,9 @@ PEL inside the completion script that records the outcome of its last unended ta
 (or in the begin script when all its tasks have already ended), so a crash at any
 point leaves it pending for XAUTOCLAIM, never lost; the one that claims it runs only
 the tasks that have not ended.
+
+May import ``model``, ``config``, ``outage`` and ``scripts``; nothing that serves or
+runs processes.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from sumbatch.config import Settings
-from sumbatch.events import Keys
+from sumbatch.model.events import Keys
 from sumbatch.store.base import DurableMode, Entry, Retention, StoreBase, connect
 from sumbatch.store.inspect import Inspector
 from sumbatch.store.log import REJECTED_KEPT, EventLog

@@ -22,7 +22,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sumbatch import scripts
-from sumbatch.events import (
+from sumbatch.model.events import (
     Keys,
 )
 

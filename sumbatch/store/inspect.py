@@ -9,21 +9,17 @@ and the log entries after the projector's position.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, ResponseError
 
-from sumbatch.events import WORKER_GROUP
+from sumbatch.model.events import WORKER_GROUP
 from sumbatch.outage import refusal
 from sumbatch.scripts.stats import COUNTERS, HISTOGRAMS, Histogram
 from sumbatch.store.base import Client, StoreBase
-
-if TYPE_CHECKING:
-    from sumbatch.store.partitions import Partitions
 
 # The projector's lag is counted entry by entry in the server (about 4 us each), up to
 # this many on either side of its position (``scripts/inspect.py``): a projector more
@@ -182,11 +178,3 @@ async def memory(client: Client) -> dict[str, int]:
     where = client.connection_pool.connection_kwargs
     address = where.get("path") or f"{where.get('host')}:{where.get('port')}"
     return {str(address): int(info["used_memory"])}
-
-
-async def overview(partitions: Partitions) -> Overview:
-    """Every partition's state and the servers' memory, read concurrently."""
-    states, used = await asyncio.gather(
-        asyncio.gather(*(store.state() for store in partitions)), memory(partitions.redis)
-    )
-    return Overview(tuple(states), used)

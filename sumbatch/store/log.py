@@ -11,9 +11,9 @@ from typing import Any, TypeVar, cast
 import msgspec
 from redis.exceptions import ResponseError
 
-from sumbatch import chunks, ids
-from sumbatch.events import from_group_log
-from sumbatch.projection import (
+from sumbatch.model import chunks, ids
+from sumbatch.model.events import from_group_log
+from sumbatch.model.projection import (
     GroupSummary,
     GroupView,
     SetAside,

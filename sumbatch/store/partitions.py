@@ -10,11 +10,12 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
-from sumbatch import ids
 from sumbatch.config import ConfigError, Settings
-from sumbatch.events import Keys
+from sumbatch.model import ids
+from sumbatch.model.events import Keys
 from sumbatch.store import Retention, Store
 from sumbatch.store.base import Client, OwnsClient, connect, is_cluster
+from sumbatch.store.inspect import Overview, memory
 
 # On a cluster, a new namespace gets this many partitions per master: several, so that
 # load spreads over the masters' cores and a master added later can take some.
@@ -36,6 +37,13 @@ class Partitions(OwnsClient):
         self.stores = [
             Store(redis, Keys(namespace, partition, count), retention) for partition in range(count)
         ]
+
+    async def overview(self) -> Overview:
+        """Every partition's state and the servers' memory, read concurrently."""
+        states, used = await asyncio.gather(
+            asyncio.gather(*(store.state() for store in self)), memory(self.redis)
+        )
+        return Overview(tuple(states), used)
 
     def __iter__(self) -> Iterator[Store]:
         return iter(self.stores)

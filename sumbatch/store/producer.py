@@ -15,10 +15,11 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from sumbatch import chunks, ids, scripts
-from sumbatch.events import GroupCancelled, GroupSubmitted, to_flat
+from sumbatch import scripts
+from sumbatch.model import chunks, ids
+from sumbatch.model.events import GroupCancelled, GroupSubmitted, to_flat
+from sumbatch.model.projection import GroupView
 from sumbatch.outage import refusal
-from sumbatch.projection import GroupView
 from sumbatch.store.base import DurableMode, StoreBase, _json
 
 

@@ -10,7 +10,7 @@ from typing import Any, Literal, cast
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from sumbatch.events import (
+from sumbatch.model.events import (
     WORK_SLICE,
     WORKER_GROUP,
     AnyEvent,

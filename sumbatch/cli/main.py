@@ -20,15 +20,15 @@ from urllib.parse import urlparse
 
 from redis.asyncio.cluster import RedisCluster
 
-from sumbatch import ids
+from sumbatch.cli.tailing import Merge
 from sumbatch.config import PARENT_PID_ENV, ConfigError, Settings, parse_port, resolve_handler
-from sumbatch.running import run_async, when_reachable
+from sumbatch.model import ids
+from sumbatch.processes.running import run_async, when_reachable
 from sumbatch.store import Entry
 from sumbatch.store.partitions import Partitions, open_partitions
-from sumbatch.tailing import Merge
 
 if TYPE_CHECKING:
-    from sumbatch.client import Api
+    from sumbatch.client.rest import Api
 
 log = logging.getLogger("sumbatch")
 
@@ -38,8 +38,8 @@ COMMANDS = "sumbatch.commands"
 
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
-    from sumbatch.api import create_app, durable_problem
-    from sumbatch.http import serve
+    from sumbatch.web.api import create_app, durable_problem
+    from sumbatch.web.http import serve
 
     if settings.durable and (problem := run_async(durable_problem(settings))):
         print(f"sumbatch: {problem}", file=sys.stderr)
@@ -51,7 +51,7 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    from sumbatch.supervisor import Supervisor
+    from sumbatch.processes.supervisor import Supervisor
 
     # Here, not in each worker: a handler that cannot load would make them crash-loop.
     resolve_handler(settings.handler)
@@ -172,7 +172,7 @@ def cmd_partitions(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_redis_cli(settings: Settings, args: argparse.Namespace) -> int:
-    from sumbatch.embedded import find_cli
+    from sumbatch.processes.embedded import find_cli
 
     binary = find_cli()
     if binary is None:
@@ -191,13 +191,13 @@ def cmd_redis_cli(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _api(settings: Settings, args: argparse.Namespace) -> Api:
-    from sumbatch.client import Api, default_url
+    from sumbatch.client.rest import Api, default_url
 
     return Api(args.api or default_url(settings), settings.api_token)
 
 
 def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
-    from sumbatch import console
+    from sumbatch.client import console
 
     return console.submit_command(
         _api(settings, args), args.input, key=args.idempotency_key, wait=not args.no_wait
@@ -205,7 +205,7 @@ def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    from sumbatch import console
+    from sumbatch.client import console
 
     api = _api(settings, args)
     return console.run(
@@ -214,14 +214,14 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_top(settings: Settings, args: argparse.Namespace) -> int:
-    from sumbatch.top import top
+    from sumbatch.client.top import top
 
     api = _api(settings, args)
     return top(api, once=args.once, interval=args.interval, out=sys.stdout, err=sys.stderr)
 
 
 def _url_arg(text: str) -> str:
-    from sumbatch.client import check_url
+    from sumbatch.client.rest import check_url
 
     try:
         return check_url(text)

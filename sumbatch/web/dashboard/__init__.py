@@ -4,6 +4,7 @@ Plain HTML, CSS and JavaScript from ``static/``, no build step and nothing fetch
 another host, so it works offline. The pages read the API from the browser: the live
 event log (``GET /events``, ``GET /grouptasks/{id}/events``), the overview
 (``GET /system``), and a group's status; cancelling is ``DELETE /grouptasks/{id}``.
+Part of ``web``: may import ``model`` and ``web.responses``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import PathLike, StaticFiles
 from starlette.types import Scope
 
-from sumbatch import ids
-from sumbatch.responses import error
+from sumbatch.model import ids
+from sumbatch.web.responses import error
 
 STATIC = Path(__file__).resolve().parent / "static"
 

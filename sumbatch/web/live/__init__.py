@@ -1,5 +1,6 @@
 """The API's live endpoints: long-poll (``?wait=``) and server-sent event streams, all
-fed by one reader of the event log per partition (``feed``)."""
+fed by one reader of the event log per partition (``feed``). Part of ``web``: may import
+what ``web`` may, and ``web``'s ``state`` and ``responses``."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from sumbatch.config import Settings
-from sumbatch.live.feed import Feed
 from sumbatch.store import Store
+from sumbatch.web.live.feed import Feed
 
 V = TypeVar("V")
 

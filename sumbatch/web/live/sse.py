@@ -7,7 +7,7 @@ import re
 
 import msgspec
 
-from sumbatch.events import from_fields
+from sumbatch.model.events import from_fields
 
 MAX_WAIT = 60.0
 # What the client's EventSource waits before it reconnects, in ms.

@@ -33,13 +33,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sumbatch import state
 from sumbatch.config import Settings
-from sumbatch.live.sse import parse_wait
 from sumbatch.outage import is_transient
-from sumbatch.responses import JSONResponse
 from sumbatch.scripts import stats
-from sumbatch.store.inspect import HistogramState, Overview, overview
+from sumbatch.store.inspect import HistogramState, Overview
+from sumbatch.web import state
+from sumbatch.web.live.sse import parse_wait
+from sumbatch.web.responses import JSONResponse
 
 # The counters, by their field in the stats hash.
 COUNTERS = {
@@ -88,7 +88,7 @@ def install(app: Starlette, settings: Settings) -> None:
 
     async def metrics(request: Request) -> Response:
         try:
-            seen: Overview | None = await overview(await state.partitions(request))
+            seen: Overview | None = await (await state.partitions(request)).overview()
         except RedisError as exc:
             if not is_transient(exc):
                 raise
@@ -106,7 +106,7 @@ def install(app: Starlette, settings: Settings) -> None:
 
 async def system(request: Request) -> Response:
     partitions = await state.partitions(request)
-    return JSONResponse(system_body(await overview(partitions)))
+    return JSONResponse(system_body(await partitions.overview()))
 
 
 def system_body(seen: Overview) -> dict[str, Any]:

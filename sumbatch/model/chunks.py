@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from sumbatch.projection import (
+from sumbatch.model.projection import (
     CHUNK_TASKS,
     STATE_OF_LETTER,
     UNLOADED,

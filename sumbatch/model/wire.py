@@ -6,7 +6,10 @@ from typing import Annotated
 
 import msgspec
 
-from sumbatch.projection import TERMINAL, GroupSummary, TaskView
+from sumbatch.model.projection import TERMINAL, GroupSummary, TaskView
+
+# The longest Idempotency-Key header accepted (the API refuses a longer one with 400).
+MAX_IDEMPOTENCY_KEY = 255
 
 INT64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 

@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from sumbatch.client import Api, ApiError, Unreachable
+from sumbatch.client.rest import Api, ApiError, Unreachable
 
 # Exit statuses, as the other client commands: 1 no /system (an older API), 3 no API.
 OK, NO_SYSTEM, UNREACHABLE = 0, 1, 3

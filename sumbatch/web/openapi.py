@@ -15,10 +15,19 @@ from typing import Any
 import msgspec
 
 from sumbatch.config import Settings
-from sumbatch.wire import Cancelled, ErrorBody, GroupCreated, GroupIn, GroupStatus, TaskStatus
+from sumbatch.model.wire import (
+    MAX_IDEMPOTENCY_KEY,
+    Cancelled,
+    ErrorBody,
+    GroupCreated,
+    GroupIn,
+    GroupStatus,
+    TaskStatus,
+)
+from sumbatch.web.live.sse import MAX_WAIT
 
 _REF = "#/components/schemas/{name}"
-_PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+_PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def package_version() -> str:
@@ -71,10 +80,6 @@ def _assets(summary: str, example: str) -> dict[str, Any]:
 
 
 def openapi_schema(settings: Settings) -> dict[str, Any]:
-    # Imported here, not at the top: api imports this module while it loads, so a
-    # top-level import of api would find it half-initialised whichever loads first.
-    from sumbatch.api import MAX_IDEMPOTENCY_KEY
-    from sumbatch.live.sse import MAX_WAIT
 
     _, components = msgspec.json.schema_components(
         [GroupIn, GroupCreated, GroupStatus, TaskStatus, Cancelled, ErrorBody], ref_template=_REF

@@ -25,8 +25,8 @@ from typing import IO, Any, TypeVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sumbatch import ids
-from sumbatch.client import Api, ApiError, Unreachable, path_of
+from sumbatch.client.rest import Api, ApiError, Unreachable, path_of
+from sumbatch.model import ids
 
 T = TypeVar("T")
 
@@ -270,7 +270,7 @@ def _follow(api: Api, gid: str, tally: Tally, show: Show) -> dict[str, Any]:
 
 def status(api: Api, id_: str, *, wait: float | None, out: IO[str], err: IO[str]) -> int:
     """Print the status of the group or task ``id_`` (a task id ends in its index, a
-    group id in zeros: ``sumbatch.ids``)."""
+    group id in zeros: ``sumbatch.model.ids``)."""
     canonical = ids.parse_uuid(id_) or id_
     kind = "grouptasks" if ids.is_group_id(canonical) else "tasks"
     try:

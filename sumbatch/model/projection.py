@@ -19,8 +19,8 @@ from typing import Literal
 
 import msgspec
 
-from sumbatch import ids
-from sumbatch.events import (
+from sumbatch.model import ids
+from sumbatch.model.events import (
     AnyEvent,
     GroupCancelled,
     GroupFinished,

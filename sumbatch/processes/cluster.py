@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import redis
 
-from sumbatch.embedded import EmbeddedServer, find_cli
+from sumbatch.processes.embedded import EmbeddedServer, find_cli
 
 # Every node also listens on port + BUS_OFFSET, for the cluster bus.
 BUS_OFFSET = 10_000

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from operator import attrgetter
 
-from sumbatch import ids
-from sumbatch.events import WORK_SLICE, GroupSubmitted, TasksSubmitted
-from sumbatch.wire import GroupCreated, TaskIn
+from sumbatch.model import ids
+from sumbatch.model.events import WORK_SLICE, GroupSubmitted, TasksSubmitted
+from sumbatch.model.wire import GroupCreated, TaskIn
 
 _param_a, _param_b = attrgetter("param_a"), attrgetter("param_b")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sumbatch.ids import entry_order
+from sumbatch.model.ids import entry_order
 
 Entry = tuple[str, dict[str, str]]
 

@@ -18,11 +18,11 @@ from typing import IO
 
 import msgspec
 
-from sumbatch.children import Child, last_line
-from sumbatch.cluster import BUS_OFFSET, LocalCluster
 from sumbatch.config import PARENT_PID_ENV, Settings
-from sumbatch.embedded import EmbeddedServer, ServerNotFound, locate_server, version_text
-from sumbatch.preflight import Refused, check_credentials, check_port_free, lock_data_dir
+from sumbatch.processes.children import Child, last_line
+from sumbatch.processes.cluster import BUS_OFFSET, LocalCluster
+from sumbatch.processes.embedded import EmbeddedServer, ServerNotFound, locate_server, version_text
+from sumbatch.processes.preflight import Refused, check_credentials, check_port_free, lock_data_dir
 
 log = logging.getLogger("sumbatch.up")
 
@@ -120,7 +120,7 @@ class Supervisor:
         start: refuse here, once, naming the setting."""
         if not self.settings.durable:
             return
-        from sumbatch.api import durable_problem
+        from sumbatch.web.api import durable_problem
 
         settings = msgspec.structs.replace(self.settings, redis_url=url)
         problem = asyncio.run(durable_problem(settings))

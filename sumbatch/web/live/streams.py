@@ -8,11 +8,11 @@ import heapq
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
-from sumbatch import ids
-from sumbatch.live import sse
-from sumbatch.live.feed import Feed, Interrupted
+from sumbatch.model import ids
 from sumbatch.store import Store
 from sumbatch.store.base import Entry
+from sumbatch.web.live import sse
+from sumbatch.web.live.feed import Feed, Interrupted
 
 HISTORY_CHUNK = 1000
 

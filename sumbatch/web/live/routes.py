@@ -8,10 +8,11 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from sumbatch import ids, state
-from sumbatch.live import Live, sse, streams
-from sumbatch.live.feed import Feed
-from sumbatch.responses import error
+from sumbatch.model import ids
+from sumbatch.web import state
+from sumbatch.web.live import Live, sse, streams
+from sumbatch.web.live.feed import Feed
+from sumbatch.web.responses import error
 
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

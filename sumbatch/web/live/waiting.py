@@ -12,10 +12,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from sumbatch import ids
-from sumbatch.live.feed import Feed, Interrupted
-from sumbatch.projection import TERMINAL, GroupSummary, TaskView
+from sumbatch.model import ids
+from sumbatch.model.projection import TERMINAL, GroupSummary, TaskView
 from sumbatch.store import Store
+from sumbatch.web.live.feed import Feed, Interrupted
 
 V = TypeVar("V")
 

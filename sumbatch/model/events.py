@@ -21,7 +21,7 @@ from typing import Any, Final, get_args
 import msgspec
 from redis.crc import key_slot
 
-from sumbatch import ids
+from sumbatch.model import ids
 
 
 class Event(msgspec.Struct, tag_field="type", rename="camel", frozen=True, kw_only=True):

@@ -22,25 +22,32 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sumbatch import dashboard, docs, ids, metrics, state
 from sumbatch.config import Settings
-from sumbatch.live import Live, sse, waiting
-from sumbatch.live import routes as live_routes
-from sumbatch.openapi import openapi_schema
+from sumbatch.model import ids
+from sumbatch.model.projection import TERMINAL, GroupView
+from sumbatch.model.submission import Submission
+from sumbatch.model.wire import (
+    MAX_IDEMPOTENCY_KEY,
+    Cancelled,
+    GroupCreated,
+    GroupIn,
+    GroupStatus,
+    TaskStatus,
+)
 from sumbatch.outage import is_transient
-from sumbatch.projection import TERMINAL, GroupView
-from sumbatch.responses import EXCEPTION_HANDLERS, JSONResponse, error
 from sumbatch.store import CancelOutcome, NotDurable
 from sumbatch.store.partitions import LazyPartitions, open_partitions
-from sumbatch.submission import Submission
-from sumbatch.wire import Cancelled, GroupCreated, GroupIn, GroupStatus, TaskStatus
+from sumbatch.web import dashboard, docs, metrics, state
+from sumbatch.web.live import Live, sse, waiting
+from sumbatch.web.live import routes as live_routes
+from sumbatch.web.openapi import openapi_schema
+from sumbatch.web.responses import EXCEPTION_HANDLERS, JSONResponse, error
 
 log = logging.getLogger("sumbatch.api")
 
 _encoder = msgspec.json.Encoder()
 _group_decoder = msgspec.json.Decoder(GroupIn)
 _created_decoder = msgspec.json.Decoder(GroupCreated)
-MAX_IDEMPOTENCY_KEY = 255
 # Seconds any one call to Redis may take before the API answers 503: a hung server
 # (SIGSTOP, a stalled host) must not hold requests for the client's whole patience.
 REDIS_TIMEOUT = 1.0
