@@ -32,8 +32,9 @@ from typing import IO, Any, Self, TypeVar, cast
 import redis
 
 from sumbatch.config import Settings
-from sumbatch.model.events import WORKER_GROUP, TasksSubmitted, TaskSubmitted, from_fields, tasks_of
+from sumbatch.model.events import TasksSubmitted, TaskSubmitted, from_fields, tasks_of
 from sumbatch.model.ids import entry_order
+from sumbatch.model.keys import WORKER_GROUP
 from sumbatch.model.projection import GroupView
 from sumbatch.model.submission import Submission
 from sumbatch.model.wire import TaskIn

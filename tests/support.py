@@ -29,10 +29,8 @@ from consumers.projector import Projector
 from consumers.worker import Handler, Worker
 from sumbatch.config import Settings
 from sumbatch.model.events import (
-    WORKER_GROUP,
     AnyEvent,
     GroupFinished,
-    Keys,
     TaskCompleted,
     TasksSubmitted,
     TaskStarted,
@@ -40,6 +38,7 @@ from sumbatch.model.events import (
     from_group_log,
     tasks_of,
 )
+from sumbatch.model.keys import WORKER_GROUP, Keys
 from sumbatch.processes.embedded import EmbeddedServer
 from sumbatch.replay import differences
 from sumbatch.store import Store, open_store

@@ -11,7 +11,7 @@ import redis
 from starlette.testclient import TestClient
 
 from sumbatch.config import Settings
-from sumbatch.model.events import Keys
+from sumbatch.model.keys import Keys
 from sumbatch.web.api import create_app
 from tests.support import appended, entries
 

@@ -18,10 +18,8 @@ from consumers.projector import Projector
 from consumers.worker import Handler, Worker
 from sumbatch.config import Settings
 from sumbatch.model.events import (
-    WORKER_GROUP,
     GroupCancelled,
     GroupFinished,
-    Keys,
     TaskCompleted,
     TaskDeadLettered,
     TaskFailed,
@@ -32,6 +30,7 @@ from sumbatch.model.events import (
     tasks_of,
     to_fields,
 )
+from sumbatch.model.keys import WORKER_GROUP, Keys
 from sumbatch.model.wire import MAX_IDEMPOTENCY_KEY
 from sumbatch.store import Begun, Store, task_key
 from sumbatch.web.api import create_app

@@ -24,13 +24,8 @@ import msgspec
 
 from consumers.worker import READ_BLOCK_MS as WORKER_READ_BLOCK_MS
 from sumbatch.config import Settings
-from sumbatch.model.events import (
-    WORKER_GROUP,
-    GroupSubmitted,
-    TaskCompleted,
-    TaskStarted,
-    from_fields,
-)
+from sumbatch.model.events import GroupSubmitted, TaskCompleted, TaskStarted, from_fields
+from sumbatch.model.keys import WORKER_GROUP
 from sumbatch.model.tasks import Delay
 from sumbatch.store import Store, open_store
 from tests.support import (

@@ -28,7 +28,8 @@ from consumers.projector import Projector
 from consumers.worker import Worker
 from sumbatch.config import ConfigError, Settings
 from sumbatch.model import ids
-from sumbatch.model.events import Keys, TaskCompleted, from_fields
+from sumbatch.model.events import TaskCompleted, from_fields
+from sumbatch.model.keys import Keys
 from sumbatch.model.tasks import Delay
 from sumbatch.processes.cluster import TLS, LocalCluster
 from sumbatch.processes.embedded import EmbeddedServer, find_cli, find_server

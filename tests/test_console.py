@@ -37,7 +37,7 @@ from sumbatch.client.console import (
 from sumbatch.client.rest import Api, Message, default_url, parse_sse
 from sumbatch.client.top import Sample, frame, rate, size
 from sumbatch.config import Settings
-from sumbatch.model.events import WORKER_GROUP, Keys
+from sumbatch.model.keys import WORKER_GROUP, Keys
 from tests.support import ROOT, answers_200, free_port, run_sumbatch, up_env, wait_until_sync
 
 TOKEN = "cli-test-token"

@@ -17,7 +17,7 @@ import redis
 from starlette.testclient import TestClient
 
 from sumbatch.config import Settings
-from sumbatch.model.events import Keys
+from sumbatch.model.keys import Keys
 from sumbatch.model.projection import GroupView
 from sumbatch.model.submission import Submission
 from sumbatch.model.tasks import Delay

@@ -10,7 +10,6 @@ from sumbatch.model.events import (
     GroupCancelled,
     GroupFinished,
     GroupSubmitted,
-    Keys,
     TaskCompleted,
     TaskDeadLettered,
     TaskFailed,
@@ -23,6 +22,7 @@ from sumbatch.model.events import (
     to_fields,
     to_flat,
 )
+from sumbatch.model.keys import Keys
 
 SAMPLES: list[AnyEvent] = [
     GroupSubmitted(group_task_id="g", tasks_total=2, params_a="1 -2", params_b="3 4"),

@@ -21,7 +21,7 @@ import redis
 import uvicorn
 
 from sumbatch.config import ConfigError, Settings
-from sumbatch.model.events import Keys
+from sumbatch.model.keys import Keys
 from sumbatch.model.tasks import Delay
 from sumbatch.web.http import Limits
 from tests.support import (

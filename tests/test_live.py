@@ -20,7 +20,7 @@ from msgspec.structs import replace
 from consumers.worker import Worker
 from sumbatch.config import Settings
 from sumbatch.model import ids
-from sumbatch.model.events import Keys
+from sumbatch.model.keys import Keys
 from sumbatch.model.tasks import Delay
 from sumbatch.store import Store
 from sumbatch.testing import Monitor, submit, wait_until

@@ -23,7 +23,8 @@ from prometheus_client.samples import Sample
 from starlette.testclient import TestClient
 
 from sumbatch.config import Settings
-from sumbatch.model.events import Keys, TaskCompleted
+from sumbatch.model.events import TaskCompleted
+from sumbatch.model.keys import Keys
 from sumbatch.model.projection import GroupView
 from sumbatch.model.submission import Submission
 from sumbatch.model.tasks import Delay

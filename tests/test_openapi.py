@@ -24,7 +24,7 @@ import sumbatch.web.api
 import sumbatch.web.openapi
 from sumbatch.config import Settings
 from sumbatch.model import ids
-from sumbatch.model.events import Keys
+from sumbatch.model.keys import Keys
 from sumbatch.web.api import create_app
 from sumbatch.web.openapi import openapi_schema, package_version
 from tests.support import ROOT, free_port

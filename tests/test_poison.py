@@ -21,7 +21,8 @@ from consumers.projector import Projector
 from consumers.worker import Worker
 from sumbatch.config import Settings
 from sumbatch.model import ids
-from sumbatch.model.events import GroupFinished, Keys, TaskCompleted
+from sumbatch.model.events import GroupFinished, TaskCompleted
+from sumbatch.model.keys import Keys
 from sumbatch.replay import differences
 from sumbatch.store import Store, open_store
 from tests.support import (

@@ -21,13 +21,8 @@ import httpx2 as httpx
 
 from sumbatch.config import Settings
 from sumbatch.model import ids
-from sumbatch.model.events import (
-    WORKER_GROUP,
-    GroupFinished,
-    GroupSubmitted,
-    TaskCompleted,
-    TaskStarted,
-)
+from sumbatch.model.events import GroupFinished, GroupSubmitted, TaskCompleted, TaskStarted
+from sumbatch.model.keys import WORKER_GROUP
 from sumbatch.model.tasks import Delay
 from sumbatch.processes.embedded import EmbeddedServer
 from sumbatch.replay import differences

@@ -33,7 +33,7 @@ from redis.retry import Retry
 from starlette.testclient import TestClient
 
 from sumbatch.config import Settings
-from sumbatch.model.events import Keys
+from sumbatch.model.keys import Keys
 from sumbatch.model.tasks import Delay
 from sumbatch.outage import is_transient, refusal
 from sumbatch.processes.embedded import EmbeddedServer, find_server

@@ -26,7 +26,7 @@ from redis.crc import key_slot
 
 from sumbatch.config import Settings
 from sumbatch.model import ids
-from sumbatch.model.events import Keys
+from sumbatch.model.keys import Keys
 from sumbatch.model.tasks import Delay
 from sumbatch.processes.cluster import LocalCluster
 from sumbatch.store.partitions import PER_MASTER

@@ -16,13 +16,13 @@ from sumbatch.model.events import (
     GROUP_LOG_OMITS,
     GroupFinished,
     GroupSubmitted,
-    Keys,
     TaskRevoked,
     TasksSubmitted,
     from_fields,
     tasks_of,
     to_fields,
 )
+from sumbatch.model.keys import Keys
 from sumbatch.model.projection import GroupView
 from sumbatch.model.submission import Submission
 from sumbatch.model.wire import TaskIn

@@ -23,7 +23,8 @@ from consumers.projector import Projector
 from consumers.worker import Worker
 from sumbatch.config import Settings
 from sumbatch.model import ids
-from sumbatch.model.events import GroupFinished, GroupSubmitted, Keys, TaskCompleted, from_fields
+from sumbatch.model.events import GroupFinished, GroupSubmitted, TaskCompleted, from_fields
+from sumbatch.model.keys import Keys
 from sumbatch.processes.embedded import find_server
 from sumbatch.store.partitions import open_partitions
 from sumbatch.web.api import create_app

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from sumbatch.config import Settings
-from sumbatch.model.events import Keys
+from sumbatch.model.keys import Keys
 from sumbatch.processes.embedded import EmbeddedServer
 from tests.support import ROOT, entries, env_for, own_server, wait_until_sync
 

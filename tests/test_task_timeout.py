@@ -19,12 +19,12 @@ from consumers.worker import Worker
 from sumbatch.config import Settings
 from sumbatch.model.events import (
     GroupFinished,
-    Keys,
     TaskCompleted,
     TaskDeadLettered,
     TaskRetried,
     TaskStarted,
 )
+from sumbatch.model.keys import Keys
 from sumbatch.store import open_store
 from tests.support import (
     Gate,

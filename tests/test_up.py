@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from sumbatch.config import Settings
-from sumbatch.model.events import Keys
+from sumbatch.model.keys import Keys
 from sumbatch.processes.embedded import (
     MIN_SERVER_VERSION,
     find_server,

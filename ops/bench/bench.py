@@ -30,7 +30,7 @@ import redis
 from common import peak_rss_kib, service, tasks_for, wait_ready
 from report import Goal, Row, report
 
-from sumbatch.model.events import Keys
+from sumbatch.model.keys import Keys
 from sumbatch.processes.embedded import EmbeddedServer
 from sumbatch.testing import free_port, wait_until_sync
 

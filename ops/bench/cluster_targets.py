@@ -14,7 +14,7 @@ import redis
 from redis.crc import key_slot
 
 from sumbatch.config import Settings
-from sumbatch.model.events import SLOTS
+from sumbatch.model.keys import SLOTS
 from sumbatch.processes.cluster import LocalCluster
 from sumbatch.processes.embedded import EmbeddedServer, find_server
 from sumbatch.store.partitions import open_partitions

@@ -28,7 +28,7 @@ import httpx2 as httpx
 import redis
 from common import service, tasks_for
 
-from sumbatch.model.events import Keys
+from sumbatch.model.keys import Keys
 from sumbatch.processes.embedded import EmbeddedServer
 from sumbatch.testing import free_port
 

@@ -40,7 +40,7 @@ from common import service, tasks_for
 from cpu import cpu_seconds, machine_busy_seconds
 
 from sumbatch import scripts
-from sumbatch.model.events import Keys
+from sumbatch.model.keys import Keys
 from sumbatch.processes.embedded import EmbeddedServer
 from sumbatch.testing import Monitor, free_port
 

@@ -5,7 +5,7 @@ stats hash (``stats.py``), in the same step.
 
 Every key has the namespace's hash tag, so all of them live in one cluster slot. The
 scripts that run per task (begin, append, complete) name a group's keys themselves from
-prefixes that ``events.Keys`` sends, instead of passing five keys per task: on a cluster
+prefixes that ``keys.Keys`` sends, instead of passing five keys per task: on a cluster
 that is fine, as every key they touch is in the slot of their declared keys.
 
 Events are built in Python (``events.to_flat``) and come in as one JSON argument

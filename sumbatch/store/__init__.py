@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from sumbatch.config import Settings
-from sumbatch.model.events import Keys
+from sumbatch.model.keys import Keys
 from sumbatch.store.base import DurableMode, Entry, Retention, StoreBase, connect
 from sumbatch.store.inspect import Inspector
 from sumbatch.store.log import REJECTED_KEPT, EventLog

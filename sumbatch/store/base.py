@@ -22,9 +22,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sumbatch import scripts
-from sumbatch.model.events import (
-    Keys,
-)
+from sumbatch.model.keys import Keys
 
 Redis = aioredis.Redis
 # A single server's client, or a cluster's: the store speaks to either.

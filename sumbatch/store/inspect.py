@@ -16,7 +16,7 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, ResponseError
 
-from sumbatch.model.events import WORKER_GROUP
+from sumbatch.model.keys import WORKER_GROUP
 from sumbatch.outage import refusal
 from sumbatch.scripts.stats import COUNTERS, HISTOGRAMS, Histogram
 from sumbatch.store.base import Client, StoreBase

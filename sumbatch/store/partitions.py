@@ -12,7 +12,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from sumbatch.config import ConfigError, Settings
 from sumbatch.model import ids
-from sumbatch.model.events import Keys
+from sumbatch.model.keys import Keys
 from sumbatch.store import Retention, Store
 from sumbatch.store.base import Client, OwnsClient, connect, is_cluster
 from sumbatch.store.inspect import Overview, memory

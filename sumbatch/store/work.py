@@ -12,7 +12,6 @@ from redis.exceptions import ResponseError
 
 from sumbatch.model.events import (
     WORK_SLICE,
-    WORKER_GROUP,
     AnyEvent,
     TaskCompleted,
     TaskDeadLettered,
@@ -20,6 +19,7 @@ from sumbatch.model.events import (
     TaskSubmitted,
     to_flat,
 )
+from sumbatch.model.keys import WORKER_GROUP
 from sumbatch.store.base import Entry, StoreBase, _json
 
 
