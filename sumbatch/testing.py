@@ -35,8 +35,8 @@ from sumbatch.config import Settings
 from sumbatch.model.events import TasksSubmitted, TaskSubmitted, from_fields, tasks_of
 from sumbatch.model.ids import entry_order
 from sumbatch.model.keys import WORKER_GROUP
-from sumbatch.model.projection import GroupView
 from sumbatch.model.submission import Submission
+from sumbatch.model.views import GroupView
 from sumbatch.model.wire import TaskIn
 from sumbatch.processes.cluster import BUS_OFFSET
 from sumbatch.store import Entry, Store

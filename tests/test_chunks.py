@@ -10,16 +10,8 @@ import pytest
 from sumbatch.model import chunks, ids
 from sumbatch.model.chunks import NotAView
 from sumbatch.model.events import GroupSubmitted, TaskCompleted, TaskFailed, to_fields
-from sumbatch.model.projection import (
-    CHUNK_TASKS,
-    UNLOADED,
-    GroupView,
-    Views,
-    apply,
-    chunks_touched,
-    fold_entries,
-    task_view,
-)
+from sumbatch.model.projection import Views, apply, chunks_touched, fold_entries
+from sumbatch.model.views import CHUNK_TASKS, UNLOADED, GroupView, task_view
 
 GID = "g"
 TOTAL = 2 * CHUNK_TASKS + 452  # three chunks, the last one short

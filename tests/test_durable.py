@@ -18,9 +18,9 @@ from starlette.testclient import TestClient
 
 from sumbatch.config import Settings
 from sumbatch.model.keys import Keys
-from sumbatch.model.projection import GroupView
 from sumbatch.model.submission import Submission
 from sumbatch.model.tasks import Delay
+from sumbatch.model.views import GroupView
 from sumbatch.model.wire import TaskIn
 from sumbatch.processes.embedded import EmbeddedServer
 from sumbatch.store import NotDurable, Store, _durable_mode, open_store

@@ -25,9 +25,9 @@ from starlette.testclient import TestClient
 from sumbatch.config import Settings
 from sumbatch.model.events import TaskCompleted
 from sumbatch.model.keys import Keys
-from sumbatch.model.projection import GroupView
 from sumbatch.model.submission import Submission
 from sumbatch.model.tasks import Delay
+from sumbatch.model.views import GroupView
 from sumbatch.model.wire import TaskIn
 from sumbatch.scripts import stats
 from sumbatch.store import Outcome, open_store

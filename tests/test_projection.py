@@ -16,7 +16,8 @@ from sumbatch.model.events import (
     TaskStarted,
     to_fields,
 )
-from sumbatch.model.projection import GroupView, Views, apply, fold, fold_entries, task_view
+from sumbatch.model.projection import Views, apply, fold, fold_entries
+from sumbatch.model.views import GroupView, task_view
 
 
 def submitted(n: int) -> list[AnyEvent]:

@@ -23,8 +23,8 @@ from sumbatch.model.events import (
     to_fields,
 )
 from sumbatch.model.keys import Keys
-from sumbatch.model.projection import GroupView
 from sumbatch.model.submission import Submission
+from sumbatch.model.views import GroupView
 from sumbatch.model.wire import TaskIn
 from sumbatch.scripts.lib import lua_fields
 from sumbatch.store import open_store, task_key

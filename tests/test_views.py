@@ -11,7 +11,7 @@ import msgspec
 from consumers.projector import Projector
 from sumbatch.config import Settings
 from sumbatch.model import chunks, ids
-from sumbatch.model.projection import CHUNK_TASKS
+from sumbatch.model.views import CHUNK_TASKS
 from sumbatch.replay import differences
 from sumbatch.store import Store
 from sumbatch.testing import Monitor, submit

@@ -9,7 +9,7 @@ in one compact listpack, so a small group's whole view does too (a hash of bigge
 fields costs about 130 B more, a third of what a finished task keeps).
 
 A chunk is a JSON array ``[results, states, attempts, errors]``: the states as one
-string of letters (``projection.STATE_OF_LETTER``), errors by task index. Results come
+string of letters (``views.STATE_OF_LETTER``), errors by task index. Results come
 first, so a status read decodes them and skips the rest.
 
 A stored view that does not decode, or is not of the fold's shape (written by hand),
@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from sumbatch.model.projection import (
+from sumbatch.model.views import (
     CHUNK_TASKS,
     STATE_OF_LETTER,
     UNLOADED,

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import msgspec
 
-from sumbatch.model.projection import TERMINAL, GroupSummary, TaskView
+from sumbatch.model.views import TERMINAL, GroupSummary, TaskView
 
 # The longest Idempotency-Key header accepted (the API refuses a longer one with 400).
 MAX_IDEMPOTENCY_KEY = 255

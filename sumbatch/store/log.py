@@ -13,15 +13,8 @@ from redis.exceptions import ResponseError
 
 from sumbatch.model import chunks, ids
 from sumbatch.model.events import from_group_log
-from sumbatch.model.projection import (
-    GroupSummary,
-    GroupView,
-    SetAside,
-    TaskView,
-    Views,
-    chunk_of,
-    task_view,
-)
+from sumbatch.model.projection import SetAside, Views
+from sumbatch.model.views import GroupSummary, GroupView, TaskView, chunk_of, task_view
 from sumbatch.store.base import Entry, StoreBase, _json
 
 log = logging.getLogger("sumbatch.store")

@@ -18,7 +18,7 @@ from redis.exceptions import (
 from sumbatch import scripts
 from sumbatch.model import chunks, ids
 from sumbatch.model.events import GroupCancelled, GroupSubmitted, to_flat
-from sumbatch.model.projection import GroupView
+from sumbatch.model.views import GroupView
 from sumbatch.outage import refusal
 from sumbatch.store.base import DurableMode, StoreBase, _json
 

@@ -24,8 +24,8 @@ from starlette.routing import Route
 
 from sumbatch.config import Settings
 from sumbatch.model import ids
-from sumbatch.model.projection import TERMINAL, GroupView
 from sumbatch.model.submission import Submission
+from sumbatch.model.views import TERMINAL, GroupView
 from sumbatch.model.wire import (
     MAX_IDEMPOTENCY_KEY,
     Cancelled,

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from sumbatch.model import ids
-from sumbatch.model.projection import TERMINAL, GroupSummary, TaskView
+from sumbatch.model.views import TERMINAL, GroupSummary, TaskView
 from sumbatch.store import Store
 from sumbatch.web.live.feed import Feed, Interrupted
 
