@@ -1,0 +1,241 @@
+"""What a worker takes from the work stream and holds until its tasks run: reading new
+entries, the sweep that claims a dead or stuck worker's, the backlog of tasks beyond
+its room and their beginning, renewing its claims and handing them back on stop.
+
+A read takes whole slices (``events.WORK_SLICE`` tasks an entry), so a worker with room
+for fewer tasks keeps the rest in its backlog, their entries pending on it, and begins
+them as runs end. Entries no worker can run are dead-lettered as they are read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Container, Sequence
+from typing import NamedTuple
+
+import msgspec
+
+from consumers.isolate import isolate
+from consumers.outbox import Outbox
+from consumers.runs import Runs, completed, failed
+from sumbatch.config import Settings
+from sumbatch.model import ids
+from sumbatch.model.events import (
+    WORK_SLICE,
+    AnyEvent,
+    TasksSubmitted,
+    TaskSubmitted,
+    from_fields,
+    tasks_of,
+    to_fields,
+)
+from sumbatch.store import Begun, Entry, Store, entry_id_of, task_key
+
+log = logging.getLogger("sumbatch.worker")
+
+# Tasks one read takes at most (in whole slices): the batch the begin script handles
+# at once, which holds Redis that long (the outbox's BATCH says why it is not larger).
+READ_COUNT = 200
+
+WRONG_TASK_ID = "its taskId is not the one its groupTaskId and index name"
+NOT_A_SLICE = "not a slice of a group's tasks as SUBMIT writes them"
+
+# A task taken from a work entry: its key (``store.task_key``) and what it runs.
+Task = tuple[str, TaskSubmitted]
+
+
+class Refusal(NamedTuple):
+    """Why no worker can run a work entry: the dead letter's kind and reason."""
+
+    kind: str
+    why: str
+
+
+def _names_itself(item: TaskSubmitted) -> bool:
+    """Whether a work entry's task id is its group's id with its index (ids.py)."""
+    return item.task_id == ids.task_id(item.group_task_id, item.index)
+
+
+def _tasks_in(entry_id: str, fields: dict[str, str]) -> list[Task] | Refusal:
+    """The tasks a work entry holds, each with its key; or why none can run."""
+    try:
+        item: AnyEvent | None = from_fields(fields)
+    except msgspec.ValidationError:
+        item = None
+    if isinstance(item, TasksSubmitted):
+        try:
+            return [(task_key(entry_id, task.index), task) for task in tasks_of(item)]
+        except ValueError:
+            return Refusal("RefusedWorkEntry", NOT_A_SLICE)
+    if isinstance(item, TaskSubmitted) and not _names_itself(item):
+        # Its outcome would be logged for another task than its fence bit's: refused,
+        # as the scripts refuse an index outside the group.
+        return Refusal("RefusedWorkEntry", WRONG_TASK_ID)
+    if isinstance(item, TaskSubmitted):
+        return [(entry_id, item)]
+    # Not a task we can run: kept for inspection, never blocking the batch.
+    return Refusal("UnreadableWorkEntry", "")
+
+
+class Intake:
+    """The entries one consumer of the ``workers`` group holds, and the tasks in them
+    not yet begun; ``room`` says how many more tasks may run now (the process's limit,
+    shared by its workers)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        name: str,
+        runs: Runs,
+        outbox: Outbox,
+        room: Callable[[], int],
+        read_count: int = READ_COUNT,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.name = name
+        self.runs = runs
+        self.outbox = outbox
+        self.room = room
+        self.read_count = read_count
+        self.claim_ms = int(settings.claim_timeout * 1000)
+        # Tasks taken (their entries pending on us) and not begun: a read takes whole
+        # slices, and a worker begins no more tasks than it has room for.
+        self.backlog: deque[Task] = deque()
+
+    def _held(self) -> list[str]:
+        """The keys of the tasks we hold: running, or waiting in the backlog."""
+        return [*self.runs, *(key for key, _ in self.backlog)]
+
+    async def _read(self, block_ms: int) -> int:
+        """Begin the tasks the backlog holds, as many as there is room for; or, when it
+        is empty, read new entries. Returns how many tasks were begun."""
+        capacity = self.room()
+        if capacity <= 0:
+            await asyncio.sleep(0.01)
+            return 0
+        if not self.backlog:
+            entries = await self.store.read_work(self.name, self._entries_for(capacity), block_ms)
+            await self._take(entries)
+        return await self._begin_backlog()
+
+    def _entries_for(self, room: int) -> int:
+        """How many work entries to take with room for ``room`` more tasks: as many
+        whole slices as fit, at least one (a worker with room for one task more takes
+        up to WORK_SLICE - 1 more into its backlog), at most ``read_count`` entries
+        (small groups' entries hold fewer tasks; the backlog is begun ``read_count``
+        tasks at a time)."""
+        return max(1, min(self.read_count, room // WORK_SLICE))
+
+    async def _sweep(self) -> int:
+        """Take over entries that a dead or stuck worker left idle past the timeout, as
+        many as there is room for: a worker with a backlog takes none, so that idle
+        workers can."""
+        room = self.room()
+        if self.backlog or room <= 0:
+            return 0
+        claimed = await self.store.autoclaim(self.name, self.claim_ms, self._entries_for(room))
+        if claimed:
+            log.info("claimed %d entries from dead or stuck workers", len(claimed))
+            # Its backlog is empty here; an entry of ours may still have runs going.
+            await self._take(claimed, held=self.runs)
+        return len(claimed)
+
+    async def _take(self, entries: list[Entry], held: Container[str] = ()) -> None:
+        """Put the tasks of work entries in the backlog, those in ``held`` aside;
+        entries no worker can run are dead-lettered."""
+        for entry_id, fields in entries:
+            tasks = _tasks_in(entry_id, fields)
+            if isinstance(tasks, Refusal):
+                why = tasks.why or f"unreadable ({fields})"
+                log.error("work entry %s: %s; dead-lettered", entry_id, why)
+                await self.store.dead_letter_entry(entry_id, fields, tasks.kind, tasks.why)
+            else:
+                self.backlog.extend(task for task in tasks if task[0] not in held)
+
+    async def _renew(self) -> None:
+        """Reset the idle time of the entries of the tasks we hold; drop the runs and
+        the backlog of entries another worker took."""
+        lost = set(await self.store.renew(self.name, self._held()))
+        if not lost:
+            return
+        self.backlog = deque(task for task in self.backlog if task[0] not in lost)
+        for key in lost:
+            if self.runs.stop(key):
+                log.warning("task %s was taken over; dropping our run", key)
+
+    async def _hand_back(self) -> None:
+        """Make the entries of our unfinished tasks (running or not begun) claimable at
+        once by any other worker, rather than after the claim timeout; their runs here
+        are abandoned. The taker runs only the tasks that have not ended."""
+        keys = self._held()
+        self.backlog.clear()
+        for key in keys:
+            self.runs.stop(key)
+        await self.store.renew(self.name, keys, idle_ms=self.claim_ms * 10)
+        log.warning("handed back %d unfinished tasks", len(keys))
+
+    async def _begin_backlog(self) -> int:
+        """Begin as many backlog tasks as there is room for, in one step; returns how
+        many were begun."""
+        room = min(self.room(), self.read_count)
+        batch = [self.backlog.popleft() for _ in range(min(room, len(self.backlog)))]
+        if not batch:
+            return 0
+        what = f"worker {self.name} begin"
+        try:
+            begun = await isolate(what, self._begin, batch, retry_transient=False)
+        except BaseException:
+            # Redis away (the read loop backs off): begun again once it is back. A begin
+            # that did happen counted one attempt more; the fence keeps the rest exact.
+            self.backlog.extendleft(reversed(batch))
+            raise
+        refused = [key for key, _ in begun.failed]
+        decided = [
+            (key, item, decision)
+            for part, decisions in begun.done
+            for (key, item), decision in zip(part, decisions, strict=True)
+        ]
+        # An entry with a task outside its group (made by hand): no run of it counts. It
+        # is dead-lettered with that task's fields.
+        out_of_reach = {
+            entry_id_of(key): to_fields(item)
+            for key, item, decision in decided
+            if decision.kind == "refused"
+        }
+        started: list[AnyEvent] = []
+        for key, item, decision in decided:
+            if entry_id_of(key) in out_of_reach:
+                continue
+            if decision.kind == "cached":
+                cached = completed(item, decision.value, True, 0, self.name)
+                self.outbox.put(key, item, cached)
+            elif decision.kind == "run" and decision.value > self.settings.max_attempts:
+                # Delivered again and again, never ended: its runs keep killing workers.
+                attempts = decision.value - 1
+                gave_up = f"gave up after {attempts} runs that never finished (worker lost)"
+                self.outbox.put(key, item, failed(item, attempts, gave_up, self.name))
+            elif decision.kind == "run":
+                start = self.runs.start(key, item, decision.value)
+                if start is not None:
+                    started.append(start)
+        if refused:
+            # The server refused the step for them (an ACL, say): left pending, they are
+            # claimed again after the claim timeout, when an operator may have fixed it.
+            log.error(
+                "%d tasks could not begin; their entries are left pending: %s",
+                len(refused), ", ".join(refused[:10]),
+            )  # fmt: skip
+        await self.store.append(started)
+        # No run can ever count for these: kept in the dead-letter stream instead of
+        # pending for ever (which would also stop the work stream's trimming).
+        if out_of_reach:
+            self.backlog = deque(t for t in self.backlog if entry_id_of(t[0]) not in out_of_reach)
+            await self.outbox.dead_letter(list(out_of_reach.items()))
+        return len(batch)
+
+    async def _begin(self, part: Sequence[Task]) -> list[Begun]:
+        return await self.store.begin([item for _, item in part], [key for key, _ in part])
