@@ -1,11 +1,15 @@
 """The only package that talks to Redis about the log, a module per role:
-``producer`` (submit, cancel), ``work`` (the workers' steps on the work stream),
-``log`` (the event log, the projector's commit, the views), ``inspect`` (what /metrics
-and /system read), on ``base`` (the connection, the keys, the scripts). ``Store`` has
-every role on one connection pool. Every step that must be atomic (submission, start,
-completion, cancellation, projection commit) is one Lua script from the ``scripts``
-package (a module per role too), run from here, so the rules that keep work from being
-lost or doubled live in these two packages.
+``producer`` (submit, cancel), ``claims`` (the work stream's consumer group: read,
+claim, renew, hand back, dead-letter, trim), ``work`` (the workers' steps on their
+tasks: begin, progress, completion through the fence), ``log`` (reads and trimming of
+the event log), ``views`` (the views and the projector's position: its loads and
+commit, the API's reads), ``inspect`` (what /metrics and /system read), on ``base``
+(the connection, the keys, the scripts) and ``entries`` (how a task key names its work
+entry). ``Store`` has every role on one connection pool; ``partitions`` holds a store
+per partition. Every step that must be atomic (submission, start, completion,
+cancellation, projection commit) is one Lua script from the ``scripts`` package (a
+module per role too), run from here, so the rules that keep work from being lost or
+doubled live in these two packages.
 
 Streams, in brief: the event log is append-only; the work stream is read by the
 ``workers`` consumer group, whose pending-entries list (PEL) holds what was handed out
@@ -26,15 +30,19 @@ from typing import Any
 from sumbatch.config import Settings
 from sumbatch.model.keys import Keys
 from sumbatch.store.base import DurableMode, Entry, Retention, StoreBase, connect
+from sumbatch.store.claims import Claims
+from sumbatch.store.entries import entry_id_of, task_key
 from sumbatch.store.inspect import Inspector
-from sumbatch.store.log import REJECTED_KEPT, EventLog
+from sumbatch.store.log import EventLog
 from sumbatch.store.producer import CancelOutcome, NotDurable, Producer, Submitted, _durable_mode
-from sumbatch.store.work import Begun, Completed, Outcome, WorkQueue, entry_id_of, task_key
+from sumbatch.store.views import REJECTED_KEPT, StoredViews
+from sumbatch.store.work import Begun, Completed, Outcome, TaskSteps
 
 __all__ = [
     "REJECTED_KEPT",
     "Begun",
     "CancelOutcome",
+    "Claims",
     "Completed",
     "DurableMode",
     "Entry",
@@ -46,8 +54,9 @@ __all__ = [
     "Retention",
     "Store",
     "StoreBase",
+    "StoredViews",
     "Submitted",
-    "WorkQueue",
+    "TaskSteps",
     "_durable_mode",
     "connect",
     "entry_id_of",
@@ -56,7 +65,7 @@ __all__ = [
 ]
 
 
-class Store(Producer, WorkQueue, EventLog, Inspector):
+class Store(Producer, Claims, TaskSteps, EventLog, StoredViews, Inspector):
     """Log, work and view I/O for one namespace: every role on one connection pool."""
 
 

@@ -1,17 +1,17 @@
-"""The workers' steps on the work stream and its consumer group: read, claim, begin,
-complete (the fence), renew, hand back, dead-letter and trim."""
+"""The workers' steps on their tasks: begin (the attempt counted, the cache read), log
+progress, find the tasks that ended elsewhere, and record outcomes through the
+completion fence, which acknowledges a work entry once every task in it has ended.
+Reading and claiming the entries is ``claims.py``'s."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Literal, cast
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ResponseError
 
 from sumbatch.model.events import (
-    WORK_SLICE,
     AnyEvent,
     TaskCompleted,
     TaskDeadLettered,
@@ -20,33 +20,8 @@ from sumbatch.model.events import (
     to_flat,
 )
 from sumbatch.model.keys import WORKER_GROUP
-from sumbatch.store.base import Entry, StoreBase, _json
-
-
-def task_key(entry_id: str, index: int) -> str:
-    """How a worker names one task of a work entry that holds several (a slice)."""
-    return f"{entry_id}/{index}"
-
-
-def entry_of(key: str, index: int) -> tuple[str, int, int]:
-    """The work entry a task key names, and the tasks it can hold: the first index and
-    how many. A slice holds the WORK_SLICE indexes of its task's (``tasks_of`` takes no
-    other); a one-task entry (TaskSubmitted), that task alone. The scripts acknowledge
-    an entry once all of those that are in its group have ended."""
-    entry_id, sliced, _ = key.partition("/")
-    if not sliced:
-        return key, index, 1
-    return entry_id, index - index % WORK_SLICE, WORK_SLICE
-
-
-def entry_id_of(key: str) -> str:
-    """The work entry a task's key names."""
-    return key.partition("/")[0]
-
-
-def entry_ids(keys: Sequence[str]) -> list[str]:
-    """The work entries of some tasks' keys, each once, in order."""
-    return list(dict.fromkeys(map(entry_id_of, keys)))
+from sumbatch.store.base import StoreBase, _json
+from sumbatch.store.entries import entry_of
 
 
 @dataclass(frozen=True)
@@ -89,46 +64,8 @@ class Completed:
     refused: list[str]
 
 
-class WorkQueue(StoreBase):
-    async def ensure_worker_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.keys.work, WORKER_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    async def workers_ready(self) -> bool:
-        """Whether the workers' consumer group exists (the server answers, too)."""
-        if not await self.redis.exists(self.keys.work):
-            return False
-        groups = await self.redis.xinfo_groups(self.keys.work)
-        return any(g["name"] == WORKER_GROUP for g in groups)
-
-    async def read_work(self, consumer: str, count: int, block_ms: int) -> list[Entry]:
-        reply: Any = await self.redis.xreadgroup(
-            WORKER_GROUP, consumer, {self.keys.work: ">"}, count=count, block=block_ms
-        )
-        return cast(list[Entry], reply[0][1]) if reply else []
-
-    async def autoclaim(
-        self, consumer: str, min_idle_ms: int, count: int = 500, max_pages: int = 20
-    ) -> list[Entry]:
-        """Take over up to ``count`` entries idle longer than ``min_idle_ms`` (their
-        worker is dead or stuck). Entries deleted from the stream meanwhile are
-        acknowledged."""
-        claimed: list[Entry] = []
-        cursor = "0-0"
-        for _ in range(max_pages):
-            cursor, entries, deleted = await self.redis.xautoclaim(
-                self.keys.work, WORKER_GROUP, consumer, min_idle_ms, cursor,
-                count=count - len(claimed),
-            )  # fmt: skip
-            claimed += [(eid, fields) for eid, fields in entries if fields]
-            if deleted:
-                await self.redis.xack(self.keys.work, WORKER_GROUP, *deleted)
-            if cursor == "0-0" or len(claimed) >= count:
-                break
-        return claimed
+class TaskSteps(StoreBase):
+    """Begin, progress and completion of tasks: each step one script."""
 
     @property
     def cache_in_scripts(self) -> bool:
@@ -171,25 +108,6 @@ class WorkQueue(StoreBase):
         args: list[str | bytes] = [WORKER_GROUP, gids, _json.encode(payload)]
         declared = [self.keys.work, *group_keys]
         return cast(list[str], await self._release_ended(keys=declared, args=args))
-
-    async def dead_letter_entry(
-        self,
-        entry_id: str,
-        fields: dict[str, str],
-        kind: str = "UnreadableWorkEntry",
-        reason: str = "",
-    ) -> None:
-        """Move a work entry no worker can run (unreadable, or refused by the scripts:
-        its task is outside its group, or its group's keys are not what sumbatch wrote)
-        to the dead-letter stream, acknowledged: kept for inspection, and no longer
-        pending, where it would hold back the work stream's trimming."""
-        pipe = self.redis.pipeline(transaction=True)
-        rest = {k: v for k, v in fields.items() if k != "type"}
-        why = {"reason": reason} if reason else {}
-        entry: dict[Any, Any] = {"type": kind, "workEntryId": entry_id, **why, **rest}
-        pipe.xadd(self.keys.dead_letters, entry)
-        pipe.xack(self.keys.work, WORKER_GROUP, entry_id)
-        await pipe.execute()
 
     async def next_attempt(self, group_task_id: str, index: int) -> int:
         """The next attempt number of a task, counted in Redis (0 if its group is gone)."""
@@ -286,30 +204,3 @@ class WorkQueue(StoreBase):
         for (a, b), result in sums.items():
             pipe.set(self.keys.cache(a, b), result, ex=self.retention.cache)
         await pipe.execute()
-
-    async def renew(self, consumer: str, keys: Sequence[str], idle_ms: int = 0) -> list[str]:
-        """Keep our claim on the entries of these tasks (or, with ``idle_ms``, hand them
-        back as if idle that long); returns the keys whose entry another worker took
-        over."""
-        entries = entry_ids(keys)
-        lost: set[str] = set()
-        for at in range(0, len(entries), 1000):
-            chunk = entries[at : at + 1000]
-            args = [WORKER_GROUP, consumer, str(idle_ms), *chunk]
-            lost.update(cast(list[str], await self._renew(keys=[self.keys.work], args=args)))
-        return [key for key in keys if entry_id_of(key) in lost]
-
-    async def trim_work(self) -> int:
-        return int(await self._trim_work(keys=[self.keys.work], args=[WORKER_GROUP]))
-
-    async def forget_idle_consumers(self, idle_ms: int) -> list[str]:
-        """Remove consumers (dead workers) with nothing pending, idle for ``idle_ms``."""
-        gone = []
-        for consumer in await self.redis.xinfo_consumers(self.keys.work, WORKER_GROUP):
-            if consumer["pending"] == 0 and consumer["idle"] >= idle_ms:
-                # DELCONSUMER would drop pending entries: re-checked inside the server.
-                if await self._forget_consumer(
-                    keys=[self.keys.work], args=[WORKER_GROUP, consumer["name"], idle_ms]
-                ):
-                    gone.append(str(consumer["name"]))
-        return gone

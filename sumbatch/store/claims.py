@@ -1,0 +1,105 @@
+"""The work stream's consumer group: creating it, reading and claiming its entries,
+renewing or handing back a worker's claims, dead-lettering an entry no worker can run,
+trimming the stream and forgetting dead workers. The steps that begin and end tasks
+through the fence are ``work.py``'s."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+from redis.exceptions import ResponseError
+
+from sumbatch.model.keys import WORKER_GROUP
+from sumbatch.store.base import Entry, StoreBase
+from sumbatch.store.entries import entry_id_of, entry_ids
+
+
+class Claims(StoreBase):
+    """Which worker holds which work entry, on the ``workers`` group's pending list."""
+
+    async def ensure_worker_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.keys.work, WORKER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def workers_ready(self) -> bool:
+        """Whether the workers' consumer group exists (the server answers, too)."""
+        if not await self.redis.exists(self.keys.work):
+            return False
+        groups = await self.redis.xinfo_groups(self.keys.work)
+        return any(g["name"] == WORKER_GROUP for g in groups)
+
+    async def read_work(self, consumer: str, count: int, block_ms: int) -> list[Entry]:
+        reply: Any = await self.redis.xreadgroup(
+            WORKER_GROUP, consumer, {self.keys.work: ">"}, count=count, block=block_ms
+        )
+        return cast(list[Entry], reply[0][1]) if reply else []
+
+    async def autoclaim(
+        self, consumer: str, min_idle_ms: int, count: int = 500, max_pages: int = 20
+    ) -> list[Entry]:
+        """Take over up to ``count`` entries idle longer than ``min_idle_ms`` (their
+        worker is dead or stuck). Entries deleted from the stream meanwhile are
+        acknowledged."""
+        claimed: list[Entry] = []
+        cursor = "0-0"
+        for _ in range(max_pages):
+            cursor, entries, deleted = await self.redis.xautoclaim(
+                self.keys.work, WORKER_GROUP, consumer, min_idle_ms, cursor,
+                count=count - len(claimed),
+            )  # fmt: skip
+            claimed += [(eid, fields) for eid, fields in entries if fields]
+            if deleted:
+                await self.redis.xack(self.keys.work, WORKER_GROUP, *deleted)
+            if cursor == "0-0" or len(claimed) >= count:
+                break
+        return claimed
+
+    async def dead_letter_entry(
+        self,
+        entry_id: str,
+        fields: dict[str, str],
+        kind: str = "UnreadableWorkEntry",
+        reason: str = "",
+    ) -> None:
+        """Move a work entry no worker can run (unreadable, or refused by the scripts:
+        its task is outside its group, or its group's keys are not what sumbatch wrote)
+        to the dead-letter stream, acknowledged: kept for inspection, and no longer
+        pending, where it would hold back the work stream's trimming."""
+        pipe = self.redis.pipeline(transaction=True)
+        rest = {k: v for k, v in fields.items() if k != "type"}
+        why = {"reason": reason} if reason else {}
+        entry: dict[Any, Any] = {"type": kind, "workEntryId": entry_id, **why, **rest}
+        pipe.xadd(self.keys.dead_letters, entry)
+        pipe.xack(self.keys.work, WORKER_GROUP, entry_id)
+        await pipe.execute()
+
+    async def renew(self, consumer: str, keys: Sequence[str], idle_ms: int = 0) -> list[str]:
+        """Keep our claim on the entries of these tasks (or, with ``idle_ms``, hand them
+        back as if idle that long); returns the keys whose entry another worker took
+        over."""
+        entries = entry_ids(keys)
+        lost: set[str] = set()
+        for at in range(0, len(entries), 1000):
+            chunk = entries[at : at + 1000]
+            args = [WORKER_GROUP, consumer, str(idle_ms), *chunk]
+            lost.update(cast(list[str], await self._renew(keys=[self.keys.work], args=args)))
+        return [key for key in keys if entry_id_of(key) in lost]
+
+    async def trim_work(self) -> int:
+        return int(await self._trim_work(keys=[self.keys.work], args=[WORKER_GROUP]))
+
+    async def forget_idle_consumers(self, idle_ms: int) -> list[str]:
+        """Remove consumers (dead workers) with nothing pending, idle for ``idle_ms``."""
+        gone = []
+        for consumer in await self.redis.xinfo_consumers(self.keys.work, WORKER_GROUP):
+            if consumer["pending"] == 0 and consumer["idle"] >= idle_ms:
+                # DELCONSUMER would drop pending entries: re-checked inside the server.
+                if await self._forget_consumer(
+                    keys=[self.keys.work], args=[WORKER_GROUP, consumer["name"], idle_ms]
+                ):
+                    gone.append(str(consumer["name"]))
+        return gone
