@@ -39,7 +39,7 @@ class GroupSubmitted(Event, tag=True, frozen=True):
 # consecutive ones. An entry per task cost Redis an XADD, a delivery and an
 # acknowledgement per task, and the worker a parse; the begin, fence, attempts, cancel
 # and claim still work per task. Small enough that a worker with room for one more task
-# does not take many more than that (``consumers/worker.py``).
+# does not take many more than that (``consumers/intake.py``).
 WORK_SLICE: Final = 32
 
 
