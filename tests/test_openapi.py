@@ -22,6 +22,7 @@ from starlette.testclient import TestClient
 
 import sumbatch.web.api
 import sumbatch.web.openapi
+import sumbatch.web.openapi_parts
 from sumbatch.config import Settings
 from sumbatch.model import ids
 from sumbatch.model.keys import Keys
@@ -142,7 +143,7 @@ def test_the_version_without_package_metadata(monkeypatch: pytest.MonkeyPatch) -
 
 def test_limits_come_from_the_api_and_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     # The API and its document read the one limit the wire model sets.
-    monkeypatch.setattr(sumbatch.web.openapi, "MAX_IDEMPOTENCY_KEY", 17)
+    monkeypatch.setattr(sumbatch.web.openapi_parts, "MAX_IDEMPOTENCY_KEY", 17)
     document = openapi_schema(Settings(max_tasks_per_group=3, max_body_bytes=999))
     post = document["paths"]["/grouptasks"]["post"]
     (key,) = [p for p in post["parameters"] if p["name"] == "Idempotency-Key"]
