@@ -1,2 +1,3 @@
-"""The pure model: events and key names, ids, the projection fold, task rules, the
-wire format and validation. No I/O; imports nothing of sumbatch outside ``model``."""
+"""The pure model: events (``events``) and key names (``keys``), ids, the views and the
+projection fold that builds them, their stored chunks, task rules, the wire format and
+validation. No I/O; imports nothing of sumbatch outside ``model``."""

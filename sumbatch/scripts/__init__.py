@@ -1,7 +1,7 @@
 """The Lua scripts behind every atomic step, by the role of the store that runs them
 (``store/producer.py``, ``store/work.py``, ``store/claims.py``, ``store/views.py``,
-``store/inspect.py``); only the store runs them. The scripts that append events also count them in the partition's
-stats hash (``stats.py``), in the same step.
+``store/inspect.py``); only the store runs them. The scripts that append events also
+count them in the partition's stats hash (``stats.py``), in the same step.
 
 Every key has the namespace's hash tag, so all of them live in one cluster slot. The
 scripts that run per task (begin, append, complete) name a group's keys themselves from
