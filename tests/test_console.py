@@ -26,14 +26,8 @@ import pytest
 import redis
 from rich.console import Console
 
-from sumbatch.client.console import (
-    InputError,
-    Tally,
-    follow_events,
-    parse_pair,
-    read_input,
-    until_processed,
-)
+from sumbatch.client.following import Tally, follow_events, until_processed
+from sumbatch.client.inputs import InputError, parse_pair, read_input
 from sumbatch.client.rest import Api, Message, default_url, parse_sse
 from sumbatch.client.top import Sample, frame, rate, size
 from sumbatch.config import Settings
