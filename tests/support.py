@@ -43,22 +43,22 @@ from sumbatch.processes.embedded import EmbeddedServer
 from sumbatch.replay import differences
 from sumbatch.store import Store, open_store
 from sumbatch.store.partitions import open_partitions
-from sumbatch.testing import Groups as Groups
-from sumbatch.testing import Processes as Processes
-from sumbatch.testing import all_processed as all_processed
-from sumbatch.testing import answers_200 as answers_200
-from sumbatch.testing import blocked_in_xreadgroup as blocked_in_xreadgroup
-from sumbatch.testing import body_of as body_of
-from sumbatch.testing import entry_ms as entry_ms
-from sumbatch.testing import env_for as env_for
-from sumbatch.testing import free_port as free_port
-from sumbatch.testing import pending_by_consumer as pending_by_consumer
-from sumbatch.testing import processes as processes
-from sumbatch.testing import stream_entries as stream_entries
-from sumbatch.testing import submit as submit
-from sumbatch.testing import tasks_held_by as tasks_held_by
-from sumbatch.testing import wait_until as wait_until
-from sumbatch.testing import wait_until_sync as wait_until_sync
+from sumbatch.testing.groups import Groups as Groups
+from sumbatch.testing.groups import all_processed as all_processed
+from sumbatch.testing.groups import body_of as body_of
+from sumbatch.testing.groups import entry_ms as entry_ms
+from sumbatch.testing.groups import pending_by_consumer as pending_by_consumer
+from sumbatch.testing.groups import stream_entries as stream_entries
+from sumbatch.testing.groups import submit as submit
+from sumbatch.testing.groups import tasks_held_by as tasks_held_by
+from sumbatch.testing.ports import free_port as free_port
+from sumbatch.testing.processes import Processes as Processes
+from sumbatch.testing.processes import blocked_in_xreadgroup as blocked_in_xreadgroup
+from sumbatch.testing.processes import env_for as env_for
+from sumbatch.testing.processes import processes as processes
+from sumbatch.testing.waiting import answers_200 as answers_200
+from sumbatch.testing.waiting import wait_until as wait_until
+from sumbatch.testing.waiting import wait_until_sync as wait_until_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -35,7 +35,8 @@ from sumbatch.processes.cluster import TLS, LocalCluster
 from sumbatch.processes.embedded import EmbeddedServer, find_cli, find_server
 from sumbatch.replay import differences
 from sumbatch.store.partitions import PER_MASTER, Partitions, open_partitions
-from sumbatch.testing import clean_env, free_cluster_ports
+from sumbatch.testing.ports import free_cluster_ports
+from sumbatch.testing.processes import clean_env
 from sumbatch.web.api import create_app, durable_problem
 from tests.support import (
     Processes,

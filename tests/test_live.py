@@ -23,7 +23,9 @@ from sumbatch.model import ids
 from sumbatch.model.keys import Keys
 from sumbatch.model.tasks import Delay
 from sumbatch.store import Store
-from sumbatch.testing import Monitor, submit, wait_until
+from sumbatch.testing.groups import submit
+from sumbatch.testing.monitor import Monitor
+from sumbatch.testing.waiting import wait_until
 from sumbatch.web.live import streams
 from sumbatch.web.live.feed import Feed, FeedEntry, Interrupted, Listener
 from sumbatch.web.live.sse import parse_entry_id, parse_wait

@@ -30,7 +30,7 @@ from sumbatch.model.keys import Keys
 from sumbatch.model.tasks import Delay
 from sumbatch.processes.cluster import LocalCluster
 from sumbatch.store.partitions import PER_MASTER
-from sumbatch.testing import free_cluster_ports
+from sumbatch.testing.ports import free_cluster_ports
 from tests.support import (
     Processes,
     answers_200,

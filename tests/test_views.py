@@ -14,7 +14,8 @@ from sumbatch.model import chunks, ids
 from sumbatch.model.views import CHUNK_TASKS
 from sumbatch.replay import differences
 from sumbatch.store import Store
-from sumbatch.testing import Monitor, submit
+from sumbatch.testing.groups import submit
+from sumbatch.testing.monitor import Monitor
 from tests.support import run_with_store
 
 TOTAL = 2 * CHUNK_TASKS + 452  # three chunks

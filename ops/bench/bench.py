@@ -32,7 +32,8 @@ from report import Goal, Row, report
 
 from sumbatch.model.keys import Keys
 from sumbatch.processes.embedded import EmbeddedServer
-from sumbatch.testing import free_port, wait_until_sync
+from sumbatch.testing.ports import free_port
+from sumbatch.testing.waiting import wait_until_sync
 
 HERE = Path(__file__).resolve().parent
 # Groups each client keeps in flight: one at a time, a client polling every 50 ms can

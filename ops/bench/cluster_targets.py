@@ -18,7 +18,7 @@ from sumbatch.model.keys import SLOTS
 from sumbatch.processes.cluster import LocalCluster
 from sumbatch.processes.embedded import EmbeddedServer, find_server
 from sumbatch.store.partitions import open_partitions
-from sumbatch.testing import free_cluster_ports, free_port
+from sumbatch.testing.ports import free_cluster_ports, free_port
 
 TITLES = {"single": "single P=1", "shard": "1-master P=1", "p3": "3-master P=3",
           "p9": "3-master P=9"}  # fmt: skip

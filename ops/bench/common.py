@@ -13,7 +13,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from sumbatch.testing import answers_200, body_of, clean_env, free_port, wait_until_sync
+from sumbatch.testing.groups import body_of
+from sumbatch.testing.ports import free_port
+from sumbatch.testing.processes import clean_env
+from sumbatch.testing.waiting import answers_200, wait_until_sync
 
 ME = [sys.executable, "-m", "sumbatch"]
 

@@ -19,7 +19,7 @@ import httpx2 as httpx
 from common import peak_rss_kib, service, tasks_for
 
 from sumbatch.processes.embedded import EmbeddedServer
-from sumbatch.testing import free_port
+from sumbatch.testing.ports import free_port
 
 POLL = 0.05  # how often the client asks, as a client would
 

@@ -31,19 +31,16 @@ from sumbatch.config import Settings
 from sumbatch.model.tasks import Delay
 from sumbatch.processes.embedded import EmbeddedServer
 from sumbatch.store import Entry, Store, open_store
-from sumbatch.testing import (
-    Processes,
+from sumbatch.testing.groups import (
     all_processed,
-    blocked_in_xreadgroup,
     entry_ms,
-    eventually,
-    free_port,
     pending_by_consumer,
-    processes,
     submit,
     tasks_held_by,
-    wait_until,
 )
+from sumbatch.testing.ports import free_port
+from sumbatch.testing.processes import Processes, blocked_in_xreadgroup, processes
+from sumbatch.testing.waiting import eventually, wait_until
 
 DELAY = Delay(1.0, 2.0)
 

@@ -30,7 +30,7 @@ from common import service, tasks_for
 
 from sumbatch.model.keys import Keys
 from sumbatch.processes.embedded import EmbeddedServer
-from sumbatch.testing import free_port
+from sumbatch.testing.ports import free_port
 
 NAMESPACE = "soak"
 

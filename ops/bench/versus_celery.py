@@ -31,7 +31,7 @@ from common import service, wait_ready
 from report import Goal, Row, report
 
 from sumbatch.processes.embedded import EmbeddedServer
-from sumbatch.testing import free_port
+from sumbatch.testing.ports import free_port
 
 HERE = Path(__file__).resolve().parent
 ORIGINAL = HERE / "original"

@@ -42,7 +42,8 @@ from cpu import cpu_seconds, machine_busy_seconds
 from sumbatch import scripts
 from sumbatch.model.keys import Keys
 from sumbatch.processes.embedded import EmbeddedServer
-from sumbatch.testing import Monitor, free_port
+from sumbatch.testing.monitor import Monitor
+from sumbatch.testing.ports import free_port
 
 SCRIPT_NAMES = {hashlib.sha1(getattr(scripts, n).encode()).hexdigest(): n for n in scripts.__all__}
 NAMESPACE = "where"
