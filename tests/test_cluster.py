@@ -401,7 +401,7 @@ def test_a_master_killed_under_load_fails_over_losing_only_unreplicated_writes(
     replica takes over, POSTs to its partitions are refused (503) meanwhile, and the
     service goes on. By default an acknowledged group can be lost only if it was
     acknowledged after the last moment its replica was seen caught up (asynchronous
-    replication, as the README says); in durable mode (WAIT 1) none is. None is run
+    replication, as docs/guarantees.md says); in durable mode (WAIT 1) none is. None is run
     twice."""
     cluster = LocalCluster(
         tmp_path / "cluster", free_cluster_ports(2 * MASTERS), replicas=1, die_with_parent=True

@@ -223,7 +223,7 @@ def test_the_flow_runs_as_an_acl_user(
     keys: str,
     partitions: int,
 ) -> None:
-    """With the key pattern the README gives for the namespace (Keys.pattern)."""
+    """With the key pattern the docs give for the namespace (Keys.pattern)."""
     name, password, admin = acl_user
     pattern = keys if keys == "*" else Keys(settings.namespace, 0, partitions).pattern
     create_user(admin, name, password, pattern)

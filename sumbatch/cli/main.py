@@ -31,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="sumbatch",
         description="Event-sourced batch task service on Redis Streams. "
-        "Configured by environment variables (REDIS_URL, SUMBATCH_*); see the README.",
+        "Configured by environment variables (REDIS_URL, SUMBATCH_*); see docs/configuration.md.",
     )
     sub = top.add_subparsers(dest="command", required=True)
     add_service_commands(sub)

@@ -115,7 +115,7 @@ async def partition_count(client: Client, settings: Settings) -> int:
         raise ConfigError(
             f"SUMBATCH_PARTITIONS={settings.partitions} is not valid: namespace "
             f"{settings.namespace!r} was created with {count} partitions, and every "
-            "group's id names its partition; see the README on changing it"
+            "group's id names its partition; see docs/partitions.md on changing it"
         )
     return count
 
