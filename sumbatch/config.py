@@ -74,6 +74,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_waiters: int = 1000
     max_streams: int = 100
     heartbeat: float = 15.0
+    # Connections one process opens to each server (each master of a cluster) at most;
+    # past them a call waits for one to come free (``store.base.POOL_WAIT``).
+    redis_connections: int = 100
 
     @property
     def client_url(self) -> str:
@@ -251,4 +254,5 @@ VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "max_waiters": ("SUMBATCH_MAX_WAITERS", _at_least(0)),
     "max_streams": ("SUMBATCH_MAX_STREAMS", _at_least(0)),
     "heartbeat": ("SUMBATCH_SSE_HEARTBEAT", _positive_float),
+    "redis_connections": ("SUMBATCH_REDIS_CONNECTIONS", _between(1, 10_000)),
 }

@@ -11,6 +11,7 @@ from redis.exceptions import (
     AskError,
     BusyLoadingError,
     ClusterError,
+    MaxConnectionsError,
     OutOfMemoryError,
     ReadOnlyError,
     ResponseError,
@@ -21,6 +22,18 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # The server cannot be reached, or did not answer in time.
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+
+class PoolBusy(RedisConnectionError):
+    """Every connection this process may open to the server stayed in use for as long
+    as a call may wait for one: this process is busy, the server is not away."""
+
+
+# This process's own connections are all in use: its pool's wait ran out (PoolBusy), or
+# a cluster node's pool, which has no wait, was full (MaxConnectionsError). Both are
+# ConnectionErrors to redis-py, and so REDIS_DOWN too: callers that retry treat them
+# alike; the API says which it was.
+BUSY = (PoolBusy, MaxConnectionsError)
 
 # The server answered, but refuses writes for now: out of memory, loading its data,
 # a replica (READONLY, MASTERDOWN), a cluster slot moving or uncovered (TRYAGAIN,

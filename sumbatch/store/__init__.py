@@ -74,4 +74,5 @@ def open_store(settings: Settings, **options: Any) -> Store:
     retention = Retention(
         results=settings.result_ttl, cache=settings.cache_ttl, log=settings.log_retention
     )
+    options.setdefault("max_connections", settings.redis_connections)
     return Store(connect(settings.client_url, **options), Keys(settings.namespace), retention)

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import (
     AbstractConnection,
+    BlockingConnectionPool,
     Connection,
     SSLConnection,
     UnixDomainSocketConnection,
@@ -23,6 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sumbatch import scripts
 from sumbatch.model.keys import Keys
+from sumbatch.outage import PoolBusy
 
 Redis = aioredis.Redis
 # A single server's client, or a cluster's: the store speaks to either.
@@ -34,6 +36,30 @@ _json = msgspec.json.Encoder()
 # How durable mode confirms a write (``Producer.check_durable``).
 # "replica": on a cluster, a write is confirmed once a replica has it (WAIT 1).
 DurableMode = Literal["waitaof", "always", "replica"]
+# Seconds a call waits for a connection of its process's pool when all are in use,
+# before PoolBusy: a burst (1,000 requests at once on one API process) queues for a
+# moment instead of failing, while a pool held by a hung server still answers soon.
+POOL_WAIT = 10.0
+# Connections a process opens to each server at most, unless its settings say
+# (SUMBATCH_REDIS_CONNECTIONS); redis-py's own default.
+MAX_CONNECTIONS = 100
+
+
+class WaitingPool(BlockingConnectionPool):
+    """A pool whose callers wait for a free connection once all are in use, as
+    redis-py's blocking pool does, and past the wait raise PoolBusy: redis-py raises
+    a plain ConnectionError, which would read as the server being away."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
+        try:
+            connection: AbstractConnection = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except RedisConnectionError as exc:
+            if isinstance(exc.__cause__, TimeoutError):
+                raise PoolBusy(
+                    f"all {self.max_connections} connections stayed in use for {self.timeout} s"
+                ) from exc
+            raise
+        return connection
 
 
 def connect(url: str, *, cluster: bool = False, **options: Any) -> Client:
@@ -42,7 +68,13 @@ def connect(url: str, *, cluster: bool = False, **options: Any) -> Client:
     was lost: SUBMIT, COMPLETE, CANCEL and COMMIT see their own first run (ledger,
     fence, position) and change nothing more; BEGIN and NEXT_ATTEMPT may count one
     attempt too many, APPEND may log a progress event twice, which the fold ignores,
-    and a dead-letter copy may be made twice (its entry is acknowledged either way)."""
+    and a dead-letter copy may be made twice (its entry is acknowledged either way).
+
+    At most ``max_connections`` connections to each server; past them a call waits up
+    to ``pool_wait`` s for one (a cluster's node pools do not wait: they raise
+    MaxConnectionsError at once)."""
+    max_connections = options.pop("max_connections", MAX_CONNECTIONS)
+    pool_wait = options.pop("pool_wait", POOL_WAIT)
     options.setdefault("decode_responses", True)
     # Bytes that are not UTF-8 (an entry written by hand) read as escapes such as
     # "\\xff", so they reach the checks that set them aside instead of failing the
@@ -57,7 +89,7 @@ def connect(url: str, *, cluster: bool = False, **options: Any) -> Client:
         # also close every connection of the process, those in use by other tasks (a
         # blocked read, the cancel listener) included, which resharding makes many of.
         options.setdefault("reinitialize_steps", 0)
-        nodes = RedisCluster.from_url(url, **options)
+        nodes = RedisCluster.from_url(url, max_connections=max_connections, **options)
         # Every node's connections, those of nodes found later too, come from here.
         shared = nodes.connection_kwargs
         shared["connection_class"] = _RESET_AWARE.get(
@@ -66,8 +98,8 @@ def connect(url: str, *, cluster: bool = False, **options: Any) -> Client:
         for node in nodes.startup_nodes:
             node.connection_class = shared["connection_class"]
         return nodes
-    client: Redis = aioredis.Redis.from_url(url, **options)
-    pool = client.connection_pool
+    pool = WaitingPool.from_url(url, max_connections=max_connections, timeout=pool_wait, **options)
+    client: Redis = aioredis.Redis.from_pool(pool)
     pool.connection_class = _RESET_AWARE.get(pool.connection_class, pool.connection_class)
     return client
 

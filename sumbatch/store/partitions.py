@@ -81,6 +81,7 @@ async def open_partitions(settings: Settings, **options: Any) -> Partitions:
     server is a cluster node. The first process to open a namespace fixes its number of
     partitions; a setting that disagrees with it later is a ConfigError."""
     url = settings.client_url
+    options.setdefault("max_connections", settings.redis_connections)
     cluster = await is_cluster(url, **options)
     client = connect(url, cluster=cluster, **options)
     try:

@@ -34,7 +34,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sumbatch.config import Settings
-from sumbatch.outage import is_transient
+from sumbatch.outage import BUSY, is_transient
 from sumbatch.scripts import stats
 from sumbatch.store.inspect import HistogramState, Overview
 from sumbatch.web import state
@@ -90,7 +90,8 @@ def install(app: Starlette, settings: Settings) -> None:
         try:
             seen: Overview | None = await (await state.partitions(request)).overview()
         except RedisError as exc:
-            if not is_transient(exc):
+            # Busy is not away: the scrape fails (503) rather than say sumbatch_redis_up 0.
+            if not is_transient(exc) or isinstance(exc, BUSY):
                 raise
             seen = None  # Redis away: this process's own metrics, and sumbatch_redis_up 0
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))

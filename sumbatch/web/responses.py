@@ -1,6 +1,7 @@
 """How the API answers: JSON bodies, and every error as JSON ``{"error", "status"}``
 with its status: 4xx for what the client sent, 503 with Retry-After while Redis is
-away or refusing, 500 (logged with its traceback) for anything else."""
+away or refusing or every connection to it is in use, 500 (logged with its traceback)
+for anything else."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from sumbatch.outage import REDIS_DOWN, refusal
+from sumbatch.outage import BUSY, REDIS_DOWN, refusal
 
 log = logging.getLogger("sumbatch.api")
 
@@ -39,7 +40,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _redis_error(request: Request, exc: Exception) -> Response:
     """Redis away, or refusing for now (out of memory, read-only, loading, busy, a
-    failover): not the client's fault, so 503 and try again. Anything else is ours."""
+    failover), or this process busy (every connection to Redis in use): not the client's
+    fault, so 503 and try again. Anything else is ours."""
+    if isinstance(exc, BUSY):
+        return error(503, "busy: every connection to storage is in use; retry later",
+                     {"Retry-After": "1"})  # fmt: skip
     name = refusal(exc)
     if name is not None:
         return error(503, f"storage refused the request ({name}); retry later",
