@@ -19,6 +19,7 @@ from sumbatch.config import Settings
 from sumbatch.model.tasks import Delay
 from sumbatch.outage import BUSY, PoolBusy, is_transient
 from sumbatch.store.base import connect
+from sumbatch.store.partitions import open_partitions
 from sumbatch.testing.processes import Processes
 from tests.support import answers_200, body_of, free_port, wait_until_sync
 
@@ -65,6 +66,20 @@ def test_a_call_waits_for_a_free_connection_then_says_busy(settings: Settings) -
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_each_partition_has_room_for_its_blocked_read(settings: Settings) -> None:
+    """SUMBATCH_REDIS_CONNECTIONS is for calls: a partition's blocked read (which holds
+    its connection while it blocks) gets one more, so 256 partitions on one server do
+    not leave a worker's pool full of its own XREADGROUPs."""
+    five = msgspec.structs.replace(settings, partitions=3, redis_connections=5)
+
+    async def scenario() -> int:
+        async with await open_partitions(five) as partitions:
+            assert isinstance(partitions.redis, aioredis.Redis)
+            return int(partitions.redis.connection_pool.max_connections)
+
+    assert asyncio.run(scenario()) == 5 + 3
 
 
 async def _get_all(base: str, paths: list[str]) -> list[tuple[int, Any]]:

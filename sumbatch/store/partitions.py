@@ -89,6 +89,10 @@ async def open_partitions(settings: Settings, **options: Any) -> Partitions:
     except BaseException:
         await client.aclose()
         raise
+    if not isinstance(client, RedisCluster):
+        # A partition's blocked read (a worker's XREADGROUP, the API's feed) holds a
+        # connection for as long as it blocks: room for one each beside the calls.
+        client.connection_pool.max_connections += count
     retention = Retention(
         results=settings.result_ttl, cache=settings.cache_ttl, log=settings.log_retention
     )
