@@ -194,7 +194,9 @@ def test_wait_and_entry_ids_are_parsed_strictly() -> None:
             parse_wait(bad)
     assert parse_entry_id("1700000000000-3") == "1700000000000-3"
     assert parse_entry_id("0") == "0-0"
-    for bad in ["$", "-", "1-2-3", "abc", "1 2", "", "+"]:
+    assert parse_entry_id(f"{2**64 - 1}-{2**64 - 1}") == f"{2**64 - 1}-{2**64 - 1}"
+    too_big = ["99999999999999999999", f"{2**64}-0", f"0-{2**64}", "٣-0"]
+    for bad in ["$", "-", "1-2-3", "abc", "1 2", "", "+", *too_big]:
         with pytest.raises(ValueError):
             parse_entry_id(bad)
 
@@ -377,6 +379,41 @@ def test_a_groups_stream_resumes_after_last_event_id(start: Starter, settings: S
     assert second is not None
     rest = read_stream(service.client, f"/grouptasks/{gid}/events", {"Last-Event-ID": second})
     assert [m.id for m in rest] == [m.id for m in everything[2:]]
+
+
+def test_a_groups_stream_resumed_at_or_past_its_end_answers_204_at_once(
+    start: Starter, settings: Settings
+) -> None:
+    """An EventSource reconnects with the last id it saw, GroupFinished's: the stream
+    must not stay open (keepalives for ever), nor close (it would reconnect): 204."""
+    service = start(settings)
+    gid = service.submit()["groupTaskId"]
+    everything = read_stream(service.client, f"/grouptasks/{gid}/events")
+    end = everything[-1].id
+    assert everything[-1].event == "GroupFinished" and end is not None
+    ms, _, seq = end.partition("-")
+    for after in (end, f"{ms}-{int(seq) + 1}", f"{2**64 - 1}-{2**64 - 1}"):
+        answer = service.client.get(
+            f"/grouptasks/{gid}/events", headers={"Last-Event-ID": after}, timeout=5
+        )
+        assert (answer.status_code, answer.content) == (204, b""), after
+    # Just before the end, the end is still sent, and the stream closes after it.
+    before = everything[-2].id
+    assert before is not None
+    rest = read_stream(service.client, f"/grouptasks/{gid}/events", {"Last-Event-ID": before})
+    assert [m.id for m in rest] == [end]
+
+
+def test_ids_past_what_redis_takes_are_refused_before_the_stream_starts(
+    start: Starter, settings: Settings
+) -> None:
+    service = start(settings)
+    gid = service.submit()["groupTaskId"]
+    for bad in ("99999999999999999999", f"{2**64}-0"):
+        answer = service.client.get(f"/grouptasks/{gid}/events", headers={"Last-Event-ID": bad})
+        assert answer.status_code == 400, (bad, answer.text)
+        answer = service.client.get(f"/events?from={bad}")
+        assert answer.status_code == 422, (bad, answer.text)
 
 
 def test_a_groups_stream_of_an_unknown_group_or_a_bad_last_event_id_is_refused(

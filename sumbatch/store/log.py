@@ -69,10 +69,14 @@ class EventLog(StoreBase):
     async def group_finished_logged(self, group_task_id: str) -> bool:
         """Whether the group's log ends with GroupFinished: its last task has ended,
         whether or not the projector has folded that in yet."""
+        return await self.group_finished_id(group_task_id) is not None
+
+    async def group_finished_id(self, group_task_id: str) -> str | None:
+        """The entry id of the group's GroupFinished when its log ends with one."""
         last = cast(
             list[Entry], await self.redis.xrevrange(self.keys.group_log(group_task_id), count=1)
         )
-        return bool(last) and last[0][1].get("type") == "GroupFinished"
+        return last[0][0] if last and last[0][1].get("type") == "GroupFinished" else None
 
     async def task_ended(self, task_id: str) -> bool:
         """Whether the task's bit in the completion fence is set: it has ended, whether

@@ -28,6 +28,12 @@ async def group_events(request: Request) -> Response:
     except ValueError:
         return error(400, "Last-Event-ID must be a stream entry id such as 1700000000000-0")
     store = partitions.of(gid)
+    if after is not None:
+        finished = await store.group_finished_id(gid)
+        if finished is not None and ids.entry_order(finished) <= ids.entry_order(after):
+            # Nothing comes past a group's end. 204 tells an EventSource to stop: a
+            # stream that closed, or stayed open, would have it reconnect for ever.
+            return Response(status_code=204)
     live: Live = request.state.live
     return await _stream(
         request, lambda feed: streams.group_events(store, feed, gid, after, live.heartbeat)

@@ -14,7 +14,8 @@ MAX_WAIT = 60.0
 RETRY_MS = 1000
 HEARTBEAT = b": keepalive\n\n"
 # An entry id as Redis writes it, or a millisecond time (its sequence taken as 0).
-_ENTRY_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
+_ENTRY_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")  # ASCII: \d takes other scripts' digits
+_U64 = 2**64 - 1
 _encoder = msgspec.json.Encoder()
 
 
@@ -30,8 +31,9 @@ def parse_wait(text: str | None) -> float:
 
 def parse_entry_id(text: str) -> str:
     """An entry id or a millisecond time, as an exclusive XRANGE start; ValueError
-    otherwise, so nothing else reaches Redis."""
-    if not _ENTRY_ID.fullmatch(text):
+    otherwise (a part past 2**64 - 1 too, which Redis refuses once the stream has
+    started), so nothing else reaches Redis."""
+    if not _ENTRY_ID.fullmatch(text) or any(int(part) > _U64 for part in text.split("-")):
         raise ValueError(text)
     return text if "-" in text else f"{text}-0"
 

@@ -91,6 +91,8 @@ async def _events(
                         continue
                     seen = positions[entry.partition]
                     if ids.entry_order(entry.entry_id) <= ids.entry_order(seen):
+                        if ends(entry.fields):
+                            return  # the end came before the position the stream began at
                         continue
                     yield sse.message(entry.entry_id, entry.fields)
                     positions[entry.partition] = entry.entry_id
