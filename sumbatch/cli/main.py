@@ -15,10 +15,13 @@ import time
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
+from redis.exceptions import RedisError
+
 from sumbatch.cli.clients import add_client_commands
 from sumbatch.cli.log import add_log_commands
 from sumbatch.cli.service import add_service_commands
 from sumbatch.config import PARENT_PID_ENV, ConfigError, Settings
+from sumbatch.outage import is_transient, refusal
 
 log = logging.getLogger("sumbatch")
 
@@ -64,6 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sumbatch: {exc}", file=sys.stderr)
         return 2
+    except RedisError as exc:
+        # Redis away or refusing is the operator's news, not a bug: one line, no
+        # traceback (redis-py's messages name the address, never a password).
+        if not is_transient(exc):
+            raise
+        kind = refusal(exc) or type(exc).__name__
+        print(f"sumbatch {args.command}: redis unavailable ({kind}: {exc})", file=sys.stderr)
+        return 1
     return result
 
 
