@@ -324,6 +324,30 @@ def test_headers_over_the_limit_get_431(served: Served) -> None:
     assert_json_error(parse(raw), 431)
 
 
+def test_a_head_over_the_limit_is_refused_however_it_was_read(served: Served) -> None:
+    """Counted as the parser reads it, not by socket reads: a head of about twice the
+    limit, in two writes whose second ends the head (a read that ends the head, like
+    the first read of a request, says nothing of where the head began), gets 431."""
+    half = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 8192) for i in range(7))
+    assert MAX_HEADER_BYTES < 2 * len(half) < 2 * MAX_HEADER_BYTES
+    with served.connect() as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + half)
+        # Most often read apart from the rest; refused whichever way it is read.
+        select.select([sock], [], [], 0.2)
+        sock.sendall(half.replace(b"X-Pad-", b"X-Pod-") + b"\r\n")
+        raw, _ = read_until_closed(sock, MARGIN)
+    assert_json_error(parse(raw), 431)
+
+
+def test_headers_just_under_the_limit_in_one_write_are_served(served: Served) -> None:
+    pad = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 8192) for i in range(7))
+    assert len(pad) < MAX_HEADER_BYTES - 1024
+    with served.connect() as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + pad + b"\r\n")
+        answer = read_one_response(sock)
+    assert answer.status == 200, answer
+
+
 def test_large_headers_under_the_limit_are_served(served: Served) -> None:
     with served.connect() as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")

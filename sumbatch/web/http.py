@@ -83,6 +83,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Bytes of a request have arrived and its headers have not ended.
         self._in_headers = False
         self._header_bytes = 0
+        self._head_bytes = 0
         self._messages_begun = 0
         self._refused = False
 
@@ -162,8 +163,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return  # lingering: dropped unread
         in_headers, begun = self._in_headers, self._messages_begun
         super().data_received(data)
-        # Counted only when this whole read was inside one request's headers, so the
-        # count is never more than the truth (at most one read less).
+        # The parser's callbacks count the head exactly (_count_head), but only once a
+        # header line has ended; a line that never ends is bounded here, by the reads
+        # wholly inside one request's headers (never more than the truth).
         counted = in_headers and self._in_headers and begun == self._messages_begun
         if counted and not self._refused:
             self._header_bytes += len(data)
@@ -171,13 +173,33 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._refuse(431, f"request headers over {self.limits.max_header_bytes} bytes")
 
     def send_400_response(self, msg: str) -> None:
-        self._refuse(400, "malformed HTTP request")
+        if self._head_bytes > self.limits.max_header_bytes:
+            self._refuse(431, f"request headers over {self.limits.max_header_bytes} bytes")
+        else:
+            self._refuse(400, "malformed HTTP request")
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
+        super().on_header(name, value)
+
+    def _count_head(self, size: int) -> None:
+        """The head's bytes as the parser hands them over: exact, whatever the reads
+        were (a head in one write is counted too). Past the limit the parse stops here:
+        httptools turns the error into a parser error, and send_400_response a 431."""
+        self._head_bytes += size
+        if self._head_bytes > self.limits.max_header_bytes:
+            raise ValueError("request head over the limit")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._messages_begun += 1
         self._in_headers = True
         self._header_bytes = 0
+        self._head_bytes = 0
         # The first request's clock started when the connection opened; a later
         # one's starts with its first byte (until then uvicorn's keep-alive runs).
         if self._timer is None:
