@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
+import redis
 from redis.exceptions import RedisError
 
 from sumbatch.cli.clients import add_client_commands
@@ -61,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parent = os.environ.pop(PARENT_PID_ENV, None)
     if parent:
-        _exit_with_parent(int(parent), settings.shutdown_grace + 10)
+        _exit_with_parent(int(parent), settings.shutdown_grace + 10, settings.client_url)
     try:
         result: int = args.func(settings, args)
     except ConfigError as exc:
@@ -78,10 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result
 
 
-def _exit_with_parent(parent: int, grace: float) -> None:
+def _exit_with_parent(parent: int, grace: float, redis_url: str) -> None:
     """For the children of `up`: when it dies, even by `kill -9`, we are reparented;
     then stop as on its SIGTERM (finish or hand back work), and at once after
-    ``grace``. Polling getppid works wherever we run, unlike PR_SET_PDEATHSIG."""
+    ``grace``, or as soon as Redis stops answering: `up`'s embedded server dies with it,
+    and with no server nothing can be finished or handed back (what this process holds
+    stays pending, for a worker to take over once a server runs again). Polling getppid
+    works wherever we run, unlike PR_SET_PDEATHSIG."""
     if os.getppid() != parent:
         log.warning("sumbatch up (pid %d) is already gone; exiting", parent)
         os._exit(1)
@@ -91,7 +95,22 @@ def _exit_with_parent(parent: int, grace: float) -> None:
             time.sleep(0.5)
         log.warning("sumbatch up (pid %d) is gone; stopping", parent)
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(grace)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not _answers(redis_url):
+                log.warning("redis does not answer either: nothing to hand back; exiting")
+                break
+            time.sleep(0.5)
         os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        return bool(client.ping())
+    except (RedisError, OSError):
+        return False
+    finally:
+        client.close()
