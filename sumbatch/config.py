@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import msgspec
 
 from sumbatch.model.ids import MAX_PARTITIONS
-from sumbatch.model.tasks import Delay, parse_delay
+from sumbatch.model.ranges import (
+    IntRange,
+    SecondsRange,
+    Text,
+    boolean,
+    choice,
+    delay_within,
+    redis_url,
+)
+from sumbatch.model.tasks import Delay
 
 T = TypeVar("T")
 
@@ -97,71 +104,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return settings
 
 
-def _between(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if not low <= value <= high:
-            raise ValueError(f"expected {low} to {high}")
-        return value
-
-    return parse
-
-
-def _at_least(low: int) -> Callable[[str], int]:
-    return _between(low, 2**63 - 1)
-
-
-parse_port = _between(1, 65535)
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError("expected a finite number")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _finite_float(text)
-    if not value > 0:
-        raise ValueError("expected a positive number")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _finite_float(text)
-    if value < 0:
-        raise ValueError("expected a number of seconds, 0 or more")
-    return value
-
-
-REDIS_SCHEMES = ("redis", "rediss", "unix")
-
-
-def _redis_url(text: str) -> str:
-    # The URL may hold a password: the message names the scheme only.
-    scheme = urlsplit(text).scheme
-    if scheme not in REDIS_SCHEMES:
-        raise ValueError(f"scheme {scheme or '(none)'!r}; expected redis://, rediss:// or unix://")
-    return text
-
-
-HANDLER_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
-
-
-def _handler_spec(text: str) -> str:
-    if not HANDLER_SPEC.fullmatch(text):
-        raise ValueError("expected module:function, e.g. mypackage.tasks:add")
-    return text
-
-
-def _log_level(text: str) -> str:
-    level = text.strip().upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
-    return level
-
-
 def _check_timeout_covers_delay(settings: Settings) -> None:
     """A timeout at or below the longest simulated delay would fail every slow task."""
     if settings.task_timeout <= settings.delay.high:
@@ -190,69 +132,121 @@ def resolve_handler(spec: str) -> Callable[..., Any] | None:
     return handler
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError("expected a positive number of seconds")
-    return value
-
-
-def _bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected true or false")
-
-
-def _fsync(text: str) -> str:
-    if text not in ("always", "everysec", "no"):
-        raise ValueError("expected always, everysec or no")
-    return text
-
-
 def _parse(name: str, raw: str, parse: Callable[[str], T]) -> T:
     try:
         return parse(raw)
     except ValueError as exc:
-        # REDIS_URL may hold a password: its value is never shown.
-        shown = name if name == "REDIS_URL" else f"{name}={raw!r}"
+        # REDIS_URL may hold a password: its value is never shown. A long value is
+        # shown by its start and its length, not in full.
+        cut = f"{raw!r}" if len(raw) <= SHOWN else f"{raw[:SHOWN]!r}... ({len(raw)} characters)"
+        shown = name if name == "REDIS_URL" else f"{name}={cut}"
         raise ConfigError(f"{shown} is not valid: {exc}") from exc
 
 
+# What a refused value's message shows of it at most.
+SHOWN = 60
+
+# The range of each setting, and why it ends where it does. Every later use of a value
+# inside its range is safe: no ms arithmetic or EXPIRE overflows, no script fails
+# after its first write, no loop goes on for ever. docs/configuration.md says each.
+parse_port = IntRange(1, 65535)
+# Worker processes of `up`: each is a whole Python process (tens of MB, its own
+# connections) running SUMBATCH_WORKER_CONCURRENCY tasks at once, so more of them
+# than cores buys nothing; 256 covers the largest machines' cores and keeps `up`'s
+# start (one process after the other) short. 0: the workers run elsewhere.
+parse_workers = IntRange(0, 256)
+# Tasks one worker holds at once, each a coroutine and its bookkeeping (a few KB): a
+# million is some GB in one process, which is as far as one event loop goes.
+WORKER_CONCURRENCY = IntRange(1, 1_000_000)
+# Seconds: renewed every quarter of it, so at least 0.1 (25 ms renewals, which the
+# server's ms idle times still tell apart); at most a day, past which a dead worker's
+# entries would wait longer than any user waits for them.
+CLAIM_TIMEOUT = SecondsRange(0.1, 86_400)
+# Attempts are counted in one byte per task (saturating at 255).
+MAX_ATTEMPTS = IntRange(1, 254)
+# The backoff is capped at 60 s (model/tasks.retry_backoff): a larger base waits no
+# longer, so 60 is the last value that means something.
+RETRY_BASE = SecondsRange(0, 60)
+# A body within it is held whole in memory to be parsed: 1 GiB at most.
+MAX_BODY_BYTES = IntRange(1, 2**30)
+# Seconds ended groups, cached sums and log entries are kept: up to ten years. The
+# scripts EXPIRE with them and the log's cut-offs are entry ids of now minus them in
+# ms: ten years keeps those ids above zero (the epoch is over fifty years back) and
+# EXPIRE's ms arithmetic nowhere near overflow, on every server line.
+KEPT = IntRange(1, 10 * 365 * 86_400)
+# Seconds a stopping worker lets its tasks run, and a run may take: up to a day, as
+# long as a run holds its claim and its worker's room; `up` waits 10 s past the grace.
+GRACE = SecondsRange(0, 86_400)
+TASK_TIMEOUT = SecondsRange(0.1, 86_400)
+# The simulated task time: up to an hour, well inside the task timeout's range.
+parse_delay_setting = delay_within(3_600)
+# Seconds an HTTP client may take over its request's head or pause in its body, and
+# between a stream's keepalives: from 0.1 s (below it a client on a slow network
+# cannot make it) to an hour (a proxy drops an idle connection long before).
+HTTP_SECONDS = SecondsRange(0.1, 3_600)
+# Requests waiting or streaming at once in one API process: each holds a connection,
+# a file descriptor, and a process gets at most 1,048,576 of those (Linux's nr_open).
+HELD_AT_ONCE = IntRange(0, 100_000)
+# Connections to each server per process, beside its blocked reads: the server's
+# default maxclients is 10,000.
+REDIS_CONNECTIONS = IntRange(1, 10_000)
+# The key prefix and hash tag `{namespace}`: letters, digits, _ . - only. A brace would
+# make another tag (every partition's keys in one slot, partition_tag never done), a
+# colon could collide with another namespace's partition tags (`{a:0}`), glob
+# characters would break the namespace's key pattern. 64 keeps key names readable.
+NAMESPACE = Text(re.compile(r"[A-Za-z0-9_.-]+"), 64, "letters, digits, _ . or - (no braces)")
+# Where the API listens: a host name (253 characters at most, as in DNS) or an address.
+HOST = Text(re.compile(r"[A-Za-z0-9._:%-]+"), 253, "a host name or an address")
+# The embedded server's directory: no control characters (they would break its
+# config); 1,024 characters leave room for its files' names within PATH_MAX (4,096).
+DATA_DIR = Text(re.compile(r"[^\x00-\x1f\x7f]+"), 1024, "a path without control characters")
+HANDLER = Text(
+    re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"), 256, "module:function, e.g. mypackage.tasks:add"
+)
+# Sent in a header as `Bearer <token>`: visible ASCII (other bytes do not survive a
+# header's decoding), spaces only inside (the header's value is stripped), and 1,024
+# characters, far inside the 64 KiB a request's head may take.
+API_TOKEN = Text(
+    re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?"),
+    1024,
+    "visible ASCII characters, spaces only between them",
+)
+
 # The variable each setting is read from, and the parser of its text.
 VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "redis_url": ("REDIS_URL", _redis_url),
-    "namespace": ("SUMBATCH_NAMESPACE", str),
-    "partitions": ("SUMBATCH_PARTITIONS", _between(1, MAX_PARTITIONS)),
-    "delay": ("SUMBATCH_DELAY", parse_delay),
-    "host": ("SUMBATCH_HOST", str),
+    # A URL, not a document: 4,096 characters at most.
+    "redis_url": ("REDIS_URL", redis_url(4096)),
+    "namespace": ("SUMBATCH_NAMESPACE", NAMESPACE),
+    "partitions": ("SUMBATCH_PARTITIONS", IntRange(1, MAX_PARTITIONS)),
+    "delay": ("SUMBATCH_DELAY", parse_delay_setting),
+    "host": ("SUMBATCH_HOST", HOST),
     "port": ("SUMBATCH_PORT", parse_port),
-    "workers": ("SUMBATCH_WORKERS", _at_least(0)),
-    "worker_concurrency": ("SUMBATCH_WORKER_CONCURRENCY", _at_least(1)),
-    "claim_timeout": ("SUMBATCH_CLAIM_TIMEOUT", _positive_float),
-    # Attempts are counted in one byte per task (saturating at 255).
-    "max_attempts": ("SUMBATCH_MAX_ATTEMPTS", _between(1, 254)),
-    "retry_base": ("SUMBATCH_RETRY_BASE", _non_negative_float),
-    "max_tasks_per_group": ("SUMBATCH_MAX_TASKS", _between(1, MAX_TASKS_LIMIT)),
-    "max_body_bytes": ("SUMBATCH_MAX_BODY_BYTES", _at_least(1)),
-    "data_dir": ("SUMBATCH_DATA_DIR", str),
+    "workers": ("SUMBATCH_WORKERS", parse_workers),
+    "worker_concurrency": ("SUMBATCH_WORKER_CONCURRENCY", WORKER_CONCURRENCY),
+    "claim_timeout": ("SUMBATCH_CLAIM_TIMEOUT", CLAIM_TIMEOUT),
+    "max_attempts": ("SUMBATCH_MAX_ATTEMPTS", MAX_ATTEMPTS),
+    "retry_base": ("SUMBATCH_RETRY_BASE", RETRY_BASE),
+    "max_tasks_per_group": ("SUMBATCH_MAX_TASKS", IntRange(1, MAX_TASKS_LIMIT)),
+    "max_body_bytes": ("SUMBATCH_MAX_BODY_BYTES", MAX_BODY_BYTES),
+    "data_dir": ("SUMBATCH_DATA_DIR", DATA_DIR),
     "embedded_port": ("SUMBATCH_EMBEDDED_PORT", parse_port),
-    "handler": ("SUMBATCH_HANDLER", _handler_spec),
-    "result_ttl": ("SUMBATCH_RESULT_TTL", _positive_int),
-    "cache_ttl": ("SUMBATCH_CACHE_TTL", _positive_int),
-    "log_retention": ("SUMBATCH_LOG_RETENTION", _positive_int),
-    "shutdown_grace": ("SUMBATCH_SHUTDOWN_GRACE", _non_negative_float),
-    "task_timeout": ("SUMBATCH_TASK_TIMEOUT", _positive_float),
-    "api_token": ("SUMBATCH_API_TOKEN", str),
-    "durable": ("SUMBATCH_DURABLE", _bool),
-    "fsync": ("SUMBATCH_FSYNC", _fsync),
-    "log_level": ("SUMBATCH_LOG_LEVEL", _log_level),
-    "header_timeout": ("SUMBATCH_HEADER_TIMEOUT", _positive_float),
-    "body_timeout": ("SUMBATCH_BODY_TIMEOUT", _positive_float),
-    "max_waiters": ("SUMBATCH_MAX_WAITERS", _at_least(0)),
-    "max_streams": ("SUMBATCH_MAX_STREAMS", _at_least(0)),
-    "heartbeat": ("SUMBATCH_SSE_HEARTBEAT", _positive_float),
-    "redis_connections": ("SUMBATCH_REDIS_CONNECTIONS", _between(1, 10_000)),
+    "handler": ("SUMBATCH_HANDLER", HANDLER),
+    "result_ttl": ("SUMBATCH_RESULT_TTL", KEPT),
+    "cache_ttl": ("SUMBATCH_CACHE_TTL", KEPT),
+    "log_retention": ("SUMBATCH_LOG_RETENTION", KEPT),
+    "shutdown_grace": ("SUMBATCH_SHUTDOWN_GRACE", GRACE),
+    "task_timeout": ("SUMBATCH_TASK_TIMEOUT", TASK_TIMEOUT),
+    "api_token": ("SUMBATCH_API_TOKEN", API_TOKEN),
+    "durable": ("SUMBATCH_DURABLE", boolean),
+    "fsync": ("SUMBATCH_FSYNC", choice("always", "everysec", "no")),
+    "log_level": (
+        "SUMBATCH_LOG_LEVEL",
+        choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", fold=True),
+    ),
+    "header_timeout": ("SUMBATCH_HEADER_TIMEOUT", HTTP_SECONDS),
+    "body_timeout": ("SUMBATCH_BODY_TIMEOUT", HTTP_SECONDS),
+    "max_waiters": ("SUMBATCH_MAX_WAITERS", HELD_AT_ONCE),
+    "max_streams": ("SUMBATCH_MAX_STREAMS", HELD_AT_ONCE),
+    "heartbeat": ("SUMBATCH_SSE_HEARTBEAT", HTTP_SECONDS),
+    "redis_connections": ("SUMBATCH_REDIS_CONNECTIONS", REDIS_CONNECTIONS),
 }

@@ -1,13 +1,20 @@
 from __future__ import annotations
 
+import math
 import operator
 import random
+import re
+import time
 
 import msgspec
 import pytest
 
-from sumbatch.config import ConfigError, Settings, resolve_handler
+from sumbatch.config import VARIABLES, ConfigError, Settings, resolve_handler
+from sumbatch.model.ids import MAX_PARTITIONS
+from sumbatch.model.keys import Keys, partition_tag
+from sumbatch.model.ranges import IntRange, SecondsRange
 from sumbatch.model.tasks import Delay, parse_delay, retry_backoff, should_retry
+from tests.support import ROOT
 
 
 @pytest.mark.parametrize(
@@ -111,7 +118,7 @@ def test_ports_at_the_edges_are_taken() -> None:
 
 
 def test_the_range_message_names_the_real_limit() -> None:
-    with pytest.raises(ConfigError, match=r"expected 1 to 9223372036854775807\b"):
+    with pytest.raises(ConfigError, match=r"expected 1 to 1073741824\b"):
         Settings.from_env({"SUMBATCH_MAX_BODY_BYTES": str(2**63)})
 
 
@@ -158,9 +165,183 @@ def test_a_group_holds_at_most_2_to_the_29_tasks() -> None:
 
 def test_every_setting_is_read_from_one_variable() -> None:
     """A field without a variable would silently keep its default in every process."""
-    from sumbatch.config import VARIABLES
-
     fields = {f.name for f in msgspec.structs.fields(Settings)}
     assert set(VARIABLES) == fields
     names = [name for name, _ in VARIABLES.values()]
     assert len(set(names)) == len(names)
+
+
+# --- every setting at its minimum, its maximum and one past -----------------------
+
+# With no delay, so that any task timeout in its range is accepted on its own.
+NO_DELAY = {"SUMBATCH_DELAY": "0"}
+NUMBERS = {
+    name: parse for name, parse in VARIABLES.values() if isinstance(parse, IntRange | SecondsRange)
+}
+
+
+def _field(name: str) -> str:
+    return next(field for field, (variable, _) in VARIABLES.items() if variable == name)
+
+
+def _below(bound: int | float, parse: IntRange | SecondsRange) -> str:
+    return str(bound - 1) if isinstance(parse, IntRange) else repr(math.nextafter(bound, -math.inf))
+
+
+def _above(bound: int | float, parse: IntRange | SecondsRange) -> str:
+    return str(bound + 1) if isinstance(parse, IntRange) else repr(math.nextafter(bound, math.inf))
+
+
+@pytest.mark.parametrize("name", sorted(NUMBERS))
+def test_a_number_is_taken_at_both_ends_of_its_range_and_refused_one_past(name: str) -> None:
+    parse = NUMBERS[name]
+    for bound in (parse.low, parse.high):
+        settings = Settings.from_env({**NO_DELAY, name: str(bound)})
+        assert getattr(settings, _field(name)) == bound, name
+    for past in (_below(parse.low, parse), _above(parse.high, parse)):
+        with pytest.raises(ConfigError) as refused:
+            Settings.from_env({**NO_DELAY, name: past})
+        assert str(refused.value).startswith(f"{name}='{past}' is not valid: expected "), past
+
+
+@pytest.mark.parametrize("name", sorted(NUMBERS))
+@pytest.mark.parametrize("text", ["{1}", "1" * 5000, "nan", "inf", "-inf", "1e400", "one"])
+def test_a_number_refuses_what_is_no_number_in_its_range(name: str, text: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{name}=.* is not valid: ") as refused:
+        Settings.from_env({**NO_DELAY, name: text})
+    assert len(str(refused.value)) < 200  # a long value is not echoed whole
+
+
+def test_the_settings_that_broke_the_pipeline_are_refused() -> None:
+    """Issue 17, item 6: each was accepted, then broke a script, a loop or `up`."""
+    for name, value in [
+        ("SUMBATCH_RESULT_TTL", "2147483647"),  # a negative cut-off id in the projector
+        ("SUMBATCH_RESULT_TTL", "9300000000000000"),  # EXPIRE after the first writes
+        ("SUMBATCH_CACHE_TTL", "9300000000000000"),
+        ("SUMBATCH_LOG_RETENTION", "9300000000000000"),  # the trim raised every second
+        ("SUMBATCH_WORKERS", "100000"),  # `up` forked without bound
+        ("SUMBATCH_NAMESPACE", "{y}"),  # partition_tag looped for ever
+        ("SUMBATCH_NAMESPACE", "a}b"),
+        ("SUMBATCH_CLAIM_TIMEOUT", "1e300"),  # XAUTOCLAIM's idle time overflowed
+        ("SUMBATCH_SHUTDOWN_GRACE", "1e300"),  # time.sleep overflowed
+    ]:
+        with pytest.raises(ConfigError, match=f"^{name}="):
+            Settings.from_env({name: value})
+
+
+def test_the_longest_kept_times_stay_inside_what_every_use_of_them_allows() -> None:
+    """Ten years: the log's cut-off (now minus the retention, in ms) stays a positive
+    entry id, and EXPIRE's ms arithmetic stays far below 2**63."""
+    longest = NUMBERS["SUMBATCH_RESULT_TTL"].high
+    assert NUMBERS["SUMBATCH_CACHE_TTL"] == NUMBERS["SUMBATCH_LOG_RETENTION"]
+    assert NUMBERS["SUMBATCH_LOG_RETENTION"].high == longest == 10 * 365 * 86_400
+    assert time.time() * 1000 - longest * 1000 > 0
+    assert (time.time() + longest) * 1000 < 2**62
+
+
+# --- strings: empty, braces, very long, and their own edges -----------------------
+
+# Per variable: values taken (the text as the setting's value), values refused.
+STRINGS: dict[str, tuple[list[str], list[str]]] = {
+    "REDIS_URL": (
+        [
+            "redis://h",
+            "redis://u:p@h:6379/15",
+            "rediss://[::1]:1/",
+            "unix:///tmp/r.sock",
+            "redis://" + "h" * (4096 - 12) + ":1/0",
+        ],
+        [
+            "redis://{y}:6379",
+            "redis://h:0",
+            "redis://h:65536",
+            "redis://h:1/db",
+            "unix://",
+            "redis://" + "h" * (4096 - 11) + ":1/0",
+        ],
+    ),
+    "SUMBATCH_NAMESPACE": (
+        ["a", "my-app.v2_x", "n" * 64],
+        ["{y}", "a}b", "{", "a:b", "a*", "a b", "é", "n" * 65],
+    ),
+    "SUMBATCH_HOST": (
+        ["localhost", "0.0.0.0", "::", "fe80::1%eth0", "h" * 253],
+        ["{h}", "a b", "h/x", "h" * 254],
+    ),
+    "SUMBATCH_DATA_DIR": (
+        ["{x}", "/var/lib/sum batch", "d" * 1024],
+        ["a\nb", "a\x00b", "d" * 1025],
+    ),
+    "SUMBATCH_HANDLER": (
+        ["operator:add", "m" * 254 + ":f"],
+        ["{m}:f", "m:{f}", "nosuch", "m" * 255 + ":f"],
+    ),
+    "SUMBATCH_API_TOKEN": (
+        ["{t}", "t", "two words", "t" * 1024],
+        [" t", "t ", "\tt", "é", "t" * 1025],
+    ),
+    "SUMBATCH_DELAY": (
+        ["0", "3-10", "0-3600", "3600"],
+        ["{1}", "-1", "0-" + repr(math.nextafter(3600, math.inf)), "3601", "1" * 5000],
+    ),
+    "SUMBATCH_DURABLE": (["true", "off", "YES"], ["{true}", "maybe", "t" * 5000]),
+    "SUMBATCH_FSYNC": (["always", "everysec", "no"], ["{no}", "Always", "n" * 5000]),
+    "SUMBATCH_LOG_LEVEL": (["debug", " INFO ", "CRITICAL"], ["{INFO}", "LOUD", "I" * 5000]),
+}
+
+
+def test_every_setting_has_its_range_walked() -> None:
+    """Each variable is a number with a range (walked above) or a string here."""
+    assert set(NUMBERS) | set(STRINGS) == {name for name, _ in VARIABLES.values()}
+    assert not set(NUMBERS) & set(STRINGS)
+
+
+@pytest.mark.parametrize("name", sorted(STRINGS))
+def test_a_string_is_taken_within_its_range_and_refused_past_it(name: str) -> None:
+    taken, refused = STRINGS[name]
+    # Empty is unset: the default.
+    assert Settings.from_env({name: ""}) == Settings.from_env({})
+    timeout = {"SUMBATCH_TASK_TIMEOUT": "3601"}
+    for value in taken:
+        assert Settings.from_env({**timeout, name: value}), value
+    for value in refused:
+        with pytest.raises(ConfigError) as refusal:
+            Settings.from_env({**timeout, name: value})
+        message = str(refusal.value)
+        assert message.startswith(f"{name}" if name == "REDIS_URL" else f"{name}="), message
+        assert " is not valid: " in message and len(message) < 200, message
+        if name == "REDIS_URL":
+            assert "h" * 20 not in message and "u:p" not in message  # never echoed
+
+
+def test_a_long_value_is_shown_by_its_start_and_length() -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"SUMBATCH_NAMESPACE": "n" * 100_000})
+    assert "(100000 characters)" in str(refused.value)
+    assert "100000 characters, at most 64" in str(refused.value)
+
+
+def test_partition_tag_refuses_braces_and_finds_every_tag_of_the_longest_namespace() -> None:
+    with pytest.raises(ValueError, match="no braces"):
+        partition_tag("{y}", 0, 4)
+    with pytest.raises(ValueError, match="no braces"):
+        Keys("a}b")
+    longest = "n" * 64
+    tags = {partition_tag(longest, p, MAX_PARTITIONS) for p in range(MAX_PARTITIONS)}
+    assert len(tags) == MAX_PARTITIONS
+
+
+def test_the_docs_state_each_number_s_range() -> None:
+    """docs/configuration.md's row of each variable names both ends of its range."""
+    text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    # Each row of the table by its first cell, the variables it is about.
+    rows = [(line.split("|")[1], line) for line in text.splitlines() if line.startswith("| `")]
+    for name, parse in NUMBERS.items():
+        row = next(line for first, line in rows if f"`{name}`" in first)
+        if name == "SUMBATCH_MAX_TASKS":
+            continue  # written as a power of two, 2²⁹
+        for bound in (parse.low, parse.high):
+            written = {f"{bound:,}", f"{bound:,}".replace(",", ""), f"{bound:g}"}
+            # The number alone, not part of a longer one.
+            alone = [rf"(?<![\w.,]){re.escape(text)}(?!\w|[.,]\d)" for text in written]
+            assert any(re.search(pattern, row) for pattern in alone), f"{name}: {bound}"

@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from sumbatch.config import Settings, parse_port, resolve_handler
+from sumbatch.config import Settings, parse_port, parse_workers, resolve_handler
 from sumbatch.processes.running import run_async
 
 
@@ -49,6 +49,14 @@ def _port_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port: {exc}") from None
 
 
+def _workers_arg(text: str) -> int:
+    """As SUMBATCH_WORKERS: 0 to 256 (config.parse_workers says why)."""
+    try:
+        return parse_workers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid: {exc}") from None
+
+
 def add_service_commands(sub: argparse._SubParsersAction[Any]) -> None:
     """up, api: the service's own processes."""
     up = sub.add_parser(
@@ -56,7 +64,12 @@ def add_service_commands(sub: argparse._SubParsersAction[Any]) -> None:
     )
     up.add_argument("--host", default=None)
     up.add_argument("--port", type=_port_arg, default=None)
-    up.add_argument("--workers", type=int, default=None, help="worker processes (SUMBATCH_WORKERS)")
+    up.add_argument(
+        "--workers",
+        type=_workers_arg,
+        default=None,
+        help="worker processes, 0 to 256 (SUMBATCH_WORKERS)",
+    )
     up.add_argument(
         "--cluster",
         type=int,

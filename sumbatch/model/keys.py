@@ -8,7 +8,6 @@ touches several of them at once, and a shared tag keeps them in one cluster slot
 
 from __future__ import annotations
 
-import itertools
 from typing import Final
 
 from redis.crc import key_slot
@@ -136,15 +135,22 @@ def partition_tag(namespace: str, partition: int, partitions: int) -> str:
     of its own equal share of the 16,384 cluster slots, so that a cluster whose masters
     hold equal slot ranges (as ``--cluster create`` makes them) gets an equal share of
     partitions on each master."""
+    if "{" in namespace or "}" in namespace:
+        # A brace makes a tag of its own: every name tried would hash alike for ever.
+        raise ValueError(f"namespace {namespace!r}: no braces, it is the keys' hash tag")
     if partitions == 1:
         return "{" + namespace + "}"
     share = SLOTS / partitions
     low, high = (partition + 0.25) * share, (partition + 0.75) * share
-    for attempt in itertools.count():
+    for attempt in range(TAG_ATTEMPTS):
         name = f"{namespace}:{partition}" + (f"~{attempt}" if attempt else "")
         if low <= key_slot(name.encode()) < high:
             return "{" + name + "}"
-    raise AssertionError("unreachable")
+    raise ValueError(f"namespace {namespace!r}: no tag found for partition {partition}")
 
 
 SLOTS = 16384
+# Names partition_tag tries at most. Each lands in the wanted half-share with a chance
+# of at least 1 in 512 (256 partitions); a million tries all miss with a chance of
+# about e**-1950: the bound only turns a namespace that can never match into an error.
+TAG_ATTEMPTS = 1_000_000
