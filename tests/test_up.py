@@ -5,6 +5,7 @@ refusing at once what can never start."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -327,6 +328,11 @@ BAD_SETTINGS = [
     ("SUMBATCH_EMBEDDED_PORT", "0", "SUMBATCH_EMBEDDED_PORT='0' is not valid"),
     ("SUMBATCH_LOG_LEVEL", "LOUD", "SUMBATCH_LOG_LEVEL='LOUD' is not valid"),
     ("SUMBATCH_TASK_TIMEOUT", "5", "SUMBATCH_TASK_TIMEOUT=5 is not valid"),
+    # Issue 17, item 6: each was accepted, then broke the pipeline or `up`.
+    ("SUMBATCH_WORKERS", "100000", "SUMBATCH_WORKERS='100000' is not valid: expected 0 to 256"),
+    ("SUMBATCH_RESULT_TTL", "2147483647", "SUMBATCH_RESULT_TTL='2147483647' is not valid"),
+    ("SUMBATCH_LOG_RETENTION", "9300000000000000", "SUMBATCH_LOG_RETENTION='93000000"),
+    ("SUMBATCH_NAMESPACE", "{y}", "SUMBATCH_NAMESPACE='{y}' is not valid"),
 ]
 
 
@@ -342,6 +348,54 @@ def test_a_bad_setting_stops_at_once_naming_it(
     assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "data" / "appendonlydir").exists()  # no server was started
+
+
+def test_more_workers_than_the_range_are_refused_on_the_command_line(tmp_path: Path) -> None:
+    env = up_env(tmp_path / "data", free_port())
+    done = run_sumbatch("up", "--workers", "100000", env=env, cwd=tmp_path, timeout=30)
+    assert done.returncode == 2
+    assert "--workers: '100000' is not valid: expected 0 to 256" in done.stderr
+    assert not (tmp_path / "data" / "appendonlydir").exists()
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_a_signal_while_up_starts_its_processes_stops_it_at_once(tmp_path: Path, how: str) -> None:
+    """Issue 17, item 6: `up` went on starting every worker it was asked for after a
+    SIGTERM. Now it starts no more, stops those it started and exits, leaving none."""
+    workers = 256  # the most SUMBATCH_WORKERS allows
+    with running_up(tmp_path, "--workers", str(workers), wait=False) as up:
+        family: set[int] = set()
+
+        def a_worker_started() -> bool:
+            family.update(descendants(up.process.pid))
+            return any(b"worker" in _cmdline(pid) for pid in family)
+
+        wait_until_sync(a_worker_started, timeout=60, what=f"up's first worker\n{up.output()}")
+        if how == "SIGTERM":
+            up.process.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(up.process.pid, signal.SIGINT)  # what Ctrl-C in its terminal does
+
+        def exited() -> bool:
+            family.update(descendants(up.process.pid))
+            return up.process.poll() is not None
+
+        wait_until_sync(exited, timeout=60, what=f"up to stop\n{up.output()}")
+        said = up.output()
+    assert up.process.returncode == 0, said
+    total = workers + 2  # and the API and the projector
+    started = re.search(rf"stopped while starting: (\d+) of {total} processes had started", said)
+    assert started and int(started.group(1)) < total, said
+    assert "API on http" not in said
+    assert not any(alive(pid) for pid in family), said
+    assert not listening(up.api_port) and not listening(up.redis_port)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 @pytest.mark.parametrize("command", ["up", "api"])

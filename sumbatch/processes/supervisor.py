@@ -89,8 +89,8 @@ class Supervisor:
             return exc.code
         children = self._children()
         try:
-            for child in children:
-                child.spawn(env)
+            if not self._spawn(children, env):
+                return 0
             log.info("API on http://%s:%d  (Ctrl-C to stop)", self.host, self.port)
             while not self.stopping:
                 self._watch_server()
@@ -103,6 +103,20 @@ class Supervisor:
         finally:
             self._stop(children)
         return 0
+
+    def _spawn(self, children: list[Child], env: dict[str, str]) -> bool:
+        """Start the children one after the other, unless a signal comes meanwhile:
+        then start no more (``_stop`` stops those already started). Whether all
+        started."""
+        for started, child in enumerate(children):
+            if self.stopping:
+                log.warning(
+                    "stopped while starting: %d of %d processes had started",
+                    started, len(children),
+                )  # fmt: skip
+                return False
+            child.spawn(env)
+        return True
 
     def _preflight(self) -> None:
         """Refuse at once what would otherwise fail later in every child: a data dir
