@@ -38,6 +38,7 @@ from sumbatch.model.tasks import Delay
 from sumbatch.outage import is_transient, refusal
 from sumbatch.processes.embedded import EmbeddedServer, find_server
 from sumbatch.web.api import REDIS_TIMEOUT, create_app
+from sumbatch.web.submit import SUBMIT_BUDGET
 from tests.support import free_port, fresh_namespace, own_server, wait_until_sync
 
 BODY = {"tasks": [{"paramA": 1, "paramB": 2}, {"paramA": 3, "paramB": 4}]}
@@ -243,7 +244,9 @@ def test_a_hung_server_gets_a_503_within_about_the_redis_timeout(
 ) -> None:
     """SIGSTOP: the server accepts connections and answers nothing. Every route that
     reads Redis answers 503 after about REDIS_TIMEOUT, not after the client's own
-    patience; with the server back, everything works again."""
+    patience; a POST whose submit was sent (on a connection made before the stop)
+    resends it for SUBMIT_BUDGET, then answers 503 with its outcome unknown and a
+    Location. With the server back, everything works again."""
     client, _ = app
     gid = client.post("/grouptasks", json=BODY).json()["groupTaskId"]
     calls: dict[str, Callable[[], httpx.Response]] = {
@@ -263,12 +266,17 @@ def test_a_hung_server_gets_a_503_within_about_the_redis_timeout(
             took[name] = time.monotonic() - started
             assert answer.status_code == 503, (name, answer.text)
             assert answer.headers["retry-after"] == "1"
+            if "groupTaskId" in answer.json():  # a POST whose submit was sent: unknown
+                assert answer.headers["location"].endswith(answer.json()["groupTaskId"])
     finally:
         os.kill(server.process.pid, signal.SIGCONT)
     print(f"\nhung server, seconds to a 503: {msgspec.json.encode(took).decode()}")
     # One timeout per call, and at most a fresh connection's own before it: 3x leaves
-    # room for a loaded machine, and is far below the 10-20 s these took before.
+    # room for a loaded machine, and is far below the 10-20 s these took before. The
+    # POST resends its submit for SUBMIT_BUDGET, then says its outcome is unknown.
+    post = took.pop("POST")
     assert max(took.values()) < 3 * REDIS_TIMEOUT, took
+    assert post < SUBMIT_BUDGET + 3 * REDIS_TIMEOUT, post
     assert client.get(f"/grouptasks/{gid}").status_code == 200
 
 

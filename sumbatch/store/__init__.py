@@ -34,7 +34,14 @@ from sumbatch.store.claims import Claims
 from sumbatch.store.entries import entry_id_of, task_key
 from sumbatch.store.inspect import Inspector
 from sumbatch.store.log import EventLog
-from sumbatch.store.producer import CancelOutcome, NotDurable, Producer, Submitted, _durable_mode
+from sumbatch.store.producer import (
+    CancelOutcome,
+    NotDurable,
+    OutcomeUnknown,
+    Producer,
+    Submitted,
+    _durable_mode,
+)
 from sumbatch.store.views import REJECTED_KEPT, StoredViews
 from sumbatch.store.work import Begun, Completed, Outcome, TaskSteps
 
@@ -49,6 +56,7 @@ __all__ = [
     "EventLog",
     "Inspector",
     "NotDurable",
+    "OutcomeUnknown",
     "Outcome",
     "Producer",
     "Retention",

@@ -4,9 +4,10 @@ one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -19,7 +20,7 @@ from sumbatch import scripts
 from sumbatch.model import chunks, ids
 from sumbatch.model.events import GroupCancelled, GroupSubmitted, to_flat
 from sumbatch.model.views import GroupView
-from sumbatch.outage import refusal
+from sumbatch.outage import BUSY, REDIS_DOWN, refusal
 from sumbatch.store.base import DurableMode, StoreBase, _json
 
 
@@ -27,6 +28,31 @@ from sumbatch.store.base import DurableMode, StoreBase, _json
 class Submitted:
     earlier: str | None  # the first answer to this Idempotency-Key, if it was used before
     fsynced: bool | None  # None: not asked
+
+
+class OutcomeUnknown(Exception):
+    """A submit that was sent and whose reply never came (a timeout, a lost
+    connection): its script may have run, or may still run. The cause is chained."""
+
+
+async def _send(connection: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send ``commands`` on a connected ``connection`` and read every reply (an error
+    reply as its exception, in its place). Past the send, a failure is OutcomeUnknown,
+    and the connection is dropped: a reply left unread would answer its next call."""
+    try:
+        await connection.send_packed_command(connection.pack_commands(commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await connection.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+    except BaseException as exc:
+        await connection.disconnect()
+        if isinstance(exc, (*REDIS_DOWN, OSError)):
+            raise OutcomeUnknown(f"no reply to the submit ({type(exc).__name__}: {exc})") from exc
+        raise
+    return replies + [None] * (2 - len(replies))
 
 
 @dataclass(frozen=True)
@@ -83,8 +109,15 @@ class Producer(StoreBase):
 
         ``idempotency`` is (key, record): when the key was used before, nothing is
         appended and the earlier record is returned instead. With
-        ``fsync_timeout_ms``, also wait (WAITAOF, on the same connection) until the
-        write is fsynced to the server's AOF."""
+        ``fsync_timeout_ms``, also wait (WAITAOF, on the same connection; WAIT 1 on a
+        cluster) until the write is fsynced to the server's AOF (held by a replica).
+
+        One call, never resent here. The script is keyed by the group's id: the same
+        call again (same ids) finds its own first run and writes nothing more, so a
+        caller may resend it. Raises OutcomeUnknown when the call was sent and its
+        reply never came (a timeout, a lost connection); any other error (a refusal,
+        a connection that could not be made, every connection busy) means the script
+        did not run."""
         gid = event.group_task_id
         if (group.group_task_id, group.tasks_total) != (gid, event.tasks_total):
             raise ValueError("the view must be the submitted group's")
@@ -108,54 +141,64 @@ class Producer(StoreBase):
             event.params_b,
             *chunks.flat_fields(group),
         ]
-        if fsync_timeout_ms is None or self.durable == "always":
-            # appendfsync always: the server fsyncs before it answers.
-            earlier = await self._submit(keys=keys, args=args)
-            return Submitted(
-                None if earlier is None else str(earlier),
-                fsynced=None if fsync_timeout_ms is None else True,
-            )
-        if isinstance(self.redis, RedisCluster):
-            return await self._submit_replicated(self.redis, keys, args, fsync_timeout_ms)
-        pipe = self.redis.pipeline(transaction=False)
-        await self._submit(keys=keys, args=args, client=cast(Any, pipe))
-        pipe.execute_command("WAITAOF", 1, 0, fsync_timeout_ms)
-        earlier, waited = await pipe.execute(raise_on_error=False)
+        commands: list[tuple[Any, ...]] = [("EVAL", scripts.SUBMIT, len(keys), *keys, *args)]
+        cluster = isinstance(self.redis, RedisCluster)
+        # appendfsync always: the server fsyncs before it answers.
+        waits = fsync_timeout_ms is not None and self.durable != "always"
+        if waits:
+            commands.append(("WAIT", 1, fsync_timeout_ms) if cluster
+                            else ("WAITAOF", 1, 0, fsync_timeout_ms))  # fmt: skip
+        waited: Any
+        if isinstance(self.redis, RedisCluster) and not waits:
+            # The cluster client follows MOVED and ASK, and resends on a lost
+            # connection itself: which calls it sent cannot be told apart.
+            try:
+                earlier, waited = await self._submit(keys=keys, args=args), None
+            except REDIS_DOWN as exc:
+                if isinstance(exc, BUSY):
+                    raise  # no connection to send it on
+                raise OutcomeUnknown(f"no reply to the submit ({exc})") from exc
+        elif isinstance(self.redis, RedisCluster):
+            earlier, waited = await self._on_master(self.redis, keys[0], commands)
+        else:
+            pool = self.redis.connection_pool
+            # Connected, or raises: nothing is sent yet.
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                earlier, waited = await _send(connection, commands)
+            finally:
+                await pool.release(connection)
         if isinstance(earlier, Exception):
-            raise earlier
+            raise earlier  # the server's answer to the script: it did not run
         # An error from WAITAOF (AOF switched off since the start) confirms nothing.
-        fsynced = not isinstance(waited, Exception) and int(waited[0]) >= 1
+        fsynced: bool | None = None if fsync_timeout_ms is None else True
+        if waits:
+            replicas = waited if cluster or isinstance(waited, Exception) else waited[0]
+            fsynced = not isinstance(replicas, Exception) and int(replicas) >= 1
         return Submitted(None if earlier is None else str(earlier), fsynced=fsynced)
 
-    async def _submit_replicated(
-        self,
-        cluster: RedisCluster,
-        keys: list[str],
-        args: list[str | int | bytes],
-        timeout_ms: int,
-    ) -> Submitted:
-        """Durable mode on a cluster: the submit script, then WAIT 1 on the same
-        connection to the partition's master (WAIT counts that connection's writes), so
-        the POST is answered once a replica has the group and survives its master."""
-        node = cluster.get_node_from_key(keys[0])
+    async def _on_master(
+        self, cluster: RedisCluster, key: str, commands: list[tuple[Any, ...]]
+    ) -> tuple[Any, Any]:
+        """The durable submit on a cluster, on a connection to the partition's master (WAIT
+        counts that connection's writes, so a durable POST is answered once a replica
+        has the group and survives its master)."""
+        node = cluster.get_node_from_key(key)
         if node is None:
             raise ClusterDownError("no master serves this partition's slot")
         connection = node.acquire_connection()
         try:
-            commands = [("EVAL", scripts.SUBMIT, len(keys), *keys, *args), ("WAIT", 1, timeout_ms)]
-            await connection.send_packed_command(connection.pack_commands(commands))
-            earlier = await connection.read_response()
-            replicas = int(await connection.read_response())
-        except BaseException as exc:
-            # A reply left unread would answer the connection's next command.
+            await connection.connect()  # type: ignore[no-untyped-call]  # nothing sent yet
+            earlier, waited = await _send(connection, commands)
+        except BaseException:
             await connection.disconnect()
-            if isinstance(exc, AskError):  # MOVED too: the slot went elsewhere
-                await cluster.nodes_manager.initialize()
-                raise TryAgainError(f"the partition moved ({exc}); retry") from exc
             raise
         finally:
             node.release(connection)
-        return Submitted(None if earlier is None else str(earlier), fsynced=replicas >= 1)
+        if isinstance(earlier, AskError):  # MOVED too: the slot went elsewhere
+            await cluster.nodes_manager.initialize()
+            raise TryAgainError(f"the partition moved ({earlier}); retry") from earlier
+        return earlier, waited
 
     async def _check_replicated(self, cluster: RedisCluster) -> DurableMode:
         """Durable mode on a cluster needs a replica on every master (WAIT 1)."""

@@ -53,6 +53,15 @@ def schemas(settings: Settings) -> dict[str, Any]:
     )
     group_in = components["GroupIn"]
     group_in["properties"]["tasks"]["maxItems"] = settings.max_tasks_per_group
+    components["OutcomeUnknown"] = {
+        "title": "OutcomeUnknown",
+        "type": "object",
+        "properties": {
+            **components["ErrorBody"]["properties"],
+            "groupTaskId": {"type": "string", "format": "uuid"},
+        },
+        "required": ["error", "status", "groupTaskId"],
+    }
     components["Health"] = {
         "title": "Health",
         "type": "object",

@@ -86,6 +86,31 @@ class Parts:
             ),
             "headers": self.retry_after,
         }
+        # A POST's 503: as any route's, or with the outcome unknown (the submit was
+        # sent and never answered): then the body names the group and Location its URL.
+        self.submit_unavailable: dict[str, Any] = {
+            "description": "storage unavailable or refusing for now: nothing was written; "
+            "or the outcome is unknown (the body has groupTaskId, and Location its URL): "
+            "GET it, or retry with the same Idempotency-Key; or, in durable mode, a write "
+            "not confirmed on disk in time. Try again after Retry-After",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "anyOf": [
+                            {"$ref": REF.format(name="ErrorBody")},
+                            {"$ref": REF.format(name="OutcomeUnknown")},
+                        ]
+                    }
+                }
+            },
+            "headers": {
+                **self.retry_after,
+                "Location": {
+                    "description": "with the outcome unknown: the group's URL",
+                    "schema": {"type": "string"},
+                },
+            },
+        }
         if settings.api_token:
             self.errors["401"] = {
                 **answer("missing or wrong bearer token", "ErrorBody"),

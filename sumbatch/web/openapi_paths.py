@@ -30,7 +30,8 @@ def paths(settings: Settings) -> dict[str, Any]:
                             }
                         },
                     },
-                    **parts.pick("400", *parts.guarded, "413", "415", "422", "503"),
+                    **parts.pick("400", *parts.guarded, "413", "415", "422"),
+                    "503": parts.submit_unavailable,
                 },
             }
         },

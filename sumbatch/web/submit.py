@@ -5,9 +5,12 @@ confirmed durable). An Idempotency-Key makes a retry answer the first answer aga
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
+import random
+import time
 from typing import Any
 
 import msgspec
@@ -19,7 +22,8 @@ from sumbatch.config import Settings
 from sumbatch.model.submission import Submission
 from sumbatch.model.views import GroupView
 from sumbatch.model.wire import MAX_IDEMPOTENCY_KEY, GroupCreated, GroupIn
-from sumbatch.store import NotDurable
+from sumbatch.outage import is_transient, reconnect_delay
+from sumbatch.store import NotDurable, OutcomeUnknown, Store, Submitted
 from sumbatch.web import state
 from sumbatch.web.auth import authorised, unauthorised
 from sumbatch.web.responses import JSONResponse, error
@@ -33,6 +37,11 @@ _created_decoder = msgspec.json.Decoder(GroupCreated)
 # How long durable mode waits for the fsync; the socket timeout is raised above it, so
 # a slow fsync answers "not confirmed", never a timeout.
 FSYNC_TIMEOUT_MS = 2000
+# Seconds a POST may spend resending its submit after a call timed out or lost its
+# connection (the same call, the same ids: a resend finds the first run, if it ran),
+# before it answers 503 with the outcome unknown. The script costs about 1 us per task
+# (ops/bench/submit_time.py): 100,000 tasks hold the server about 0.1 s.
+SUBMIT_BUDGET = 5.0
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -120,7 +129,18 @@ async def create_group(request: Request) -> Response:
             return error(503, f"{exc}", {"Retry-After": "60"})
     group = GroupView.submitted(created.group_task_id, len(submitted.tasks))
     fsync_ms = FSYNC_TIMEOUT_MS if settings.durable else None
-    written = await store.submit(submission.event, group, idempotency, fsync_ms)
+    try:
+        written = await _submit(store, submission, group, idempotency, fsync_ms)
+    except OutcomeUnknown as exc:
+        gid = created.group_task_id
+        log.warning("POST answered 503 with group %s's outcome unknown: %s", gid, exc)
+        message = ("storage did not answer in time; the outcome is unknown: "
+                   f"GET /grouptasks/{gid}, or retry with the same Idempotency-Key")  # fmt: skip
+        return JSONResponse(
+            {"error": message, "status": 503, "groupTaskId": gid},
+            status_code=503,
+            headers={"Retry-After": "1", "Location": f"/grouptasks/{gid}"},
+        )
     if written.fsynced is False:
         where = "by a replica" if store.durable == "replica" else "on disk"
         return error(503, f"not confirmed {where} in time; retry with the same Idempotency-Key",
@@ -128,8 +148,47 @@ async def create_group(request: Request) -> Response:
     if written.earlier is None:
         return Response(answer, media_type="application/json")
     assert idempotency is not None
+    if written.earlier == idempotency[1]:  # a resend met this request's own first run
+        return Response(answer, media_type="application/json")
     earlier_hash, _, earlier_answer = written.earlier.partition(" ")
     if earlier_hash != idempotency[1].partition(" ")[0]:
         return error(422, "Idempotency-Key was used before with a different body")
     replay = _created_decoder.decode(earlier_answer)
     return JSONResponse(replay, headers={"Idempotent-Replayed": "true"})
+
+
+async def _submit(
+    store: Store,
+    submission: Submission,
+    group: GroupView,
+    idempotency: tuple[str, str] | None,
+    fsync_ms: int | None,
+) -> Submitted:
+    """The submit, resent while its outcome is unknown (a call sent and never answered)
+    and SUBMIT_BUDGET lasts: the same ids each time, so a resend that meets the first
+    run writes nothing more and answers as it would have. An error before any call was
+    sent (a refusal, no connection) is raised at once: the script did not run. Raises
+    OutcomeUnknown when the budget runs out with the outcome still unknown."""
+    deadline = time.monotonic() + SUBMIT_BUDGET
+    rng = random.Random()
+    failures = 0
+    try:
+        return await store.submit(submission.event, group, idempotency, fsync_ms)
+    except OutcomeUnknown as exc:
+        unknown: BaseException = exc
+    while True:
+        failures += 1
+        pause = reconnect_delay(failures, rng, base=0.05, cap=0.5)
+        if time.monotonic() + pause >= deadline:
+            raise OutcomeUnknown(f"{failures} tries in {SUBMIT_BUDGET:g} s") from unknown
+        await asyncio.sleep(pause)
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                return await store.submit(submission.event, group, idempotency, fsync_ms)
+        except (OutcomeUnknown, TimeoutError) as exc:
+            unknown = exc
+        except Exception as exc:
+            # Refused or not sent: this resend did not run, and the first may have.
+            if not is_transient(exc):
+                raise
+            unknown = exc
