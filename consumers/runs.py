@@ -1,6 +1,8 @@
 """The tasks a worker runs: each entry's run from its first attempt to its outcome
 (the simulated delay, the timeout, retries), and the map of what runs, which renewals,
-cancels and a stopping worker consult."""
+cancels and a stopping worker consult. A plain (synchronous) handler runs on the
+process's thread pool (``threads.py``), never on the event loop; only the built-in
+sum, which cannot block, runs inline."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 from consumers.outbox import Outbox
+from consumers.threads import Threads
 from sumbatch.config import Settings
 from sumbatch.model.events import (
     AnyEvent,
@@ -22,7 +25,7 @@ from sumbatch.model.events import (
     TaskStarted,
     TaskSubmitted,
 )
-from sumbatch.model.tasks import retry_backoff, should_retry
+from sumbatch.model.tasks import compute, retry_backoff, should_retry
 from sumbatch.store import Store
 
 log = logging.getLogger("sumbatch.worker")
@@ -39,6 +42,13 @@ def describe(exc: BaseException) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def is_async(handler: Handler) -> bool:
+    """Whether calling ``handler`` only makes a coroutine (an ``async def``, a method
+    or partial of one, an object with an ``async def __call__``)."""
+    call = getattr(handler, "__call__", None)  # noqa: B004  # its __call__, not callable()
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
+
+
 class Runs:
     def __init__(
         self,
@@ -47,12 +57,16 @@ class Runs:
         handler: Handler,
         name: str,
         outbox: Outbox,
+        threads: Threads,
     ) -> None:
         self.settings = settings
         self.store = store
         self.handler = handler
         self.name = name
         self.outbox = outbox
+        # A plain handler's calls go to the process's threads: one may block.
+        self.threads = threads
+        self.in_threads = handler is not compute and not is_async(handler)
         self.rng = random.Random()
         # Entry id -> its run and what it runs.
         self._running: dict[str, tuple[asyncio.Task[None], TaskSubmitted]] = {}
@@ -81,7 +95,7 @@ class Runs:
         None when it ran at once and its outcome is already in the outbox."""
         delay = self.settings.delay.draw(self.rng)
         failure: Failure | None = None
-        if delay == 0 and not inspect.iscoroutinefunction(self.handler):
+        if delay == 0 and self.handler is compute:
             failure = self._run_inline(entry_id, item, attempt)
             if failure is None:
                 return None
@@ -115,7 +129,7 @@ class Runs:
             await asyncio.wait(pending)
 
     def _run_inline(self, entry_id: str, item: TaskSubmitted, attempt: int) -> Failure | None:
-        """With no delay and a plain function, run the task here and now: no task
+        """With no delay and the built-in sum, run the task here and now: no task
         object, and no TaskStarted (it starts and ends in the same instant; its
         TaskCompleted names the attempt). Returns the failure if it failed: the async
         path then logs the start and retries it."""
@@ -154,17 +168,16 @@ class Runs:
         timeout = self.settings.task_timeout
         while True:
             if failure is None:
-                # The simulated delay is part of the run, and of its time. A plain
-                # (sync) handler runs on the event loop and cannot be interrupted: only
-                # its awaits can be.
+                # The simulated delay is part of the run, and of its time; waiting for
+                # a free thread is not (``Threads.call`` pauses the deadline). A plain
+                # handler's call cannot be interrupted: at the deadline the run fails
+                # and the call is abandoned, its late result thrown away.
                 deadline = asyncio.timeout(timeout)
                 began = time.perf_counter()
                 try:
                     async with deadline:
                         await asyncio.sleep(delay)
-                        result = self.handler(item.param_a, item.param_b)
-                        if inspect.isawaitable(result):
-                            result = await result
+                        result = await self._call(item, deadline)
                     outcome = completed(item, int(result), False, attempt, self.name)
                     self.outbox.put(entry_id, item, outcome, time.perf_counter() - began)
                     return
@@ -187,6 +200,16 @@ class Runs:
             delay = self.settings.delay.draw(self.rng)
             failure = None
             await self._log_quietly(started(item, attempt, self.name))
+
+    async def _call(self, item: TaskSubmitted, deadline: asyncio.Timeout) -> Any:
+        a, b = item.param_a, item.param_b
+        if self.in_threads:
+            result = await self.threads.call(self.handler, a, b, deadline=deadline)
+        else:
+            result = self.handler(a, b)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
 
     async def _next_attempt(self, item: TaskSubmitted, attempt: int) -> int:
         """Counted in Redis, so runs add up across workers; locally if Redis is away.

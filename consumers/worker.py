@@ -40,6 +40,7 @@ from consumers.cancels import Cancels
 from consumers.intake import READ_COUNT, Intake
 from consumers.outbox import Outbox
 from consumers.runs import Handler, Runs
+from consumers.threads import Threads, pool_size
 from sumbatch.config import Settings, resolve_handler
 from sumbatch.model.tasks import compute
 from sumbatch.outage import REDIS_DOWN, Outage
@@ -74,6 +75,14 @@ class Load:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.workers: list[Worker] = []
+        self._threads: Threads | None = None
+
+    def threads(self, patience: float) -> Threads:
+        """The process's one pool for plain handlers' calls (``threads.THREADS_CAP``
+        says its size), shared by its workers as the limit is."""
+        if self._threads is None:
+            self._threads = Threads(pool_size(self.limit), patience)
+        return self._threads
 
     def room(self) -> int:
         return self.limit - sum(len(worker.runs) for worker in self.workers)
@@ -99,8 +108,9 @@ class Worker(Intake):
         # renew our claim on it.
         outbox = Outbox(store, name, flushed=self._flushed)
         handler = handler or resolve_handler(settings.handler) or compute
-        runs = Runs(settings, store, handler, name, outbox)
         self.load = load or Load(settings.worker_concurrency)
+        threads = self.load.threads(settings.task_timeout)
+        runs = Runs(settings, store, handler, name, outbox, threads)
         super().__init__(settings, store, name, runs, outbox, self.load.room, read_count)
         self.load.workers.append(self)
         self.should_exit = False
