@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 
-from sumbatch.model.projection import chunks_touched, fold_entries
+from sumbatch.model.projection import chunks_touched, fold_entries, submitted_groups
 from sumbatch.outage import Outage
 from sumbatch.store import Store
 from sumbatch.store.base import Entry
@@ -64,7 +64,7 @@ class Projector:
             # the outcomes a moment to come, and fold both in one step instead of two.
             more = self.batch - len(entries)
             entries += await self.store.read_events(entries[-1][0], more, LINGER_MS)
-        views = await self.store.load_touched(chunks_touched(entries))
+        views = await self.store.load_touched(chunks_touched(entries), submitted_groups(entries))
         set_aside = fold_entries(entries, views, self.store.expired_before(time.time()))
         new_position = entries[-1][0]
         if not await self.store.commit_views(self.position, new_position, views, set_aside):

@@ -33,6 +33,7 @@ async def fold_range(
         submitted_here = {f["groupTaskId"] for _, f in entries if f.get("type") == "GroupSubmitted"}
         missing = group_ids(entries) - views.groups.keys() - submitted_here
         views.groups.update((await store.load_views(missing)).groups)
+        views.origins.update(await store.group_origins(submitted_here))
         check.set_aside += fold_entries(entries, views, store.expired_before(time.time()))
         check.events += len(entries)
         if len(entries) < page:

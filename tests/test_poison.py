@@ -97,11 +97,55 @@ def poison(gid: str) -> dict[str, dict[str, str]]:
             "type": "GroupSubmitted", "groupTaskId": stranger, "tasksTotal": "1000000000",
             "paramsA": "1", "paramsB": "2",
         },
+        "a copy of the live group's submission": {
+            "type": "GroupSubmitted", "groupTaskId": gid, "tasksTotal": "2",
+            "paramsA": "1 3", "paramsB": "2 4",
+        },
+        "submission whose params are no integers": {
+            "type": "GroupSubmitted", "groupTaskId": ids.new_group_id(), "tasksTotal": "2",
+            "paramsA": "1 x", "paramsB": "2 3",
+        },
+        "submission never made": {
+            "type": "GroupSubmitted", "groupTaskId": ids.new_group_id(), "tasksTotal": "1",
+            "paramsA": "1", "paramsB": "2",
+        },
         "submission of a non-group id": {
             "type": "GroupSubmitted", "groupTaskId": "{x}:events", "tasksTotal": "1",
             "paramsA": "1", "paramsB": "2",
         },
     }  # fmt: skip
+
+
+def test_a_copied_submission_of_a_finished_group_leaves_its_view_and_a_rebuild_alone(
+    client: TestClient, settings: Settings, raw: redis.Redis
+) -> None:
+    """A GroupSubmitted copied by hand after its group finished: folded, it would start
+    the view afresh (2 of 4 done on a finished group, its real GroupFinished then set
+    aside). It is set aside, by the projector and by a rebuild from the log."""
+    keys = Keys(settings.namespace)
+    created = post_group(client, [(1, 2), (3, 4), (5, 6), (7, 8)])
+    gid = created["groupTaskId"]
+    work(settings)
+    project(settings)
+    first = entries(raw, keys.group_log(gid))[0]
+    assert first[1]["type"] == "GroupSubmitted"
+    copy = xadd(raw, keys.events, {"groupTaskId": gid, **first[1]})
+
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            await Projector(store).run_until_idle()
+            await store.forget_position()  # sumbatch replay: fold it all again
+            await Projector(store).run_until_idle()
+            check = await differences(store)
+            assert check.differences == []
+            assert [s.entry_id for s in check.set_aside] == [copy]
+
+    asyncio.run(scenario())
+    group = client.get(f"/grouptasks/{gid}").json()
+    assert (group["grouptaskProcessed"], group["tasksCompleted"]) == (True, 4), group
+    assert group["results"] == [3, 7, 11, 15]
+    reasons = [f["reason"] for _, f in entries(raw, keys.rejected) if f["entryId"] == copy]
+    assert reasons and all("a copy" in reason for reason in reasons)
 
 
 def test_malformed_log_entries_are_set_aside_and_later_groups_still_finish(
@@ -146,6 +190,13 @@ def test_malformed_log_entries_are_set_aside_and_later_groups_still_finish(
     assert "unknown group" in by_id[bad["unknown group"]]["reason"]
     assert "not an event" in by_id[bad["unknown type"]]["reason"]
     assert by_id[bad["unknown type"]]["type"] == "TaskExploded"  # the entry as written
+    assert "a copy" in by_id[bad["a copy of the live group's submission"]]["reason"]
+    assert "integers" in by_id[bad["submission whose params are no integers"]]["reason"]
+    assert "no such group" in by_id[bad["submission never made"]]["reason"]
+    for kind in ("submission whose params are no integers", "submission never made"):
+        # No view was made of them: no group that answers PENDING for ever.
+        never = by_id[bad[kind]]["groupTaskId"]
+        assert client.get(f"/grouptasks/{never}").status_code == 404
     for entry_id in bad.values():
         assert entry_id in caplog.text
 

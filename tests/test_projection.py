@@ -16,7 +16,7 @@ from sumbatch.model.events import (
     TaskStarted,
     to_fields,
 )
-from sumbatch.model.projection import Views, apply, fold, fold_entries
+from sumbatch.model.projection import Views, apply, fold, fold_entries, problem
 from sumbatch.model.views import GroupView, task_view
 
 
@@ -215,3 +215,28 @@ def test_the_projector_folds_at_once_only_what_a_reader_waits_for() -> None:
     for kind in ("TaskCompleted", "TaskFailed", "TaskRetried", "TaskRevoked",
                  "GroupCancelled", "GroupFinished", "Unknown"):  # fmt: skip
         assert awaited(batch("GroupSubmitted", kind))
+
+
+def test_a_submission_is_checked_against_its_params_and_its_groups_origin() -> None:
+    gid = ids.new_group_id()
+
+    def submitted(params_a: str, params_b: str = "1 2") -> GroupSubmitted:
+        return GroupSubmitted(
+            group_task_id=gid, tasks_total=2, params_a=params_a, params_b=params_b
+        )
+
+    views = Views()
+    assert problem(views, submitted("1 -2")) is None
+    assert problem(views, submitted(f"{2**63 - 1} {-(2**63)}")) is None
+    for bad in ("1 x", f"1 {2**63}", f"{-(2**63) - 1} 1", "1 +2", "1 2.0", "1 ٣"):
+        assert (
+            problem(views, submitted(bad)) == "paramsA and paramsB must be signed 64-bit integers"
+        )
+    # Where its group's log begins decides which entry may start the view.
+    views.origins[gid] = "5-0"
+    assert problem(views, submitted("1 2"), "5-0") is None
+    assert "a copy" in (problem(views, submitted("1 2"), "9-0") or "")
+    views.origins[gid] = None
+    assert "no such group" in (problem(views, submitted("1 2"), "5-0") or "")
+    # A fold of events (no entry ids) has no origins to check.
+    assert problem(Views(), submitted("1 2")) is None

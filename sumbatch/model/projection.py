@@ -14,6 +14,7 @@ touches (``Views.partial``): the fold never reads a task outside them (``problem
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -49,6 +50,10 @@ class Views:
 
     groups: dict[str, GroupView] = field(default_factory=dict)
     partial: dict[str, frozenset[int]] = field(default_factory=dict)
+    # Where the log of each group submitted in the entries folded begins (its
+    # GroupSubmitted's entry id; None: no log): the one GroupSubmitted that may start
+    # a view. Without it (a fold of events, not entries), any may.
+    origins: dict[str, str | None] = field(default_factory=dict)
 
 
 def apply(views: Views, event: AnyEvent) -> None:
@@ -109,9 +114,20 @@ class SetAside:
     fields: dict[str, str]
 
 
-def problem(views: Views, event: AnyEvent) -> str | None:
-    """Why ``event`` cannot be applied to ``views``, or None when it can. ``views``
-    must hold the group the event names, if it exists."""
+# A signed 64-bit integer as SUBMIT writes one: ASCII digits, no sign but minus.
+_INT64 = re.compile(r"-?[0-9]{1,19}")
+
+
+def _integers(params: str) -> bool:
+    return all(
+        _INT64.fullmatch(value) and -(2**63) <= int(value) < 2**63 for value in params.split()
+    )
+
+
+def problem(views: Views, event: AnyEvent, entry_id: str | None = None) -> str | None:
+    """Why ``event`` (the log's entry ``entry_id``) cannot be applied to ``views``, or
+    None when it can. ``views`` must hold the group the event names, if it exists, and
+    the origin of a group it submits (``Views.origins``)."""
     gid = event.group_task_id
     if isinstance(event, GroupSubmitted):
         if ids.parse_uuid(gid) != gid or not ids.is_group_id(gid):
@@ -120,6 +136,15 @@ def problem(views: Views, event: AnyEvent) -> str | None:
             return f"tasksTotal {event.tasks_total} is not a positive count"
         if not len(event.params_a.split()) == len(event.params_b.split()) == event.tasks_total:
             return "paramsA and paramsB do not hold tasksTotal values each"
+        if not (_integers(event.params_a) and _integers(event.params_b)):
+            return "paramsA and paramsB must be signed 64-bit integers"
+        if entry_id is not None and gid in views.origins:
+            origin = views.origins[gid]
+            if origin is None:
+                return "no such group was submitted (its log is absent): written by hand?"
+            if origin != entry_id:
+                # Folded, it would start the view afresh under a group under way.
+                return f"a copy of the group's GroupSubmitted (its log begins at {origin})"
         return None
     group = views.groups.get(gid)
     if group is None:
@@ -139,6 +164,16 @@ def problem(views: Views, event: AnyEvent) -> str | None:
             # would change a task that is not there, and that change would be lost.
             return f"index {index}: its chunk of the view was not loaded"
     return None
+
+
+def submitted_groups(entries: Iterable[Entry]) -> set[str]:
+    """The groups some entries submit: whose log's beginning to read before
+    ``fold_entries`` (``Views.origins``)."""
+    return {
+        gid
+        for _, fields in entries
+        if fields.get("type") == "GroupSubmitted" and (gid := fields.get("groupTaskId"))
+    }
 
 
 def group_ids(entries: Iterable[Entry]) -> set[str]:
@@ -176,10 +211,10 @@ def fold_entries(
     """Decode, check and fold log entries into ``views`` (which must hold the groups
     of ``group_ids(entries)`` that exist); returns the entries set aside.
 
-    An event of a group that is not in ``views``, in an entry older than
-    ``expired_before`` (an entry id: now less the result TTL), is of a group that
-    expired: history, skipped quietly, not a fault. Folding a trimmed log again from
-    its start (``sumbatch replay``) meets many such."""
+    An event of a group that is not in ``views`` (a GroupSubmitted: whose log is gone),
+    in an entry older than ``expired_before`` (an entry id: now less the result TTL),
+    is of a group that expired: history, skipped quietly, not a fault. Folding a
+    trimmed log again from its start (``sumbatch replay``) meets many such."""
     set_aside = []
     expiry = None if expired_before is None else ids.entry_order(expired_before)
     for entry_id, fields in entries:
@@ -188,14 +223,18 @@ def fold_entries(
         except msgspec.ValidationError as exc:
             set_aside.append(SetAside(entry_id, f"not an event: {exc}", fields))
             continue
+        gid = event.group_task_id
         if (
             expiry is not None
-            and event.group_task_id not in views.groups
-            and not isinstance(event, GroupSubmitted)
             and ids.entry_order(entry_id) < expiry
+            and (
+                views.origins.get(gid, "") is None  # its log expired: so did its view
+                if isinstance(event, GroupSubmitted)
+                else gid not in views.groups
+            )
         ):
             continue
-        reason = problem(views, event)
+        reason = problem(views, event, entry_id)
         if reason is None:
             apply(views, event)
         else:

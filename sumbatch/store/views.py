@@ -52,19 +52,27 @@ class StoredViews(StoreBase):
             pipe.hgetall(self.keys.group_view(gid))
         return await self._whole_views(gids, await pipe.execute(raise_on_error=False))
 
-    async def load_touched(self, touched: Mapping[str, Iterable[int]]) -> Views:
+    async def load_touched(
+        self, touched: Mapping[str, Iterable[int]], submitted: Iterable[str] = ()
+    ) -> Views:
         """The views of some groups, each with only its summary and the chunks given
-        (``projection.chunks_touched``): what the projector folds a batch into."""
-        if not touched:
-            return Views()
+        (``projection.chunks_touched``), and where the logs of the groups ``submitted``
+        begin (``Views.origins``): what the projector folds a batch into, read in one
+        step."""
         wanted = {gid: sorted(set(ks)) for gid, ks in touched.items()}
+        first = sorted(set(submitted))
+        if not wanted and not first:
+            return Views()
         pipe = self.redis.pipeline(transaction=True)
         for gid, ks in wanted.items():
             pipe.hmget(self.keys.group_view(gid), [chunks.SUMMARY, *map(chunks.field_name, ks)])
+        for gid in first:
+            pipe.xrange(self.keys.group_log(gid), count=1)
         views = Views()
         replies = await pipe.execute(raise_on_error=False)
+        views.origins = dict(zip(first, map(_first_id, replies[len(wanted) :]), strict=True))
         old: list[str] = []
-        for (gid, ks), reply in zip(wanted.items(), replies, strict=True):
+        for (gid, ks), reply in zip(wanted.items(), replies[: len(wanted)], strict=True):
             fields = _reply(gid, reply)
             if isinstance(fields, _WrongType):
                 old.append(gid)
@@ -81,6 +89,18 @@ class StoredViews(StoreBase):
         # Loaded whole: their commit writes them whole, as hashes.
         views.groups.update(await self._old_views(old))
         return views
+
+    async def group_origins(self, group_ids: Iterable[str]) -> dict[str, str | None]:
+        """Where each group's log begins: its GroupSubmitted's entry id, None when the
+        log is absent (expired, or the group never submitted)."""
+        gids = sorted(set(group_ids))
+        if not gids:
+            return {}
+        pipe = self.redis.pipeline(transaction=True)
+        for gid in gids:
+            pipe.xrange(self.keys.group_log(gid), count=1)
+        replies = await pipe.execute(raise_on_error=False)
+        return dict(zip(gids, map(_first_id, replies), strict=True))
 
     async def commit_views(
         self,
@@ -230,6 +250,14 @@ def _absent(group_task_id: str, why: Exception) -> None:
     absent, so its group's events are set aside rather than stall the projector, and
     a read of it is a 404 rather than a 500."""
     log.error("the stored view of group %s is no view (%s); ignored", group_task_id, why)
+
+
+def _first_id(reply: object) -> str | None:
+    """The id of the entry an XRANGE COUNT 1 read, None for none or a key of another
+    type (written by hand)."""
+    if isinstance(reply, list) and reply:
+        return str(reply[0][0])
+    return None
 
 
 def _reply(group_task_id: str, reply: T | Exception) -> T | _WrongType:
