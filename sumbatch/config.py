@@ -28,6 +28,11 @@ EMBEDDED_PORT_DEFAULT = 6399
 # Tasks per group at most: a task's attempts byte must stay within one Redis string
 # (2^32 bits). The scripts refuse a group above it (MAX_TASKS in scripts/lib.py).
 MAX_TASKS_LIMIT = 2**29
+# Tasks per group a setting may allow: the submit script costs about 1.3 us a task
+# (ops/bench/submit_time.py: 100,000 tasks 0.13-0.14 s of wall time on Redis 7.0 and
+# Valkey, 1,000,000 past 2 s), and it holds the server while it runs, so the largest
+# group stays well within one API call's 1 s and stalls other clients for little.
+MAX_TASKS_SETTING = 100_000
 # Set by `sumbatch up` for its children: its pid; they stop when it is gone.
 PARENT_PID_ENV = "SUMBATCH_PARENT_PID"
 
@@ -226,7 +231,7 @@ VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "claim_timeout": ("SUMBATCH_CLAIM_TIMEOUT", CLAIM_TIMEOUT),
     "max_attempts": ("SUMBATCH_MAX_ATTEMPTS", MAX_ATTEMPTS),
     "retry_base": ("SUMBATCH_RETRY_BASE", RETRY_BASE),
-    "max_tasks_per_group": ("SUMBATCH_MAX_TASKS", IntRange(1, MAX_TASKS_LIMIT)),
+    "max_tasks_per_group": ("SUMBATCH_MAX_TASKS", IntRange(1, MAX_TASKS_SETTING)),
     "max_body_bytes": ("SUMBATCH_MAX_BODY_BYTES", MAX_BODY_BYTES),
     "data_dir": ("SUMBATCH_DATA_DIR", DATA_DIR),
     "embedded_port": ("SUMBATCH_EMBEDDED_PORT", parse_port),
