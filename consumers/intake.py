@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Container, Sequence
 from typing import NamedTuple
@@ -20,6 +21,7 @@ import msgspec
 from consumers.isolate import isolate
 from consumers.outbox import Outbox
 from consumers.runs import Runs, completed, failed
+from consumers.takeover import Watch, longest_gap, watch_from
 from sumbatch.config import Settings
 from sumbatch.model import ids
 from sumbatch.model.events import (
@@ -31,7 +33,7 @@ from sumbatch.model.events import (
     tasks_of,
     to_fields,
 )
-from sumbatch.store import Begun, Entry, Store, entry_id_of, task_key
+from sumbatch.store import HANDED_BACK_MS, Begun, Entry, Pending, Store, entry_id_of, task_key
 
 log = logging.getLogger("sumbatch.worker")
 
@@ -79,6 +81,12 @@ def _tasks_in(entry_id: str, fields: dict[str, str]) -> list[Task] | Refusal:
     return Refusal("UnreadableWorkEntry", "")
 
 
+def sweep_period(claim_timeout: float) -> float:
+    """Seconds between a worker's sweeps: a quarter of the claim timeout, within 0.2 to
+    2 s (often enough that handed-back entries move on quickly)."""
+    return max(0.2, min(2.0, claim_timeout / 4))
+
+
 class Intake:
     """The entries one consumer of the ``workers`` group holds, and the tasks in them
     not yet begun; ``room`` says how many more tasks may run now (the process's limit,
@@ -102,6 +110,14 @@ class Intake:
         self.room = room
         self.read_count = read_count
         self.claim_ms = int(settings.claim_timeout * 1000)
+        # Sweeps come this often (``worker.py``'s loop), and take over only what they
+        # have watched idle for the claim timeout (``takeover.py``).
+        self.sweep_every = sweep_period(settings.claim_timeout)
+        self.watch_from_ms = int(watch_from(settings.claim_timeout, self.sweep_every) * 1000)
+        self.watch = Watch(
+            settings.claim_timeout, longest_gap(settings.claim_timeout, self.sweep_every)
+        )
+        self._sweeping = asyncio.Lock()
         # Tasks taken (their entries pending on us) and not begun: a read takes whole
         # slices, and a worker begins no more tasks than it has room for.
         self.backlog: deque[Task] = deque()
@@ -131,18 +147,34 @@ class Intake:
         return max(1, min(self.read_count, room // WORK_SLICE))
 
     async def _sweep(self) -> int:
-        """Take over entries that a dead or stuck worker left idle past the timeout, as
-        many as there is room for: a worker with a backlog takes none, so that idle
-        workers can."""
-        room = self.room()
-        if self.backlog or room <= 0:
-            return 0
-        claimed = await self.store.autoclaim(self.name, self.claim_ms, self._entries_for(room))
+        """Watch the entries whose owner is late renewing them, and take over those it
+        has missed its renewals for the claim timeout on our clock (a dead or stuck
+        worker's: ``takeover.py``), as many as there is room for: a worker with a
+        backlog takes none, so that idle workers can. Returns how many were taken."""
+        async with self._sweeping:
+            sent = time.monotonic()
+            pending = await self.store.pending_idle(self.watch_from_ms)
+            ready = self.watch.observe(pending, sent, time.monotonic())
+            room = self.room()
+            if self.backlog or room <= 0 or not ready:
+                return 0
+            claimed = await self._claim(ready[: self._entries_for(room)])
         if claimed:
             log.info("claimed %d entries from dead or stuck workers", len(claimed))
             # Its backlog is empty here; an entry of ours may still have runs going.
             await self._take(claimed, held=self.runs)
         return len(claimed)
+
+    async def _claim(self, ready: list[Pending]) -> list[Entry]:
+        """XCLAIM, each entry only if still idle as long as when it was read (less the
+        claim timeout at most): one renewed since then stays its owner's."""
+        handed = [p.entry_id for p in ready if p.idle_ms >= HANDED_BACK_MS]
+        late = [p for p in ready if p.idle_ms < HANDED_BACK_MS]
+        claimed = await self.store.claim_idle(self.name, HANDED_BACK_MS, handed)
+        if late:
+            min_idle = min(self.claim_ms, *(p.idle_ms for p in late))
+            claimed += await self.store.claim_idle(self.name, min_idle, [p.entry_id for p in late])
+        return claimed
 
     async def _take(self, entries: list[Entry], held: Container[str] = ()) -> None:
         """Put the tasks of work entries in the backlog, those in ``held`` aside;
@@ -175,7 +207,7 @@ class Intake:
         self.backlog.clear()
         for key in keys:
             self.runs.stop(key)
-        await self.store.renew(self.name, keys, idle_ms=self.claim_ms * 10)
+        await self.store.renew(self.name, keys, idle_ms=HANDED_BACK_MS)
         log.warning("handed back %d unfinished tasks", len(keys))
 
     async def _begin_backlog(self) -> int:

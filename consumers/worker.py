@@ -162,8 +162,12 @@ class Worker(Intake):
         try:
             while True:
                 got = await self._read(block_ms=50)
-                if not got and not self.busy and not await self._sweep():
+                if got or self.busy or await self._sweep():
+                    continue
+                if not self.watch.overdue:
                     break
+                # Entries idle past the claim timeout: watched that long before taking.
+                await asyncio.sleep(0.05)
             await self._drain()
         finally:
             await self._stop_helpers(helpers)
@@ -191,11 +195,9 @@ class Worker(Intake):
         return helpers
 
     async def _keep_claims(self) -> None:
-        # Often enough that entries handed back by a stopping worker move on quickly.
-        sweep_every = max(0.2, min(2.0, self.settings.claim_timeout / 4))
         steps: list[tuple[str, float, Callable[[], Awaitable[object]]]] = [
             ("renewals", self.settings.claim_timeout / 4, self._renew),
-            ("sweeps", sweep_every, self._sweep_unless_stopping),
+            ("sweeps", self.sweep_every, self._sweep_unless_stopping),
             ("trims", TRIM_EVERY, self.store.trim_work),
             ("forgetting", FORGET_EVERY, self._forget_dead),
         ]

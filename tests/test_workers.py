@@ -386,7 +386,8 @@ def test_a_sweep_takes_over_only_as_many_entries_as_the_worker_has_room_for(
     settings: Settings,
 ) -> None:
     """Three entries a dead worker left idle; a worker with room for one task claims
-    one of them per sweep, not all three, so that other workers can take the rest."""
+    one of them per sweep (once it has watched them for the claim timeout), not all
+    three, so that other workers can take the rest."""
     settings = msgspec.structs.replace(settings, worker_concurrency=1)
 
     async def scenario() -> None:
@@ -401,7 +402,9 @@ def test_a_sweep_takes_over_only_as_many_entries_as_the_worker_has_room_for(
             )
             gate = Gate()
             worker = Worker(settings, store, handler=gate.handler)
-            assert await worker._sweep() == 1
+            # Idle past the timeout at once: taken once watched that long (takeover.py).
+            taken = await wait_until(worker._sweep, within=10, what="a sweep to take one")
+            assert taken == 1
             assert await pending_by_consumer(store) == {"dead": 2, worker.name: 1}
             assert await worker._sweep() == 0  # its one slot is taken: nothing more
             running = asyncio.create_task(worker.run())

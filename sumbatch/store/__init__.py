@@ -30,7 +30,7 @@ from typing import Any
 from sumbatch.config import Settings
 from sumbatch.model.keys import Keys
 from sumbatch.store.base import DurableMode, Entry, Retention, StoreBase, connect
-from sumbatch.store.claims import Claims
+from sumbatch.store.claims import HANDED_BACK_MS, Claims, Pending
 from sumbatch.store.entries import entry_id_of, task_key
 from sumbatch.store.inspect import Inspector
 from sumbatch.store.log import EventLog
@@ -46,6 +46,7 @@ from sumbatch.store.views import REJECTED_KEPT, StoredViews
 from sumbatch.store.work import Begun, Completed, Outcome, TaskSteps
 
 __all__ = [
+    "HANDED_BACK_MS",
     "REJECTED_KEPT",
     "Begun",
     "CancelOutcome",
@@ -58,6 +59,7 @@ __all__ = [
     "NotDurable",
     "OutcomeUnknown",
     "Outcome",
+    "Pending",
     "Producer",
     "Retention",
     "Store",

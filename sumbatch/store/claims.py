@@ -6,13 +6,35 @@ through the fence are ``work.py``'s."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from redis.exceptions import ResponseError
 
 from sumbatch.model.keys import WORKER_GROUP
 from sumbatch.store.base import Entry, StoreBase
 from sumbatch.store.entries import entry_id_of, entry_ids
+
+# The idle time a stopping worker gives the entries it hands back (``renew``'s
+# ``idle_ms``): about 31.7 years, more than any stall or step of the server's clock
+# could age an entry, so a sweep can tell a hand-back (take it at once) from a stall.
+HANDED_BACK_MS = 10**12
+# The server's clock, read in the same transaction as the pending entries. A script
+# (not TIME) so that a cluster's transaction can hold it, and so that CLIENT PAUSE
+# WRITE holds the reading as it holds the owners' renewals (a script may write).
+_SERVER_TIME = "return redis.call('TIME')"
+
+
+class Pending(NamedTuple):
+    """A pending work entry as one reading saw it. ``delivered_ms`` is the server's
+    clock at its last delivery or renewal (its time then minus the idle time): a stall
+    or a step of the server's clock leaves it as it is, only a renewal, a claim or a
+    hand-back moves it."""
+
+    entry_id: str
+    consumer: str
+    idle_ms: int
+    deliveries: int
+    delivered_ms: int
 
 
 class Claims(StoreBase):
@@ -57,6 +79,49 @@ class Claims(StoreBase):
             if cursor == "0-0" or len(claimed) >= count:
                 break
         return claimed
+
+    async def pending_idle(
+        self, min_idle_ms: int, count: int = 1000, max_pages: int = 20
+    ) -> list[Pending]:
+        """The pending entries idle at least ``min_idle_ms``, each page read in one
+        transaction with the server's clock."""
+        found: list[Pending] = []
+        start = "-"
+        for _ in range(max_pages):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.eval(_SERVER_TIME, 0)
+            pipe.xpending_range(
+                self.keys.work, WORKER_GROUP, min=start, max="+", count=count, idle=min_idle_ms
+            )
+            (seconds, micros), rows = await pipe.execute()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            found += [
+                Pending(
+                    str(row["message_id"]),
+                    str(row["consumer"]),
+                    int(row["time_since_delivered"]),
+                    int(row["times_delivered"]),
+                    now_ms - int(row["time_since_delivered"]),
+                )
+                for row in rows
+            ]
+            if len(rows) < count:
+                break
+            start = f"({rows[-1]['message_id']}"
+        return found
+
+    async def claim_idle(
+        self, consumer: str, min_idle_ms: int, entry_ids: Sequence[str]
+    ) -> list[Entry]:
+        """Take over these entries, those still idle at least ``min_idle_ms`` (one
+        renewed since it was read is left to its owner); entries deleted from the
+        stream meanwhile leave the pending list (Redis 7)."""
+        if not entry_ids:
+            return []
+        reply: Any = await self.redis.xclaim(
+            self.keys.work, WORKER_GROUP, consumer, min_idle_ms, list(entry_ids)
+        )
+        return [(eid, fields) for eid, fields in reply if fields]
 
     async def dead_letter_entry(
         self,
