@@ -63,8 +63,9 @@ def test_the_projector_rewrites_only_the_chunks_its_events_touch(settings: Setti
         assert reads == [f"HMGET {key} summary 2"] * 2, reads
         # The commit (its JSON has no spaces): ttl none, in part, summary and chunk 2.
         [commit] = [c.split(" ") for c in seen if c.startswith("EVALSHA")]
-        assert commit[10:15] == ["0", "0", "4", "summary", commit[14]]
-        assert commit[15] == "2" and len(commit) == 17
+        # (EVALSHA sha 4, then its keys: position, rejected, the call's, the view.)
+        assert commit[11:16] == ["0", "0", "4", "summary", commit[15]]
+        assert commit[16] == "2" and len(commit) == 18
         assert await store.redis.hget(key, "0") == spaced
         assert await store.redis.hget(key, "mark") == "kept"
         counts = chunks.decode_counts(gid, await field(store, key, "summary"))

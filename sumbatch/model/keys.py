@@ -96,6 +96,12 @@ class Keys:
         """The answer given to a POST with this Idempotency-Key (hashed by the API)."""
         return f"{self.tag}:idem:{key}"
 
+    def call(self, token: str) -> str:
+        """The reply of one call of a state-changing script, kept for a short while
+        (``scripts.lib.CALL_TTL``) so that a resend of that call changes nothing more
+        and gets the same reply. ``token``: the store's, one per call."""
+        return f"{self.tag}:call:{token}"
+
     def of_group(self, group_task_id: str) -> list[str]:
         """A group's write-side keys, in the order the scripts declare them."""
         return [

@@ -17,6 +17,14 @@ Per group, the write side is three keys: the ledger hash (counters), the ``ended
 bitmap (the completion fence: one bit per task) and the ``attempts`` string (one byte
 per task, BITFIELD u8).
 
+Every script that changes state runs once per call: a resend of the same call (a
+client's retry after a timeout, whose first run did happen) changes nothing more and
+gets the first reply. SUBMIT is keyed by its group id; RELEASE_ENDED only acknowledges
+what has ended; the others (BEGIN, NEXT_ATTEMPT, APPEND, COMPLETE, CANCEL, COMMIT)
+take the key of a token the store makes per call (``Keys.call``), under which they keep
+their reply for ``lib.CALL_TTL`` s (``first_reply``, ``keep_reply``); BEGIN keeps a mark
+only, and a resend of it reads the attempts its first run counted.
+
 Every script checks all it can before its first write, and nothing after that can
 fail: a script that errors half-way keeps what it wrote (no rollback), which could log
 an outcome without counting it. Shared streams are checked with ``is_or_none``, group
@@ -25,19 +33,11 @@ keys with ``group_state``; items that fail a check are refused, not half-done.
 May import ``model`` and ``config``: it holds script text, never a connection.
 """
 
+from sumbatch.scripts.claims import FORGET_CONSUMER, RENEW, TRIM_WORK
 from sumbatch.scripts.inspect import INSPECT
 from sumbatch.scripts.log import COMMIT, READ_SINCE
 from sumbatch.scripts.producer import CANCEL, SUBMIT
-from sumbatch.scripts.work import (
-    APPEND,
-    BEGIN,
-    COMPLETE,
-    FORGET_CONSUMER,
-    NEXT_ATTEMPT,
-    RELEASE_ENDED,
-    RENEW,
-    TRIM_WORK,
-)
+from sumbatch.scripts.work import APPEND, BEGIN, COMPLETE, NEXT_ATTEMPT, RELEASE_ENDED
 
 __all__ = [
     "APPEND",

@@ -1,5 +1,7 @@
 """The projector's script: commit views with the position they include."""
 
+from sumbatch.scripts.lib import CALLS
+
 # HSET of many fields, some thousands at a time: unpack of a whole big group's fields
 # could overflow Lua's stack. ARGV[first..last]: field, value pairs.
 HSET_ARGS = """
@@ -18,19 +20,23 @@ end
 # earlier fold stays) or in part: its summary and some chunks, only onto the hash they
 # were read from; a key of another type or gone since (by hand) is left alone. Every
 # key's type is checked before the first write: Lua does not roll back.
-# KEYS: position, rejected stream, view keys... ARGV: expected position ('' = none),
+# Once per call: a resend of it (same call key) gets the first reply, where the
+# compare-and-set alone would answer 0 (the position moved: by itself).
+# KEYS: position, rejected stream, the call's key, view keys... ARGV: expected position ('' = none),
 # new position, rejected entries json (flat fields each), max rejected kept, then per
 # view: ttl seconds (0 = none), whole ('1') or in part ('0'), the number of arguments
 # that follow for it, then its fields and values.
 COMMIT = (
-    HSET_ARGS
+    CALLS
+    + HSET_ARGS
     + """
+if first_reply(KEYS[3]) then return 1 end
 if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
 local rejected = cjson.decode(ARGV[3])
 local t = redis.call('TYPE', KEYS[2])['ok']
 local copy = #rejected > 0 and (t == 'stream' or t == 'none')
 local writes, at = {}, 5
-for k = 3, #KEYS do
+for k = 4, #KEYS do
   local ttl, whole, n = ARGV[at], ARGV[at + 1] == '1', tonumber(ARGV[at + 2])
   local first = at + 3
   at = first + n
@@ -54,6 +60,7 @@ if copy then
   end
 end
 redis.call('SET', KEYS[1], ARGV[2])
+keep_reply(KEYS[3], '1')
 return 1
 """
 )

@@ -88,7 +88,8 @@ return false
 # running ones included (their late outcome meets the fence and writes nothing), then
 # tell the workers on the cancellations channel, so they stop those runs. The
 # partition's stats count the revoked tasks and the group's end.
-# KEYS: events, ledger, ended, attempts, group log, stats.
+# Once per call: a resend of it (same call key) gets the first reply.
+# KEYS: events, ledger, ended, attempts, group log, stats, the call's key.
 # ARGV: group id, result ttl, GroupCancelled json, task id prefix (ids.py),
 #       cancellations channel.
 # Returns -1 unknown group, -2 finished without being cancelled (nothing to cancel),
@@ -96,6 +97,8 @@ return false
 CANCEL = (
     LIB
     + """
+local replayed = tonumber(first_reply(KEYS[7]) or '')
+if replayed then return replayed end
 local K = {ledger = KEYS[2], ended = KEYS[3], attempts = KEYS[4], log = KEYS[5]}
 local total = group_state(K)
 if total == 'gone' then return -1 end
@@ -123,6 +126,7 @@ if revoked > 0 then
   write_tally(t, KEYS[6])
   redis.call('PUBLISH', ARGV[5], ARGV[1])
 end
+keep_reply(KEYS[7], 1 + revoked)
 return 1 + revoked
 """
 )

@@ -1,24 +1,37 @@
 """The workers' scripts: begin a task, count and log its attempts, record its outcome
 through the completion fence, and keep the work stream's claims and length in hand."""
 
-from sumbatch.scripts.lib import LIB
+from sumbatch.scripts.lib import CALLS, LIB
 
 # What a worker does with each handed-out entry. With one partition the cache keys
 # share its hash tag, and are read here; with several, each is in a slot of its own and
 # read before (a sum is deterministic: reading it outside the step is safe).
 # Items are tasks; a work entry may hold several (``events.TasksSubmitted``), and is
 # acknowledged once every task it can hold has ended, or its group is gone.
-# KEYS: work, then four per group (``Keys.of_group``), then (one partition) each item's
-# cache key. ARGV: group, group ids json, items json: [entry id, group id, index,
-# cached sum or '', entry's first index, how many it can hold] per item, the KEYS index
-# of the first cache key (0: none, the sums read before are in the items).  Returns per
-# item: {0} ended already or expired, {1, result} cache hit, {2, attempt} run it
-# (attempts counted across every worker), or {3} refused: its group's keys are not what
-# sumbatch wrote, or its index is outside the group (left pending, untouched).
+# Once per call: the first run keeps a mark under the call's key; a resend of it finds
+# the mark and counts no attempt more: a task to run gets the attempt its byte holds
+# (the first run's count). Only a byte still 0 (the first run did not count it: it was
+# a cache hit then, say) is counted now (a run another worker counted in between would
+# show in the byte too). Replies are not kept: encoding 200 of them with cjson cost a
+# tenth of the script.
+# KEYS: work, the call's key (``Keys.call``), then four per group (``Keys.of_group``),
+# then (one partition) each item's cache key. ARGV: group, group ids json, items json:
+# [entry id, group id, index, cached sum or '', entry's first index, how many it can
+# hold] per item, the KEYS index of the first cache key (0: none, the sums read before
+# are in the items). Returns per item: {0} ended already or expired, {1, result} cache
+# hit, {2, attempt} run it (attempts counted across every worker), or {3} refused: its
+# group's keys are not what sumbatch wrote, or its index is outside the group (left
+# pending, untouched).
 BEGIN = (
     LIB
     + """
-local G = declared(2, cjson.decode(ARGV[2]))
+local again = first_reply(KEYS[2]) ~= nil
+-- On a resend: the attempt the first run counted for a task, or nil if it counted none.
+local function counted_before(attempts, index)
+  local counted = redis.call('BITFIELD', attempts, 'GET', 'u8', '#' .. index)[1]
+  return counted > 0 and counted or nil
+end
+local G = declared(3, cjson.decode(ARGV[2]))
 local items = cjson.decode(ARGV[3])
 local first_cache = tonumber(ARGV[4]) or 0
 local sums = {}
@@ -55,32 +68,44 @@ for n, item in ipairs(items) do
     local g = seen[item[2]]
     decide_ack(acked, item[1], g.state, g.ended, item[5], item[6])
   elseif out[n][1] == 2 then
-    out[n][2] = redis.call('BITFIELD', seen[item[2]].keys.attempts,
-      'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' .. item[3], 1)[1]
+    local attempts = seen[item[2]].keys.attempts
+    out[n][2] = again and counted_before(attempts, item[3])
+      or redis.call('BITFIELD', attempts, 'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' .. item[3], 1)[1]
   end
 end
 ack_entries(KEYS[1], ARGV[1], acked)
+if not again then keep_reply(KEYS[2], '1') end
 return out
 """
 )
 
 # Count one more run of a task (a retry in the same worker), unless its group is gone
-# (expired: a late run must not bring its keys back). KEYS: attempts, ledger.
-# ARGV: index. Returns the attempt number, or 0.
-NEXT_ATTEMPT = """
+# (expired: a late run must not bring its keys back). Once per call, as BEGIN.
+# KEYS: attempts, ledger, the call's key. ARGV: index. Returns the attempt number, or 0.
+NEXT_ATTEMPT = (
+    CALLS
+    + """
+local replayed = tonumber(first_reply(KEYS[3]) or '')
+if replayed then return replayed end
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-return redis.call('BITFIELD', KEYS[1], 'OVERFLOW', 'SAT', 'INCRBY', 'u8', '#' .. ARGV[1], 1)[1]
+local counted = redis.call('BITFIELD', KEYS[1], 'OVERFLOW', 'SAT', 'INCRBY', 'u8',
+  '#' .. ARGV[1], 1)[1]
+keep_reply(KEYS[3], counted)
+return counted
 """
+)
 
 # Append progress events (started, retried) to the log and their group's audit
 # stream, unless the group is gone (expired: a late run must not bring its keys back)
-# or its keys are not what sumbatch wrote.
-# KEYS: events, then four per group. ARGV: group ids json, items json: [group id,
+# or its keys are not what sumbatch wrote. Once per call, as BEGIN.
+# KEYS: events, the call's key, then four per group. ARGV: group ids json, items json: [group id,
 # event fields] per event.
 APPEND = (
     LIB
     + """
-local G = declared(2, cjson.decode(ARGV[1]))
+local replayed = tonumber(first_reply(KEYS[2]) or '')
+if replayed then return replayed end
+local G = declared(3, cjson.decode(ARGV[1]))
 if not is_or_none(KEYS[1], 'stream') then
   return redis.error_reply('ERR the event log key is not a stream (written by hand?)')
 end
@@ -94,6 +119,7 @@ for _, item in ipairs(items) do
     appended = appended + 1
   end
 end
+keep_reply(KEYS[2], appended)
 return appended
 """
 )
@@ -106,9 +132,11 @@ return appended
 # Items whose group's keys are not what sumbatch wrote, or whose index is outside the
 # group, are refused: left pending, untouched. The partition's stats count each
 # recorded outcome (and its run's seconds, when it ran) and each group ended, in the
-# same step: an outcome sent twice counts once.
+# same step: an outcome sent twice counts once. Once per call, as BEGIN: a resend of
+# the same call gets the first reply (the fence alone would answer "nothing recorded").
 # A work entry is acknowledged once every task it can hold has ended (see BEGIN).
-# KEYS: events, work, dead letters, stats, then four per group, then cache keys.
+# KEYS: events, work, dead letters, stats, the call's key, then four per group, then
+# cache keys.
 # ARGV: group, result ttl, group ids json, items json, cache ttl. Per item: [task key,
 #   index, group id, state, outcome, after, seconds, cache key's KEYS index (0: none),
 #   sum, entry id, entry's first index, how many it can hold], state SUCCESS
@@ -118,7 +146,9 @@ return appended
 COMPLETE = (
     LIB
     + """
-local G = declared(5, cjson.decode(ARGV[3]))
+local replayed = first_reply(KEYS[5])
+if replayed then return unjoined(replayed) end
+local G = declared(6, cjson.decode(ARGV[3]))
 if not (is_or_none(KEYS[1], 'stream') and is_or_none(KEYS[2], 'stream')
     and is_or_none(KEYS[3], 'stream')) then
   return redis.error_reply('ERR a sumbatch stream key is not a stream (written by hand?)')
@@ -195,6 +225,7 @@ ack_entries(KEYS[2], ARGV[1], acked)
 -- Last, and never fatal: a failed cache write (a TTL the server refuses, say) costs a
 -- cache miss, where an error would stop the script after the fence bits were set.
 for _, kv in ipairs(cache) do redis.pcall('SET', kv[1], kv[2], 'EX', ARGV[5]) end
+keep_reply(KEYS[5], joined({recorded, refused}))
 return {recorded, refused}
 """
 )
@@ -224,56 +255,3 @@ ack_entries(KEYS[1], ARGV[1], acked)
 return released
 """
 )
-
-# Reset the idle time of entries this consumer still owns, so a live worker keeps its
-# long tasks; or, with a non-zero idle, hand them back (make them claimable at once).
-# KEYS: work. ARGV: group, consumer, idle ms, ids... Returns the ids another consumer
-# took over (ids no longer pending were acknowledged: nothing to do).
-RENEW = """
-local lost = {}
-for a = 4, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[a], ARGV[a], 1)
-  if p[1] then
-    if p[1][2] == ARGV[2] then
-      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[a], 'IDLE', ARGV[3], 'JUSTID')
-    else
-      lost[#lost + 1] = ARGV[a]
-    end
-  end
-end
-return lost
-"""
-
-# Drop work entries every consumer is done with: those below the oldest pending entry,
-# or below the last one handed out when none is pending. KEYS: work. ARGV: group.
-TRIM_WORK = """
-local last
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local info = {}
-  for j = 1, #g, 2 do info[g[j]] = g[j + 1] end
-  if info['name'] == ARGV[1] then last = info['last-delivered-id'] end
-end
-if not last then return 0 end
-local summary = redis.call('XPENDING', KEYS[1], ARGV[1])
-local minid = last
-if tonumber(summary[1]) > 0 then minid = summary[2] end
-return redis.call('XTRIM', KEYS[1], 'MINID', minid)
-"""
-
-# Remove a consumer only if it still has nothing pending and is still idle: XGROUP
-# DELCONSUMER drops a consumer's pending entries, which would lose tasks.
-# KEYS: work. ARGV: group, consumer, min idle ms. Returns 1 if removed.
-FORGET_CONSUMER = """
-for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
-  local info = {}
-  for j = 1, #c, 2 do info[c[j]] = c[j + 1] end
-  if info['name'] == ARGV[2] then
-    if info['pending'] == 0 and info['idle'] >= tonumber(ARGV[3]) then
-      redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-      return 1
-    end
-    return 0
-  end
-end
-return 0
-"""

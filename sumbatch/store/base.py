@@ -3,8 +3,12 @@ registered scripts, the retention, and closing."""
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
-from collections.abc import Iterable
+import secrets
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Self
 
@@ -20,6 +24,7 @@ from redis.asyncio.connection import (
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sumbatch import scripts
@@ -43,6 +48,9 @@ POOL_WAIT = 10.0
 # Connections a process opens to each server at most, unless its settings say
 # (SUMBATCH_REDIS_CONNECTIONS); redis-py's own default.
 MAX_CONNECTIONS = 100
+# Calls whose outcome is unknown (they raised) whose token a store keeps for the
+# caller's resend of them (``StoreBase._once``), at most: the latest ones.
+UNSETTLED_KEPT = 64
 
 
 class WaitingPool(BlockingConnectionPool):
@@ -65,10 +73,12 @@ class WaitingPool(BlockingConnectionPool):
 def connect(url: str, *, cluster: bool = False, **options: Any) -> Client:
     """Bounded timeouts and one quick retry on a lost connection; callers own any
     longer backoff. A retried call runs twice on the server when the first run's reply
-    was lost: SUBMIT, COMPLETE, CANCEL and COMMIT see their own first run (ledger,
-    fence, position) and change nothing more; BEGIN and NEXT_ATTEMPT may count one
-    attempt too many, APPEND may log a progress event twice, which the fold ignores,
-    and a dead-letter copy may be made twice (its entry is acknowledged either way).
+    was lost: SUBMIT sees its own first run (its group's ledger), RELEASE_ENDED only
+    acknowledges what has ended, and every other state-changing script finds its
+    first run's reply under the call's token (``StoreBase._once``) and changes nothing
+    more. A dead-letter copy of an unreadable or refused work entry
+    (``Claims.dead_letter_entry``) may still be made twice (its entry is acknowledged
+    either way).
 
     At most ``max_connections`` connections to each server; past them a call waits up
     to ``pool_wait`` s for one (a cluster's node pools do not wait: they raise
@@ -206,6 +216,45 @@ class StoreBase(OwnsClient):
         self._next_attempt = redis.register_script(scripts.NEXT_ATTEMPT)
         self._forget_consumer = redis.register_script(scripts.FORGET_CONSUMER)
         self._inspect = redis.register_script(scripts.INSPECT)
+        # Call tokens: this store's own prefix, a counter, and the tokens of calls that
+        # raised, by what they sent, for the caller's resend of them.
+        self._token_prefix = secrets.token_hex(8)
+        self._calls = itertools.count(1)
+        self._unsettled: OrderedDict[bytes, str] = OrderedDict()
+
+    async def _once(
+        self,
+        script: AsyncScript,
+        before: Sequence[str],
+        after: Sequence[str],
+        args: Sequence[str | int | float | bytes],
+        *,
+        resent: bool = True,
+    ) -> object:
+        """Run a state-changing script once per call: the key of a token of this call
+        (``Keys.call``) goes between the keys ``before`` and ``after``, and the script
+        keeps its reply there for a while, so that a resend of the call (redis-py's
+        retry after a socket timeout, with the same arguments) changes nothing more
+        and gets the first reply. When the call raises, its outcome unknown, its token
+        is kept (``resent``): the caller's next call with the same keys and arguments is
+        its resend (after a backoff) and uses the same token. Not for a call whose
+        arguments may well repeat as a new call (the next attempt of a task)."""
+        what = self._what(before, after, args) if resent and self._unsettled else None
+        token = self._unsettled.pop(what, None) if what is not None else None
+        token = token or f"{self._token_prefix}-{next(self._calls)}"
+        try:
+            return await script(keys=[*before, self.keys.call(token), *after], args=args)
+        except BaseException:
+            if resent:
+                self._unsettled[self._what(before, after, args)] = token
+                while len(self._unsettled) > UNSETTLED_KEPT:
+                    self._unsettled.popitem(last=False)
+            raise
+
+    @staticmethod
+    def _what(before: Sequence[str], after: Sequence[str], args: Sequence[object]) -> bytes:
+        """A digest of what a call sends (its keys but the token's, its arguments)."""
+        return hashlib.blake2b(repr((before, after, args)).encode(), digest_size=16).digest()
 
     def _declare(self, group_ids: Iterable[str]) -> tuple[list[str], bytes]:
         """The write-side keys of some groups, four each, and their ids in the same

@@ -259,7 +259,9 @@ class Producer(StoreBase):
             ids.group_prefix(group_task_id),
             self.keys.cancellations,
         ]
-        code = int(await self._cancel(keys=keys, args=args))
+        # Once per call: a resend of a cancel that ran answers as the first did.
+        reply: Any = await self._once(self._cancel, keys, [], args)
+        code = int(reply)
         if code == -1:
             return CancelOutcome("unknown")
         if code == -2:

@@ -132,7 +132,8 @@ class StoredViews(StoreBase):
             keys.append(self.keys.group_view(gid))
             args += (ttl if group.processed else "0", "1" if loaded is None else "0", len(fields))
             args += fields
-        return bool(await self._commit(keys=keys, args=args))
+        # Once per call: a resend of a commit that ran answers 1, as the first did.
+        return bool(await self._once(self._commit, keys[:2], keys[2:], args))
 
     async def snapshot(self, group_ids: Sequence[str]) -> tuple[str | None, Views, dict[str, bool]]:
         """In one step: the projector's position, these groups' whole views, and

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from redis.asyncio.cluster import RedisCluster
 
@@ -90,10 +90,12 @@ class TaskSteps(StoreBase):
             for key, item, sum_ in zip(keys, items, cached, strict=True)
             for entry_id, first, count in [entry_of(key, item.index)]
         ]
-        first_cache = 2 + len(group_keys) if cache_keys else 0
+        first_cache = 3 + len(group_keys) if cache_keys else 0
         args: list[str | int | bytes] = [WORKER_GROUP, gids, _json.encode(payload), first_cache]
-        declared = [self.keys.work, *group_keys, *cache_keys]
-        decisions = await self._begin(keys=declared, args=args)
+        # Once per call: a resend of a begin that ran counts no attempt more.
+        decisions: Any = await self._once(
+            self._begin, [self.keys.work], [*group_keys, *cache_keys], args
+        )
         return [Begun(_BEGUN_KINDS[int(d[0])], int(d[1]) if len(d) > 1 else 0) for d in decisions]
 
     async def release_ended(self, items: Sequence[TaskSubmitted], keys: Sequence[str]) -> list[str]:
@@ -112,15 +114,18 @@ class TaskSteps(StoreBase):
     async def next_attempt(self, group_task_id: str, index: int) -> int:
         """The next attempt number of a task, counted in Redis (0 if its group is gone)."""
         keys = [self.keys.attempts(group_task_id), self.keys.ledger(group_task_id)]
-        return int(await self._next_attempt(keys=keys, args=[index]))
+        # Not resent with the same token by a later call: the same arguments again are
+        # the task's next attempt.
+        counted: Any = await self._once(self._next_attempt, keys, [], [index], resent=False)
+        return int(counted)
 
     async def append(self, events: Sequence[AnyEvent]) -> None:
         if events:
             flat = to_flat(list(events))
             payload = [(e.group_task_id, f) for e, f in zip(events, flat, strict=True)]
             group_keys, gids = self._declare(e.group_task_id for e in events)
-            await self._append(
-                keys=[self.keys.events, *group_keys], args=[gids, _json.encode(payload)]
+            await self._once(
+                self._append, [self.keys.events], group_keys, [gids, _json.encode(payload)]
             )
 
     async def complete(self, outcomes: Sequence[Outcome]) -> Completed:
@@ -138,7 +143,7 @@ class TaskSteps(StoreBase):
                 state = "CACHED" if event.from_cache else "SUCCESS"
                 if not event.from_cache and in_scripts:
                     cache_keys.append(self.keys.cache(outcome.param_a, outcome.param_b))
-                    cache_at, sum_ = 4 + len(group_keys) + len(cache_keys), str(event.result)
+                    cache_at, sum_ = 5 + len(group_keys) + len(cache_keys), str(event.result)
                 elif not event.from_cache:
                     params = (outcome.param_a, outcome.param_b)
                     sums.append((outcome.key, params, event.result))
@@ -162,14 +167,7 @@ class TaskSteps(StoreBase):
                     cache_at, sum_, *entry_of(outcome.key, event.index),
                 )
             )  # fmt: skip
-        keys = [
-            self.keys.events,
-            self.keys.work,
-            self.keys.dead_letters,
-            self.keys.stats,
-            *group_keys,
-            *cache_keys,
-        ]
+        keys = [self.keys.events, self.keys.work, self.keys.dead_letters, self.keys.stats]
         args: list[str | int | bytes] = [
             WORKER_GROUP,
             self.retention.results,
@@ -177,7 +175,8 @@ class TaskSteps(StoreBase):
             _json.encode(items),
             self.retention.cache,
         ]
-        recorded, refused = await self._complete(keys=keys, args=args)
+        reply: Any = await self._once(self._complete, keys, [*group_keys, *cache_keys], args)
+        recorded, refused = reply
         # Several partitions: after the fence, not in it. A sum is the same whoever
         # computes it, so losing this write (a crash just now) costs a cache miss,
         # nothing more. Only sums of outcomes the fence let through: a revoked run
