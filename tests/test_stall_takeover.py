@@ -30,6 +30,7 @@ from tests.support import (
     Processes,
     all_processed,
     assert_exactly_once,
+    blocked_in_xreadgroup,
     drop_namespace,
     fresh_namespace,
     log_events,
@@ -98,9 +99,9 @@ async def _start_spread(store: Store, settings: Settings, procs: Processes) -> G
     one before has started, so that the workers (blocked in their reads, served in
     turn) hold them between them. Returns once every task runs."""
     await store.ensure_worker_group()
-    for _ in range(WORKERS):
-        procs.start(settings, "worker")
+    workers = [procs.start(settings, "worker") for _ in range(WORKERS)]
     procs.start(settings, "projector")
+    await wait_until(lambda: blocked_in_xreadgroup(store, workers), what="every worker to read")
     groups: Groups = []
     for n in range(GROUPS):
         groups.append(await submit(store, [(n, i) for i in range(TASKS)]))

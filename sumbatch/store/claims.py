@@ -89,11 +89,13 @@ class Claims(StoreBase):
         start = "-"
         for _ in range(max_pages):
             pipe = self.redis.pipeline(transaction=True)
-            pipe.eval(_SERVER_TIME, 0)
+            # The keyed call first: a cluster's transaction then runs the script on
+            # the work stream's slot.
             pipe.xpending_range(
                 self.keys.work, WORKER_GROUP, min=start, max="+", count=count, idle=min_idle_ms
             )
-            (seconds, micros), rows = await pipe.execute()
+            pipe.eval(_SERVER_TIME, 0)
+            rows, (seconds, micros) = await pipe.execute()
             now_ms = int(seconds) * 1000 + int(micros) // 1000
             found += [
                 Pending(
