@@ -10,8 +10,11 @@ worker. Times come from the event log's entry ids (ms timestamps of this host's 
     python ops/bench/recovery.py --timeouts 1 5 --tasks 50
 
 Expected: the orphans' idle time starts at their owner's last renewal (every quarter
-of the timeout), the survivor sweeps every quarter of the timeout, then reruns the
-task from scratch; so recovery is about timeout x [0.75, 1.25] + the task's delay.
+of the timeout); the survivor sweeps every quarter of the timeout (0.2 to 2 s), sees
+them once a renewal is due, takes them once it has watched them unrenewed for the
+timeout on its own clock (consumers/takeover.py), then reruns the task from scratch;
+so recovery is about timeout x [0.75, 1.75] from the kill (at most timeout + 6 s above 8 s),
+plus the task's delay.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from consumers.intake import sweep_period
+from consumers.takeover import watch_from
 from sumbatch.config import Settings
 from sumbatch.model.tasks import Delay
 from sumbatch.processes.embedded import EmbeddedServer
@@ -140,6 +145,9 @@ async def _measure(store: Store, settings: Settings, tasks: int, procs: Processe
     group_processed = bool(await eventually(lambda: all_processed(store, [group]), 15))
     low, high = DELAY
     timeout = settings.claim_timeout
+    # Sweeps come every ``every`` s and watch an entry once a renewal is due (``due``).
+    every = sweep_period(timeout)
+    due = watch_from(timeout, every)
     return Result(
         claim_timeout_s=timeout,
         tasks=tasks,
@@ -150,7 +158,7 @@ async def _measure(store: Store, settings: Settings, tasks: int, procs: Processe
         first_completion_s=done_s[0] if done_s else None,
         median_completion_s=round(statistics.median(done_s), 3) if done_s else None,
         recovery_s=done_s[-1] if done_s and len(done_s) == len(orphans) else None,
-        expected_s=f"{0.75 * timeout + low:.2f}-{1.25 * timeout + high:.2f}",
+        expected_s=f"{0.75 * timeout + due + low:.2f}-{timeout + due + 2 * every + high:.2f}",
         group_processed=group_processed,
     )
 
