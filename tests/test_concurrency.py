@@ -50,8 +50,8 @@ def test_a_call_waits_for_a_free_connection_then_says_busy(settings: Settings) -
         client, held = await holding(pool_wait=30, block=1)
         try:
             waiting = asyncio.ensure_future(client.ping())
-            await asyncio.sleep(0.1)
-            assert not waiting.done()  # it waits while the read holds the connection
+            finished, _ = await asyncio.wait({waiting}, timeout=0.1)
+            assert not finished  # it waits while the read holds the connection
             assert await held is None  # the read's own timeout gives it back
             assert await waiting is True
         finally:
