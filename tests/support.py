@@ -109,6 +109,26 @@ def own_server(directory: Path, **options: Any) -> Iterator[EmbeddedServer]:
         server.stop()
 
 
+@contextmanager
+def debug_server(directory: Path) -> Iterator[EmbeddedServer]:
+    """``own_server`` that takes DEBUG (SLEEP, to stall it), which Redis 7 and Valkey
+    refuse unless started with it."""
+    with own_server(directory, extra_args=("--enable-debug-command", "yes")) as server:
+        yield server
+
+
+def stalled(server: EmbeddedServer) -> bool:
+    """Whether the server fails to answer a PING within 0.2 s: asleep or paused."""
+    probe = redis.Redis.from_url(server.url, socket_timeout=0.2)
+    try:
+        probe.ping()
+    except redis.TimeoutError:
+        return True
+    finally:
+        probe.close()
+    return False
+
+
 def self_signed(directory: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 and its key, made with the openssl CLI (a skip
     where there is none)."""

@@ -42,10 +42,10 @@ from sumbatch.replay import differences
 from sumbatch.store import Outcome, Store, open_store, task_key
 from sumbatch.testing.proxy import FaultProxy, running_proxy
 from tests.support import (
+    debug_server,
     drop_namespace,
     fresh_namespace,
     log_events,
-    own_server,
     submit,
     wait_until,
     wait_until_sync,
@@ -58,8 +58,7 @@ TIMEOUT = 0.5
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    args = ("--enable-debug-command", "yes")
-    with own_server(tmp_path_factory.mktemp("resent"), extra_args=args) as own:
+    with debug_server(tmp_path_factory.mktemp("resent")) as own:
         yield own
 
 

@@ -31,11 +31,12 @@ from tests.support import (
     all_processed,
     assert_exactly_once,
     blocked_in_xreadgroup,
+    debug_server,
     drop_namespace,
     fresh_namespace,
     log_events,
-    own_server,
     runs_started,
+    stalled,
     submit,
     wait_until,
     wait_until_sync,
@@ -49,8 +50,7 @@ GROUPS, TASKS = 5, 6
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    args = ("--enable-debug-command", "yes")
-    with own_server(tmp_path_factory.mktemp("stall"), extra_args=args) as own:
+    with debug_server(tmp_path_factory.mktemp("stall")) as own:
         yield own
 
 
@@ -65,17 +65,6 @@ def stall_settings(server: EmbeddedServer) -> Iterator[Settings]:
         retry_base=0.01,
     )
     drop_namespace(server.url, namespace)
-
-
-def _stalled(server: EmbeddedServer) -> bool:
-    probe = redis.Redis.from_url(server.url, socket_timeout=0.2)
-    try:
-        probe.ping()
-    except redis.TimeoutError:
-        return True
-    finally:
-        probe.close()
-    return False
 
 
 def _debug_sleep(server: EmbeddedServer) -> None:
@@ -135,7 +124,7 @@ def test_a_stall_longer_than_the_claim_timeout_takes_no_live_worker_s_tasks(
                 sleeper = threading.Thread(target=_debug_sleep, args=(server,))
                 sleeper.start()
                 try:
-                    wait_until_sync(lambda: _stalled(server), 10, "the server to sleep")
+                    wait_until_sync(lambda: stalled(server), 10, "the server to sleep")
                 finally:
                     await asyncio.to_thread(sleeper.join, 60)
             else:

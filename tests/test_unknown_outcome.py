@@ -30,7 +30,13 @@ from sumbatch.processes.embedded import EmbeddedServer
 from sumbatch.testing.proxy import FaultProxy, running_proxy
 from sumbatch.web.api import create_app
 from sumbatch.web.submit import SUBMIT_BUDGET
-from tests.support import body_of, fresh_namespace, own_server, wait_until_sync
+from tests.support import (
+    body_of,
+    debug_server,
+    fresh_namespace,
+    stalled,
+    wait_until_sync,
+)
 
 BODY = body_of([(1, 2), (3, 4), (5, 6)])
 # The largest group the tests submit: the most SUMBATCH_MAX_TASKS should allow, from
@@ -75,8 +81,7 @@ class History:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    args = ("--enable-debug-command", "yes")
-    with own_server(tmp_path_factory.mktemp("unknown"), extra_args=args) as own:
+    with debug_server(tmp_path_factory.mktemp("unknown")) as own:
         yield own
 
 
@@ -168,7 +173,7 @@ def test_a_stall_longer_than_the_budget_answers_unknown_and_a_retry_makes_no_sec
     )
     sleeper.start()
     try:
-        wait_until_sync(lambda: _stalled(server), 10, "the server to sleep")
+        wait_until_sync(lambda: stalled(server), 10, "the server to sleep")
         gid = unknown_answer(history.record(client.post("/grouptasks", json=BODY, headers=headers)))
     finally:
         sleeper.join(60)
@@ -178,17 +183,6 @@ def test_a_stall_longer_than_the_budget_answers_unknown_and_a_retry_makes_no_sec
     assert retry.headers["idempotent-replayed"] == "true"
     assert client.get(f"/grouptasks/{gid}").status_code == 200
     assert history.check(admin, keys) == {gid: 1}
-
-
-def _stalled(server: EmbeddedServer) -> bool:
-    probe = redis.Redis.from_url(server.url, socket_timeout=0.2)
-    try:
-        probe.ping()
-    except redis.TimeoutError:
-        return True
-    finally:
-        probe.close()
-    return False
 
 
 @pytest.mark.parametrize("held", ["delivered late", "never delivered"])
