@@ -3,11 +3,13 @@ registered scripts, the retention, and closing."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import logging
 import secrets
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Self
@@ -17,8 +19,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import (
     AbstractConnection,
-    BlockingConnectionPool,
     Connection,
+    ConnectionPool,
     SSLConnection,
     UnixDomainSocketConnection,
 )
@@ -26,6 +28,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MaxConnectionsError
 
 from sumbatch import scripts
 from sumbatch.model.keys import Keys
@@ -53,21 +56,53 @@ MAX_CONNECTIONS = 100
 UNSETTLED_KEPT = 64
 
 
-class WaitingPool(BlockingConnectionPool):
-    """A pool whose callers wait for a free connection once all are in use, as
-    redis-py's blocking pool does, and past the wait raise PoolBusy: redis-py raises
-    a plain ConnectionError, which would read as the server being away."""
+class WaitingPool(ConnectionPool):
+    """redis-py's pool, whose callers wait for a free connection once all are in use
+    (for up to ``timeout`` s), instead of failing at once with MaxConnectionsError;
+    past the wait, PoolBusy. Taking a connection costs what it does in redis-py's pool:
+    only a caller that finds none waits (redis-py's blocking pool takes a condition and
+    a lock on every call, about 20% more client time per PING in a burst)."""
+
+    def __init__(self, *args: Any, timeout: float = POOL_WAIT, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout = timeout
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
-        try:
-            connection: AbstractConnection = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
-        except RedisConnectionError as exc:
-            if isinstance(exc.__cause__, TimeoutError):
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                connection: AbstractConnection = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+                return connection
+            except MaxConnectionsError:
+                pass
+            # Nothing ran between the refusal and here (it raises without yielding),
+            # so no connection was freed unseen: wait for the next one freed.
+            remaining = deadline - time.monotonic()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, max(remaining, 0))
+            except TimeoutError:
                 raise PoolBusy(
                     f"all {self.max_connections} connections stayed in use for {self.timeout} s"
-                ) from exc
-            raise
-        return connection
+                ) from None
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, then cancelled: pass the turn on
+                raise
+
+    async def release(self, connection: AbstractConnection) -> None:
+        await super().release(connection)
+        if self._waiters:
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
 
 def connect(url: str, *, cluster: bool = False, **options: Any) -> Client:
