@@ -5,6 +5,8 @@ its room and their beginning, renewing its claims and handing them back on stop.
 A read takes whole slices (``events.WORK_SLICE`` tasks an entry), so a worker with room
 for fewer tasks keeps the rest in its backlog, their entries pending on it, and begins
 them as runs end. Entries no worker can run are dead-lettered as they are read.
+Entries that keep losing their worker have their tasks run one at a time, in the
+process's lane (``lane.py``).
 """
 
 from __future__ import annotations
@@ -14,71 +16,22 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Container, Sequence
-from typing import NamedTuple
-
-import msgspec
 
 from consumers.isolate import isolate
+from consumers.lane import Lane, runs_alone
 from consumers.outbox import Outbox
 from consumers.runs import Runs, completed, failed
+from consumers.slices import Refusal, Task, tasks_in
 from consumers.takeover import Watch, longest_gap, watch_from
 from sumbatch.config import Settings
-from sumbatch.model import ids
-from sumbatch.model.events import (
-    WORK_SLICE,
-    AnyEvent,
-    TasksSubmitted,
-    TaskSubmitted,
-    from_fields,
-    tasks_of,
-    to_fields,
-)
-from sumbatch.store import HANDED_BACK_MS, Begun, Entry, Pending, Store, entry_id_of, task_key
+from sumbatch.model.events import WORK_SLICE, AnyEvent, to_fields
+from sumbatch.store import HANDED_BACK_MS, Begun, Entry, Pending, Store, entry_id_of
 
 log = logging.getLogger("sumbatch.worker")
 
 # Tasks one read takes at most (in whole slices): the batch the begin script handles
 # at once, which holds Redis that long (the outbox's BATCH says why it is not larger).
 READ_COUNT = 200
-
-WRONG_TASK_ID = "its taskId is not the one its groupTaskId and index name"
-NOT_A_SLICE = "not a slice of a group's tasks as SUBMIT writes them"
-
-# A task taken from a work entry: its key (``store.task_key``) and what it runs.
-Task = tuple[str, TaskSubmitted]
-
-
-class Refusal(NamedTuple):
-    """Why no worker can run a work entry: the dead letter's kind and reason."""
-
-    kind: str
-    why: str
-
-
-def _names_itself(item: TaskSubmitted) -> bool:
-    """Whether a work entry's task id is its group's id with its index (ids.py)."""
-    return item.task_id == ids.task_id(item.group_task_id, item.index)
-
-
-def _tasks_in(entry_id: str, fields: dict[str, str]) -> list[Task] | Refusal:
-    """The tasks a work entry holds, each with its key; or why none can run."""
-    try:
-        item: AnyEvent | None = from_fields(fields)
-    except msgspec.ValidationError:
-        item = None
-    if isinstance(item, TasksSubmitted):
-        try:
-            return [(task_key(entry_id, task.index), task) for task in tasks_of(item)]
-        except ValueError:
-            return Refusal("RefusedWorkEntry", NOT_A_SLICE)
-    if isinstance(item, TaskSubmitted) and not _names_itself(item):
-        # Its outcome would be logged for another task than its fence bit's: refused,
-        # as the scripts refuse an index outside the group.
-        return Refusal("RefusedWorkEntry", WRONG_TASK_ID)
-    if isinstance(item, TaskSubmitted):
-        return [(entry_id, item)]
-    # Not a task we can run: kept for inspection, never blocking the batch.
-    return Refusal("UnreadableWorkEntry", "")
 
 
 def sweep_period(claim_timeout: float) -> float:
@@ -100,6 +53,7 @@ class Intake:
         runs: Runs,
         outbox: Outbox,
         room: Callable[[], int],
+        lane: Lane,
         read_count: int = READ_COUNT,
     ) -> None:
         self.settings = settings
@@ -121,10 +75,15 @@ class Intake:
         # Tasks taken (their entries pending on us) and not begun: a read takes whole
         # slices, and a worker begins no more tasks than it has room for.
         self.backlog: deque[Task] = deque()
+        # Tasks of entries that keep losing their worker, not begun: they wait for the
+        # process's lane, and meanwhile we take nothing new.
+        self.alone: deque[Task] = deque()
+        self.lane = lane
 
     def _held(self) -> list[str]:
-        """The keys of the tasks we hold: running, or waiting in the backlog."""
-        return [*self.runs, *(key for key, _ in self.backlog)]
+        """The keys of the tasks we hold: running, or waiting to begin."""
+        waiting = (key for key, _ in (*self.backlog, *self.alone))
+        return [*self.runs, *waiting]
 
     async def _read(self, block_ms: int) -> int:
         """Begin the tasks the backlog holds, as many as there is room for; or, when it
@@ -133,6 +92,8 @@ class Intake:
         if capacity <= 0:
             await asyncio.sleep(0.01)
             return 0
+        if self.alone:
+            return await self._begin_backlog() + await self._begin_alone(block_ms)
         if not self.backlog:
             entries = await self.store.read_work(self.name, self._entries_for(capacity), block_ms)
             await self._take(entries)
@@ -156,13 +117,17 @@ class Intake:
             pending = await self.store.pending_idle(self.watch_from_ms)
             ready = self.watch.observe(pending, sent, time.monotonic())
             room = self.room()
-            if self.backlog or room <= 0 or not ready:
+            if self.backlog or self.alone or room <= 0 or not ready:
                 return 0
-            claimed = await self._claim(ready[: self._entries_for(room)])
+            chosen = ready[: self._entries_for(room)]
+            claimed = await self._claim(chosen)
         if claimed:
             log.info("claimed %d entries from dead or stuck workers", len(claimed))
+            # XCLAIM counted one delivery more.
+            max_attempts = self.settings.max_attempts
+            alone = {p.entry_id for p in chosen if runs_alone(p.deliveries + 1, max_attempts)}
             # Its backlog is empty here; an entry of ours may still have runs going.
-            await self._take(claimed, held=self.runs)
+            await self._take(claimed, held=self.runs, alone=alone)
         return len(claimed)
 
     async def _claim(self, ready: list[Pending]) -> list[Entry]:
@@ -176,17 +141,21 @@ class Intake:
             claimed += await self.store.claim_idle(self.name, min_idle, [p.entry_id for p in late])
         return claimed
 
-    async def _take(self, entries: list[Entry], held: Container[str] = ()) -> None:
-        """Put the tasks of work entries in the backlog, those in ``held`` aside;
-        entries no worker can run are dead-lettered."""
+    async def _take(
+        self, entries: list[Entry], held: Container[str] = (), alone: Container[str] = ()
+    ) -> None:
+        """Put the tasks of work entries in the backlog (those of entries in ``alone``
+        to wait for the lane), those in ``held`` aside; entries no worker can run are
+        dead-lettered."""
         for entry_id, fields in entries:
-            tasks = _tasks_in(entry_id, fields)
+            tasks = tasks_in(entry_id, fields)
             if isinstance(tasks, Refusal):
                 why = tasks.why or f"unreadable ({fields})"
                 log.error("work entry %s: %s; dead-lettered", entry_id, why)
                 await self.store.dead_letter_entry(entry_id, fields, tasks.kind, tasks.why)
             else:
-                self.backlog.extend(task for task in tasks if task[0] not in held)
+                into = self.alone if entry_id in alone else self.backlog
+                into.extend(task for task in tasks if task[0] not in held)
 
     async def _renew(self) -> None:
         """Reset the idle time of the entries of the tasks we hold; drop the runs and
@@ -195,6 +164,7 @@ class Intake:
         if not lost:
             return
         self.backlog = deque(task for task in self.backlog if task[0] not in lost)
+        self.alone = deque(task for task in self.alone if task[0] not in lost)
         for key in lost:
             if self.runs.stop(key):
                 log.warning("task %s was taken over; dropping our run", key)
@@ -205,6 +175,7 @@ class Intake:
         are abandoned. The taker runs only the tasks that have not ended."""
         keys = self._held()
         self.backlog.clear()
+        self.alone.clear()
         for key in keys:
             self.runs.stop(key)
         await self.store.renew(self.name, keys, idle_ms=HANDED_BACK_MS)
@@ -217,13 +188,37 @@ class Intake:
         batch = [self.backlog.popleft() for _ in range(min(room, len(self.backlog)))]
         if not batch:
             return 0
+        await self._begin_tasks(batch, self.backlog)
+        return len(batch)
+
+    async def _begin_alone(self, block_ms: int) -> int:
+        """Begin the next task waiting for the lane once the lane is free (the last
+        one's outcome recorded): it runs alone, so should it kill the process, the
+        death is charged to it. Returns how many were begun (0 or 1)."""
+        if self.lane.busy:
+            await self.lane.wait(block_ms / 1000)
+            return 0
+        key = self.alone[0][0]
+        self.lane.take(self, key)
+        try:
+            await self._begin_tasks([self.alone.popleft()], self.alone, inline=False)
+        finally:
+            if key not in self.runs:  # it ended at once (or could not begin)
+                self.lane.release(self, key)
+        return 1
+
+    async def _begin_tasks(
+        self, batch: list[Task], taken_from: deque[Task], inline: bool = True
+    ) -> None:
+        """Begin these tasks in one step (put back in ``taken_from`` should Redis be
+        away); ``inline``: may run at once (``Runs.start``)."""
         what = f"worker {self.name} begin"
         try:
             begun = await isolate(what, self._begin, batch, retry_transient=False)
         except BaseException:
             # Redis away (the read loop backs off): begun again once it is back. A begin
             # that did happen counted one attempt more; the fence keeps the rest exact.
-            self.backlog.extendleft(reversed(batch))
+            taken_from.extendleft(reversed(batch))
             raise
         refused = [key for key, _ in begun.failed]
         decided = [
@@ -251,7 +246,7 @@ class Intake:
                 gave_up = f"gave up after {attempts} runs that never finished (worker lost)"
                 self.outbox.put(key, item, failed(item, attempts, gave_up, self.name))
             elif decision.kind == "run":
-                start = self.runs.start(key, item, decision.value)
+                start = self.runs.start(key, item, decision.value, inline)
                 if start is not None:
                     started.append(start)
         if refused:
@@ -265,9 +260,11 @@ class Intake:
         # No run can ever count for these: kept in the dead-letter stream instead of
         # pending for ever (which would also stop the work stream's trimming).
         if out_of_reach:
-            self.backlog = deque(t for t in self.backlog if entry_id_of(t[0]) not in out_of_reach)
+            for waiting in (self.backlog, self.alone):
+                kept = [t for t in waiting if entry_id_of(t[0]) not in out_of_reach]
+                waiting.clear()
+                waiting.extend(kept)
             await self.outbox.dead_letter(list(out_of_reach.items()))
-        return len(batch)
 
     async def _begin(self, part: Sequence[Task]) -> list[Begun]:
         return await self.store.begin([item for _, item in part], [key for key, _ in part])

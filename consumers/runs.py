@@ -58,6 +58,7 @@ class Runs:
         name: str,
         outbox: Outbox,
         threads: Threads,
+        forgotten: Callable[[str], object] = lambda key: None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -68,6 +69,8 @@ class Runs:
         self.threads = threads
         self.in_threads = handler is not compute and not is_async(handler)
         self.rng = random.Random()
+        # Called with each entry's key once we no longer track its run (``forget``).
+        self._forgotten = forgotten
         # Entry id -> its run and what it runs.
         self._running: dict[str, tuple[asyncio.Task[None], TaskSubmitted]] = {}
         # The running entries of each group, so that a cancel finds its group's runs
@@ -90,12 +93,15 @@ class Runs:
         """The running entries of those groups."""
         return [eid for gid in group_ids for eid in self._by_group.get(gid, ())]
 
-    def start(self, entry_id: str, item: TaskSubmitted, attempt: int) -> TaskStarted | None:
+    def start(
+        self, entry_id: str, item: TaskSubmitted, attempt: int, inline: bool = True
+    ) -> TaskStarted | None:
         """Run the entry's task from ``attempt`` on; returns its TaskStarted to log, or
-        None when it ran at once and its outcome is already in the outbox."""
+        None when it ran at once and its outcome is already in the outbox (never when
+        not ``inline``: a run in the lane is tracked until its outcome is recorded)."""
         delay = self.settings.delay.draw(self.rng)
         failure: Failure | None = None
-        if delay == 0 and self.handler is compute:
+        if inline and delay == 0 and self.handler is compute:
             failure = self._run_inline(entry_id, item, attempt)
             if failure is None:
                 return None
@@ -114,6 +120,7 @@ class Runs:
         entries.discard(entry_id)
         if not entries:
             del self._by_group[item.group_task_id]
+        self._forgotten(entry_id)
         return task
 
     def stop(self, entry_id: str) -> bool:

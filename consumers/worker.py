@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 
 from consumers.cancels import Cancels
 from consumers.intake import READ_COUNT, Intake
+from consumers.lane import Lane
 from consumers.outbox import Outbox
 from consumers.runs import Handler, Runs
 from consumers.threads import Threads, pool_size
@@ -76,6 +77,8 @@ class Load:
         self.limit = limit
         self.workers: list[Worker] = []
         self._threads: Threads | None = None
+        # Where tasks of entries that keep losing their worker run, one at a time.
+        self.lane = Lane()
 
     def threads(self, patience: float) -> Threads:
         """The process's one pool for plain handlers' calls (``threads.THREADS_CAP``
@@ -110,8 +113,13 @@ class Worker(Intake):
         handler = handler or resolve_handler(settings.handler) or compute
         self.load = load or Load(settings.worker_concurrency)
         threads = self.load.threads(settings.task_timeout)
-        runs = Runs(settings, store, handler, name, outbox, threads)
-        super().__init__(settings, store, name, runs, outbox, self.load.room, read_count)
+        runs = Runs(
+            settings, store, handler, name, outbox, threads,
+            forgotten=lambda key: self.load.lane.release(self, key),
+        )  # fmt: skip
+        super().__init__(
+            settings, store, name, runs, outbox, self.load.room, self.load.lane, read_count
+        )
         self.load.workers.append(self)
         self.should_exit = False
         # Set once the worker is stopping: its helper loops end.
@@ -121,7 +129,8 @@ class Worker(Intake):
 
     @property
     def busy(self) -> bool:
-        return bool(self.runs) or bool(self.backlog) or self.outbox.unflushed > 0
+        waiting = bool(self.backlog) or bool(self.alone)
+        return bool(self.runs) or waiting or self.outbox.unflushed > 0
 
     def _flushed(self, key: str) -> None:
         self.runs.forget(key)
