@@ -322,6 +322,41 @@ def test_a_complete_whose_reply_is_lost_records_one_outcome_and_one_dead_letter(
     asyncio.run(scenario())
 
 
+def test_a_dead_lettering_whose_reply_is_lost_makes_one_copy(
+    server: EmbeddedServer, proxy: FaultProxy, settings: Settings
+) -> None:
+    """A work entry no worker can run, moved to the dead-letter stream by a call whose
+    reply is lost: the resend finds it acknowledged and copies nothing more; so does
+    a second worker refusing the same entry."""
+
+    async def scenario() -> None:
+        async with store_of(settings) as store:
+            await store.ensure_worker_group()
+            raw = redis.Redis.from_url(server.url, decode_responses=True)
+            try:
+                entry_id = raw.xadd(store.keys.work, {"type": "Garbage", "x": "1"})
+                [(_, [(read_id, fields)])] = raw.xreadgroup(
+                    "workers", "a", {store.keys.work: ">"}, count=1
+                )
+                assert read_id == entry_id
+                copied = await lost_reply(
+                    proxy, lambda: store.dead_letter_entry(entry_id, fields, reason="bad")
+                )
+                # The resend found the entry acknowledged by the first run.
+                assert copied is False
+                assert not await store.dead_letter_entry(entry_id, fields, reason="bad")
+                [(_, copy)] = raw.xrange(store.keys.dead_letters)
+                assert copy == {
+                    "type": "UnreadableWorkEntry", "workEntryId": entry_id,
+                    "reason": "bad", "x": "1",
+                }  # fmt: skip
+                assert raw.xpending(store.keys.work, "workers")["pending"] == 0
+            finally:
+                raw.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_release_whose_reply_is_lost_answers_the_same(
     proxy: FaultProxy, settings: Settings
 ) -> None:

@@ -19,21 +19,22 @@ per task, BITFIELD u8).
 
 Every script that changes state runs once per call: a resend of the same call (a
 client's retry after a timeout, whose first run did happen) changes nothing more and
-gets the first reply. SUBMIT is keyed by its group id; RELEASE_ENDED only acknowledges
-what has ended; the others (BEGIN, NEXT_ATTEMPT, APPEND, COMPLETE, CANCEL, COMMIT)
-take the key of a token the store makes per call (``Keys.call``), under which they keep
-their reply for ``lib.CALL_TTL`` s (``first_reply``, ``keep_reply``); BEGIN keeps a mark
+gets the first reply. SUBMIT is keyed by its group id; RELEASE_ENDED only
+acknowledges what has ended; DEAD_LETTER copies an entry only when its own XACK took
+it; the others (BEGIN, NEXT_ATTEMPT, APPEND, COMPLETE, CANCEL, COMMIT) take the key
+of a token the store makes per call (``Keys.call``), under which they keep their
+reply for ``lib.CALL_TTL`` s (``first_reply``, ``keep_reply``); BEGIN keeps a mark
 only, and a resend of it reads the attempts its first run counted.
 
 Every script checks all it can before its first write, and nothing after that can
-fail: a script that errors half-way keeps what it wrote (no rollback), which could log
-an outcome without counting it. Shared streams are checked with ``is_or_none``, group
-keys with ``group_state``; items that fail a check are refused, not half-done.
+fail: a script that errors half-way keeps what it wrote (no rollback), which could
+log an outcome without counting it. Shared streams are checked with ``is_or_none``,
+group keys with ``group_state``; items that fail a check are refused, not half-done.
 
 May import ``model`` and ``config``: it holds script text, never a connection.
 """
 
-from sumbatch.scripts.claims import FORGET_CONSUMER, RENEW, TRIM_WORK
+from sumbatch.scripts.claims import DEAD_LETTER, FORGET_CONSUMER, RENEW, TRIM_WORK
 from sumbatch.scripts.inspect import INSPECT
 from sumbatch.scripts.log import COMMIT, READ_SINCE
 from sumbatch.scripts.producer import CANCEL, SUBMIT
@@ -45,6 +46,7 @@ __all__ = [
     "CANCEL",
     "COMMIT",
     "COMPLETE",
+    "DEAD_LETTER",
     "FORGET_CONSUMER",
     "INSPECT",
     "NEXT_ATTEMPT",

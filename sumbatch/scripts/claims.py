@@ -53,3 +53,18 @@ for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
 end
 return 0
 """
+
+# Move a work entry no worker can run to the dead-letter stream: acknowledge it, and
+# copy it only if that acknowledgement was ours, so a resend of the call (its first
+# run's reply lost) or a second worker refusing the same entry makes no second copy.
+# KEYS: work, dead letters. ARGV: group, entry id, the copy's fields (a flat JSON
+# array). Returns 1 if copied, 0 if the entry was no longer pending.
+DEAD_LETTER = """
+local kind = redis.call('TYPE', KEYS[2])['ok']
+if kind ~= 'none' and kind ~= 'stream' then
+  return redis.error_reply('ERR the dead-letter key is not a stream (written by hand?)')
+end
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', unpack(cjson.decode(ARGV[3])))
+return 1
+"""

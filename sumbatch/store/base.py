@@ -111,9 +111,7 @@ def connect(url: str, *, cluster: bool = False, **options: Any) -> Client:
     was lost: SUBMIT sees its own first run (its group's ledger), RELEASE_ENDED only
     acknowledges what has ended, and every other state-changing script finds its
     first run's reply under the call's token (``StoreBase._once``) and changes nothing
-    more. A dead-letter copy of an unreadable or refused work entry
-    (``Claims.dead_letter_entry``) may still be made twice (its entry is acknowledged
-    either way).
+    more (a dead-letter copy is made only by the call whose XACK took its entry).
 
     At most ``max_connections`` connections to each server; past them a call waits up
     to ``pool_wait`` s for one (a cluster's node pools do not wait: they raise
@@ -250,6 +248,7 @@ class StoreBase(OwnsClient):
         self._trim_work = redis.register_script(scripts.TRIM_WORK)
         self._next_attempt = redis.register_script(scripts.NEXT_ATTEMPT)
         self._forget_consumer = redis.register_script(scripts.FORGET_CONSUMER)
+        self._dead_letter = redis.register_script(scripts.DEAD_LETTER)
         self._inspect = redis.register_script(scripts.INSPECT)
         # Call tokens: this store's own prefix, a counter, and the tokens of calls that
         # raised, by what they sent, for the caller's resend of them.

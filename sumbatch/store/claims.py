@@ -5,6 +5,7 @@ through the fence are ``work.py``'s."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
@@ -131,18 +132,19 @@ class Claims(StoreBase):
         fields: dict[str, str],
         kind: str = "UnreadableWorkEntry",
         reason: str = "",
-    ) -> None:
+    ) -> bool:
         """Move a work entry no worker can run (unreadable, or refused by the scripts:
         its task is outside its group, or its group's keys are not what sumbatch wrote)
         to the dead-letter stream, acknowledged: kept for inspection, and no longer
-        pending, where it would hold back the work stream's trimming."""
-        pipe = self.redis.pipeline(transaction=True)
+        pending, where it would hold back the work stream's trimming. Once: returns
+        False, copying nothing, if the entry was no longer pending (a resend, or
+        another worker moved it)."""
         rest = {k: v for k, v in fields.items() if k != "type"}
         why = {"reason": reason} if reason else {}
-        entry: dict[Any, Any] = {"type": kind, "workEntryId": entry_id, **why, **rest}
-        pipe.xadd(self.keys.dead_letters, entry)
-        pipe.xack(self.keys.work, WORKER_GROUP, entry_id)
-        await pipe.execute()
+        entry = {"type": kind, "workEntryId": entry_id, **why, **rest}
+        flat = json.dumps([part for pair in entry.items() for part in pair])
+        keys = [self.keys.work, self.keys.dead_letters]
+        return bool(await self._dead_letter(keys=keys, args=[WORKER_GROUP, entry_id, flat]))
 
     async def renew(self, consumer: str, keys: Sequence[str], idle_ms: int = 0) -> list[str]:
         """Keep our claim on the entries of these tasks (or, with ``idle_ms``, hand them
