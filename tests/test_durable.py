@@ -152,6 +152,10 @@ def test_a_503_retried_with_the_same_key_gets_the_first_answer_once_confirmed(
     for refused in (first, again):
         assert (refused.status_code, refused.headers["retry-after"]) == (503, "1")
         assert "not confirmed on disk" in refused.json()["error"]
+        # The group is named, so the client can look it up or retry for it.
+        gid = refused.json()["groupTaskId"]
+        assert refused.headers["location"] == f"/grouptasks/{gid}"
+    assert first.json()["groupTaskId"] == again.json()["groupTaskId"]
     assert confirmed.status_code == 200, confirmed.text
     assert confirmed.headers["idempotent-replayed"] == "true"
     assert [f["groupTaskId"] for f in submitted] == [confirmed.json()["groupTaskId"]]

@@ -127,34 +127,41 @@ async def create_group(request: Request) -> Response:
         except NotDurable as exc:
             log.error("%s", exc)
             return error(503, f"{exc}", {"Retry-After": "60"})
-    group = GroupView.submitted(created.group_task_id, len(submitted.tasks))
+    gid = created.group_task_id
+    group = GroupView.submitted(gid, len(submitted.tasks))
     fsync_ms = FSYNC_TIMEOUT_MS if settings.durable else None
     try:
         written = await _submit(store, submission, group, idempotency, fsync_ms)
     except OutcomeUnknown as exc:
-        gid = created.group_task_id
         log.warning("POST answered 503 with group %s's outcome unknown: %s", gid, exc)
-        message = ("storage did not answer in time; the outcome is unknown: "
-                   f"GET /grouptasks/{gid}, or retry with the same Idempotency-Key")  # fmt: skip
-        return JSONResponse(
-            {"error": message, "status": 503, "groupTaskId": gid},
-            status_code=503,
-            headers={"Retry-After": "1", "Location": f"/grouptasks/{gid}"},
-        )
+        return _unknown(gid, "storage did not answer in time; the outcome is unknown")
+    replay = None
+    # A resend meeting this request's own first run answers as that run did; else the
+    # key's first request wrote the group.
+    if idempotency is not None and written.earlier not in (None, idempotency[1]):
+        earlier_hash, _, earlier_answer = str(written.earlier).partition(" ")
+        if earlier_hash != idempotency[1].partition(" ")[0]:
+            return error(422, "Idempotency-Key was used before with a different body")
+        replay = _created_decoder.decode(earlier_answer)
+        gid = replay.group_task_id
     if written.fsynced is False:
+        # Written and queued, but a crash of the server now could still lose it.
         where = "by a replica" if store.durable == "replica" else "on disk"
-        return error(503, f"not confirmed {where} in time; retry with the same Idempotency-Key",
-                     {"Retry-After": "1"})  # fmt: skip
-    if written.earlier is None:
+        return _unknown(gid, f"written but not confirmed {where} in time")
+    if replay is None:
         return Response(answer, media_type="application/json")
-    assert idempotency is not None
-    if written.earlier == idempotency[1]:  # a resend met this request's own first run
-        return Response(answer, media_type="application/json")
-    earlier_hash, _, earlier_answer = written.earlier.partition(" ")
-    if earlier_hash != idempotency[1].partition(" ")[0]:
-        return error(422, "Idempotency-Key was used before with a different body")
-    replay = _created_decoder.decode(earlier_answer)
     return JSONResponse(replay, headers={"Idempotent-Replayed": "true"})
+
+
+def _unknown(gid: str, why: str) -> JSONResponse:
+    """503 for a group whose fate the API cannot promise: it names the group, so the
+    client can look (``Location``) or retry with the same Idempotency-Key."""
+    message = f"{why}: GET /grouptasks/{gid}, or retry with the same Idempotency-Key"
+    return JSONResponse(
+        {"error": message, "status": 503, "groupTaskId": gid},
+        status_code=503,
+        headers={"Retry-After": "1", "Location": f"/grouptasks/{gid}"},
+    )
 
 
 async def _submit(
