@@ -126,6 +126,11 @@ class Intake:
             # XCLAIM counted one delivery more.
             max_attempts = self.settings.max_attempts
             alone = {p.entry_id for p in chosen if runs_alone(p.deliveries + 1, max_attempts)}
+            if alone:
+                log.warning(
+                    "running the tasks of %d entries one at a time: they keep losing "
+                    "their worker (%s)", len(alone), ", ".join(sorted(alone)[:10]),
+                )  # fmt: skip
             # Its backlog is empty here; an entry of ours may still have runs going.
             await self._take(claimed, held=self.runs, alone=alone)
         return len(claimed)

@@ -75,6 +75,8 @@ def test_the_task_that_kills_its_worker_fails_alone(settings: Settings, procs: P
 
             await wait_until(finished_or_restarted, within=120, what="the group to finish")
             assert deaths == [17, 17, 17], deaths
+            said = "".join(procs.log_of(w).read_text() for w in procs.started)
+            assert "one at a time" in said, said
             await wait_until(
                 lambda: _nothing_pending(store), within=30, what="every entry acknowledged"
             )
