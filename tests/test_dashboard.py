@@ -21,12 +21,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx2 as httpx
 import pytest
+import redis
 from starlette.testclient import TestClient
 
+from sumbatch.model import ids
+from sumbatch.model.events import AnyEvent, GroupSubmitted, TaskFailed, to_fields
+from sumbatch.model.keys import Keys
 from sumbatch.web import dashboard
 from tests.support import ROOT, answers_200, body_of, free_port, up_env, wait_until_sync
 
@@ -151,6 +155,7 @@ class Service:
     token: str | None
     log: Path
     up: subprocess.Popen[bytes]
+    redis_url: str
 
     def api_pid(self) -> int:
         """The pid of `up`'s API child (`sumbatch api ...`)."""
@@ -227,7 +232,8 @@ def start_service(directory: Path, **env: str) -> Iterator[Service]:
         except AssertionError:
             print(log_path.read_text(errors="replace"))
             raise
-        yield Service(base, env.get("SUMBATCH_API_TOKEN"), log_path, up)
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        yield Service(base, env.get("SUMBATCH_API_TOKEN"), log_path, up, redis_url)
     finally:
         up.send_signal(signal.SIGTERM)
         try:
@@ -575,6 +581,76 @@ def test_group_page_of_an_unknown_group_says_so(service: Service, page: Page) ->
     assert "No such group" in missing.inner_text()
 
 
+def forge(service: Service, lies: list[AnyEvent]) -> list[str]:
+    """Write events by hand into the log, and each naming a group into that group's
+    audit stream under the same id (as the scripts do); returns their ids, once the
+    projector has set the last one aside."""
+    keys = Keys("sumbatch")
+    raw = redis.Redis.from_url(service.redis_url, decode_responses=True)
+    try:
+        written: list[str] = []
+        for lie in lies:
+            fields: dict[Any, Any] = to_fields(lie)
+            entry_id = cast(str, raw.xadd(keys.events, fields))
+            if raw.exists(keys.group_log(lie.group_task_id)):
+                raw.xadd(keys.group_log(lie.group_task_id), fields, id=entry_id)
+            written.append(entry_id)
+
+        def set_aside() -> bool:
+            rejected = cast(list[tuple[str, dict[str, str]]], raw.xrange(keys.rejected))
+            return any(f.get("entryId") == written[-1] for _, f in rejected)
+
+        wait_until_sync(set_aside, timeout=30, what="the projector to set the last lie aside")
+        return written
+    finally:
+        raw.close()
+
+
+def forged_failure(gid: str, index: int, task_id: str | None = None) -> TaskFailed:
+    return TaskFailed(
+        task_id=task_id or ids.task_id(gid, index), group_task_id=gid, index=index,
+        attempts=1, error="forged", worker="hand",
+    )  # fmt: skip
+
+
+def test_overview_shows_the_api_figures_not_a_fold_of_forged_events(
+    service: Service, page: Page
+) -> None:
+    """Entries written by hand after a group finished: a TaskFailed for a task that
+    had completed, one for a task outside the group, and a GroupSubmitted whose params
+    are not integers (the projector sets the last two aside, and folds the first as
+    the no-op a second outcome is). The overview, opened on the log after the group's
+    end, once counted "failed 1" on the succeeded group and listed the forged group
+    in flight; it shows what the API says (issue 17, item 7)."""
+    gid = service.submit(pairs(4))["groupTaskId"]
+    assert service.group(gid, wait=30)["grouptaskProcessed"] is True
+    finished_at = service.events(gid)[-1][0]  # its GroupFinished
+    forged_gid = ids.new_group_id()
+    lies: list[AnyEvent] = [
+        forged_failure(gid, 1),
+        forged_failure(gid, 9),
+        GroupSubmitted(group_task_id=forged_gid, tasks_total=2, params_a="1 x", params_b="2 3"),
+    ]
+    first, *_ = forge(service, lies)
+    after = service.group(gid)
+    assert (after["tasksFailed"], after["grouptaskSucceeded"]) == (0, True)
+    assert httpx.get(f"{service.base}/grouptasks/{forged_gid}").status_code == 404
+
+    page.goto(f"{service.base}/dashboard?from={finished_at}")  # the lies on
+    page.locator(f"#tail tr[data-id='{first}']").wait_for(state="attached")
+    row = page.locator(f"#groups tr[data-group='{gid}']")
+    row.locator("span.state[data-state='succeeded']").wait_for()
+    assert row.locator(".failed").inner_text() == "0"
+    assert row.locator(".tasks").inner_text() == "4 / 4"
+    # Asked for, answered 404: never listed.
+    page.wait_for_function(
+        "(gid) => performance.getEntriesByType('resource').some("
+        "(r) => r.name.endsWith(`/grouptasks/${gid}`))",
+        arg=forged_gid,
+    )
+    assert page.locator(f"#groups tr[data-group='{forged_gid}']").count() == 0
+
+
 @pytest.fixture(scope="module")
 def slow_service(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """Tasks of 60 s, and a token to change anything: a group stays in flight until
@@ -652,3 +728,33 @@ def test_overview_learns_a_group_it_sees_mid_way(slow_service: Service, page: Pa
     )
     assert row.locator("span.state").inner_text() == "cancelled"
     assert row.locator(".revoked").inner_text() == "4"
+
+
+def test_group_page_shows_the_api_figures_not_a_fold_of_forged_events(
+    slow_service: Service, page: Page
+) -> None:
+    """A running group, and TaskFailed entries written by hand that name no task of
+    it (an index outside it; a task id that is not its index's): the projector sets
+    them aside. The page once grew its task table to the forged index and counted
+    "failed 1"; it keeps 4 tasks, none failed, and shows the lies in the audit trail
+    only."""
+    gid = slow_service.submit(pairs(4))["groupTaskId"]
+    page.goto(f"{slow_service.base}/dashboard/groups/{gid}")
+    page.wait_for_function(
+        "() => document.querySelectorAll(\"#tasks tr[data-state='STARTED']\").length === 4"
+    )
+    wrong_id = ids.task_id(gid, 2)
+    lies: list[AnyEvent] = [forged_failure(gid, 9), forged_failure(gid, 1, task_id=wrong_id)]
+    outside, mismatched = forge(slow_service, lies)
+    for entry_id in (outside, mismatched):
+        page.locator(f"#audit tr[data-id='{entry_id}']").wait_for(state="attached")
+    assert slow_service.group(gid)["tasksFailed"] == 0
+    assert page.locator("#tasks tr").count() == 4
+    assert page.locator("#group-failed").inner_text() == "0"
+    states = page.locator("#tasks tr").evaluate_all("(rows) => rows.map((r) => r.dataset.state)")
+    assert states == ["STARTED"] * 4
+    assert page.locator("#group-state").get_attribute("data-state") == "RUNNING"
+    cancelled = httpx.delete(
+        f"{slow_service.base}/grouptasks/{gid}", headers=slow_service.headers()
+    )
+    assert cancelled.status_code == 202

@@ -1,8 +1,12 @@
 /* A group's page at /dashboard/groups/{id}.
  *
- * GET /grouptasks/{id} says whether the group exists and gives its summary (results,
- * counts); GET /grouptasks/{id}/events (SSE: its history, then its new events, ending
- * with GroupFinished) fills the task table and the audit trail, live. The Cancel
+ * GET /grouptasks/{id} says whether the group exists and gives its summary: every
+ * figure at the top (tasks ended, failed, revoked, its state, results) is the API's,
+ * asked for again as events come (views.js), never a fold of the page's own.
+ * GET /grouptasks/{id}/events (SSE: its history, then its new events, ending with
+ * GroupFinished) fills the task table (with the projector's rules: a task's first
+ * outcome stands; an event naming no task of the group changes none) and the audit
+ * trail (every event, as the log holds it), live. The Cancel
  * button is DELETE /grouptasks/{id} (asking for the bearer token on a 401). Where the
  * group's event stream cannot be had, the tasks come from GET /tasks/{id} instead,
  * polled, and the audit trail says it is unavailable.
@@ -20,7 +24,7 @@
   const gid = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop() || "").toLowerCase();
   const state = {
     total: null, tasks: [], cancelled: false, finished: false, succeeded: null,
-    summary: null, auditCount: 0, stream: null,
+    summary: null, auditCount: 0, stream: null, submitted: false,
   };
 
   S.text("group-id", gid);
@@ -80,13 +84,34 @@
     return state.tasks.filter((t) => TERMINAL.has(t.state)).length;
   }
 
+  /** Whether an event names a task of this group as the projector requires: an index
+   *  within the group, and the task id that group and index make. */
+  function namesATask(event) {
+    const i = event.index;
+    return Number.isInteger(i) && state.total !== null && i >= 0 && i < state.total
+      && event.taskId === S.taskId(gid, i);
+  }
+
+  // The API's view, asked for again as events come; a view that lags the events
+  // (the projector a little behind the log) is asked again until it catches up.
+  const views = SumbatchViews.create((_, status, body) => {
+    if (status !== 200 || !body) return;
+    state.summary = body;
+    if (body.grouptaskCancelled) state.cancelled = true;
+    render();
+  });
+  const lagging = (view) => view.tasksCompleted < endedCount() || (state.finished && !view.grouptaskProcessed);
+
+  /** The group's state, as the API's view says. */
   function groupState() {
-    if (state.finished) {
-      if (state.cancelled) return "CANCELLED";
-      return state.succeeded ? "SUCCEEDED" : "FAILED";
+    const v = state.summary;
+    if (v && v.grouptaskProcessed) {
+      if (v.grouptaskCancelled || v.tasksRevoked > 0) return "CANCELLED";
+      return v.grouptaskSucceeded ? "SUCCEEDED" : "FAILED";
     }
-    if (state.cancelled) return "CANCELLING";
-    return state.tasks.some((t) => t.state !== "PENDING") ? "RUNNING" : "PENDING";
+    if (state.cancelled || (v && v.grouptaskCancelled)) return "CANCELLING";
+    const moving = (v && v.tasksCompleted > 0) || state.tasks.some((t) => t.state !== "PENDING");
+    return moving ? "RUNNING" : "PENDING";
   }
 
   function renderNow() {
@@ -113,27 +138,24 @@
     S.text(note, `Showing the first ${TASK_ROWS} of ${state.tasks.length} tasks.`);
 
     const summary = state.summary;
-    const ended = Math.max(endedCount(), summary ? summary.tasksCompleted : 0);
-    const total = state.total === null ? (summary ? summary.tasksTotal : 0) : state.total;
+    const ended = summary ? summary.tasksCompleted : 0;
+    const total = summary ? summary.tasksTotal : 0;
+    const processed = Boolean(summary && summary.grouptaskProcessed);
     const gs = groupState();
-    S.setProgress(S.$("group-progress"), ended, total, state.finished ? "done" : gs.toLowerCase());
+    S.setProgress(S.$("group-progress"), ended, total, processed ? "done" : gs.toLowerCase());
     S.$("group-progress").dataset.outcome = gs.toLowerCase();
-    S.text("group-ended", state.finished ? total : Math.min(ended, total));
+    S.text("group-ended", Math.min(ended, total));
     S.text("group-total", total || "?");
-    const failed = state.tasks.filter((t) => t.state === "FAILURE").length;
-    const revoked = state.tasks.filter((t) => t.state === "REVOKED").length;
-    S.text("group-failed", Math.max(failed, summary ? summary.tasksFailed : 0));
-    S.text("group-revoked", Math.max(revoked, summary ? summary.tasksRevoked : 0));
+    S.text("group-failed", summary ? summary.tasksFailed : 0);
+    S.text("group-revoked", summary ? summary.tasksRevoked : 0);
     const badge = S.$("group-state");
     S.text(badge, gs.toLowerCase());
     badge.dataset.state = gs;
-    // The results of the tasks that succeeded, in task order: what the API's
-    // `results` holds.
-    const results = state.tasks.filter((t) => t.state === "SUCCESS").map((t) => t.result);
-    const listed = results.length || !summary ? results : summary.results;
+    // The results of the tasks that succeeded, in task order: the API's `results`.
+    const listed = summary ? summary.results : [];
     S.text("group-results", listed.length <= RESULTS_SHOWN ? JSON.stringify(listed)
       : `${JSON.stringify(listed.slice(0, RESULTS_SHOWN)).slice(0, -1)},… (${listed.length - RESULTS_SHOWN} more)]`);
-    S.$("cancel").disabled = state.finished || state.total === null;
+    S.$("cancel").disabled = processed || state.finished || state.total === null;
   }
 
   const render = S.batched(renderNow);
@@ -141,11 +163,21 @@
   // -- events: the tasks and the audit trail --------------------------------------
 
   function apply(id, event) {
+    const isTask = event.index !== undefined;
+    if (isTask && !namesATask(event)) {
+      // Set aside by the projector too: shown in the audit trail only.
+      audit(id, event);
+      render();
+      return;
+    }
     switch (event.type) {
       case "GroupSubmitted": {
-        setTotal(event.tasksTotal);
-        const as = String(event.paramsA || "").split(" ").filter(Boolean);
-        const bs = String(event.paramsB || "").split(" ").filter(Boolean);
+        // The first one: a copy further on is set aside by the projector.
+        if (state.submitted) break;
+        state.submitted = true;
+        if (state.total === null) setTotal(event.tasksTotal);
+        const as = String(event.paramsA || "").split(" ").filter(Boolean).slice(0, state.total);
+        const bs = String(event.paramsB || "").split(" ").filter(Boolean).slice(0, state.total);
         as.forEach((a, i) => { task(i).a = a; });
         bs.forEach((b, i) => { task(i).b = b; });
         break;
@@ -199,7 +231,7 @@
         state.cancelled = true;
         break;
       case "GroupFinished":
-        setTotal(event.tasksTotal);
+        if (state.total === null) setTotal(event.tasksTotal);
         state.finished = true;
         state.succeeded = event.succeeded;
         break;
@@ -208,10 +240,8 @@
     }
     audit(id, event);
     render();
-    if (event.type === "GroupFinished") {
-      if (state.stream) state.stream.stop("ended");
-      refreshSummary();
-    }
+    views.want(gid, lagging);
+    if (event.type === "GroupFinished" && state.stream) state.stream.stop("ended");
   }
 
   const auditQueue = []; // audit rows to append at the next frame

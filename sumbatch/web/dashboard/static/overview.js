@@ -1,8 +1,9 @@
 /* The overview at /dashboard.
  *
  * From GET /events (SSE, starting a minute back so that groups submitted just before
- * show, or at ?from=<entry id or ms time>): the groups in flight with their progress,
- * and the live event tail.
+ * show, or at ?from=<entry id or ms time>): which groups are in flight, and the live
+ * event tail. Each group's figures are the API's (GET /grouptasks/{id}, views.js),
+ * asked for again as its events come: never a fold of the events of the page's own.
  * From GET /system, polled every 1.5 s: the throughput chart (deltas of the task
  * counters over the last 5 minutes), the workers with their pending entries and idle
  * times, and the figures at the top. Where /system is missing (404) or its storage
@@ -19,41 +20,50 @@
   const FINISHED_ROWS = 10;        // finished groups kept under those in flight
   const INFLIGHT_ROWS = 100;       // groups in flight shown at most
 
-  // -- groups, from the event stream ----------------------------------------------
+  // -- groups: which ones from the event stream, their figures from the API ------
 
-  /** gid -> {gid, total, submittedMs, ended: Set, failed: Set, revoked: Set, started,
-   *  cancelled, finished, succeeded, finishedMs, endedBefore} */
+  /** gid -> {gid, submittedMs, finishedMs, firstStarted, ended: Set, finishedSeen,
+   *  view, ...}: ``view`` is the API's (GET /grouptasks/{id}); the rest is what the events
+   *  said, used only to know when to ask again and whether a task has started. A group
+   *  the API does not know (404: never submitted, or expired) is not shown. */
   const groups = new Map();
-  const asked = new Set();         // groups whose summary was fetched (seen mid-way)
+  const views = SumbatchViews.create((gid, status, body) => {
+    const g = groups.get(gid);
+    if (!g) return;
+    if (status === 200 && body) {
+      g.view = body;
+      g.missing = false;
+      if (body.grouptaskProcessed && g.finishedMs === null) g.finishedMs = Date.now();
+    } else if (status === 404) {
+      g.view = null;
+      g.missing = true; // asked again only when another of its events comes
+    }
+    renderGroups();
+  });
 
   function group(gid, ms) {
     let g = groups.get(gid);
     if (!g) {
       g = {
-        gid, total: null, submittedMs: ms, ended: new Set(), failed: new Set(),
-        revoked: new Set(), started: false, cancelled: false, finished: false, succeeded: null,
-        finishedMs: null, endedBefore: 0,
+        gid, submittedMs: ms, finishedMs: null, firstStarted: Infinity, ended: new Set(), finishedSeen: false, view: null, missing: false, dirty: true,
+        watched: false,
       };
       groups.set(gid, g);
     }
     return g;
   }
 
-  /** A group first seen by one of its later events (it was submitted before the
-   *  stream's start): its size and how far it got, from GET /grouptasks/{id}. */
-  async function learn(g) {
-    if (asked.has(g.gid)) return;
-    asked.add(g.gid);
-    const answer = await S.api(`/grouptasks/${encodeURIComponent(g.gid)}`);
-    if (answer.status !== 200 || !answer.body) return;
-    if (g.total === null) g.total = answer.body.tasksTotal;
-    g.endedBefore = answer.body.tasksCompleted || 0;
-    if (answer.body.grouptaskProcessed && !g.finished) {
-      g.finished = true;
-      g.succeeded = answer.body.grouptaskSucceeded;
-      g.finishedMs = Date.now();
-    }
-    renderGroups();
+  /** The indices in ``set`` within a group of ``total`` tasks. */
+  function within(set, total) {
+    let n = 0;
+    for (const i of set) if (i < total) n += 1;
+    return n;
+  }
+
+  /** Whether the API's view of ``g`` lags what its events said. */
+  function behind(g) {
+    return (view) => view.tasksCompleted < within(g.ended, view.tasksTotal)
+      || (g.finishedSeen && !view.grouptaskProcessed);
   }
 
   function apply(id, event) {
@@ -61,52 +71,50 @@
     if (!gid) return;
     const ms = S.entryMs(id);
     const g = group(gid, ms);
+    // Only events the projector would fold move the hints (its checks: the task id
+    // its group and index name; an index within the group, checked against the
+    // group's size once the API has said it).
+    const index = event.index;
+    const task = Number.isInteger(index) && index >= 0 && event.taskId === S.taskId(gid, index);
     switch (event.type) {
       case "GroupSubmitted":
-        g.total = event.tasksTotal;
         g.submittedMs = ms;
         break;
       case "TaskStarted":
-        g.started = true;
+        if (task) g.firstStarted = Math.min(g.firstStarted, index);
         break;
       case "TaskCompleted":
-        g.ended.add(event.index);
-        break;
       case "TaskFailed":
-        g.ended.add(event.index);
-        g.failed.add(event.index);
-        break;
       case "TaskRevoked":
-        g.ended.add(event.index);
-        g.revoked.add(event.index);
-        break;
-      case "GroupCancelled":
-        g.cancelled = true;
+        if (task) g.ended.add(index);
         break;
       case "GroupFinished":
-        g.total = event.tasksTotal;
-        g.finished = true;
-        g.succeeded = event.succeeded;
-        g.finishedMs = ms;
-        g.failedTotal = event.tasksFailed;
-        g.revokedTotal = event.tasksRevoked;
+        g.finishedSeen = true;
+        if (g.finishedMs === null) g.finishedMs = ms;
         break;
       default:
         break;
     }
-    if (g.total === null) learn(g);
+    g.dirty = true; // asked for again if shown (renderGroupsNow)
   }
 
   function stateOf(g) {
-    if (g.finished) {
-      if (g.cancelled || (g.revokedTotal || g.revoked.size) > 0) return "cancelled";
-      return g.succeeded ? "succeeded" : "failed";
+    const v = g.view;
+    if (v.grouptaskProcessed) {
+      if (v.grouptaskCancelled || v.tasksRevoked > 0) return "cancelled";
+      return v.grouptaskSucceeded ? "succeeded" : "failed";
     }
-    if (g.cancelled) return "cancelling";
-    return g.started || g.ended.size > 0 || g.endedBefore > 0 ? "running" : "queued";
+    if (v.grouptaskCancelled) return "cancelling";
+    return g.firstStarted < v.tasksTotal || v.tasksCompleted > 0 ? "running" : "queued";
   }
 
   const rows = new Map(); // gid -> tr
+
+  function forget(gid) {
+    groups.delete(gid);
+    rows.delete(gid);
+    views.drop(gid);
+  }
 
   function groupRow(g) {
     let tr = rows.get(g.gid);
@@ -123,23 +131,41 @@
   }
 
   function renderGroupsNow() {
-    const all = [...groups.values()];
-    const inFlight = all.filter((g) => !g.finished).sort((a, b) => b.submittedMs - a.submittedMs);
-    const finished = all.filter((g) => g.finished).sort((a, b) => b.finishedMs - a.finishedMs);
-    // Forget groups that scrolled out, so that a long-running page stays small.
-    for (const g of finished.slice(FINISHED_ROWS * 5)) { groups.delete(g.gid); rows.delete(g.gid); }
-    const shown = [...inFlight.slice(0, INFLIGHT_ROWS), ...finished.slice(0, FINISHED_ROWS)];
+    // Groups the API said it does not know are left out, till another event comes.
+    const all = [...groups.values()].filter((g) => !g.missing || g.dirty);
+    // Finished: as the API says, or as the events said while it has not answered.
+    const done = (g) => (g.view ? g.view.grouptaskProcessed : g.finishedSeen);
+    const inFlight = all.filter((g) => !done(g)).sort((a, b) => b.submittedMs - a.submittedMs);
+    const finished = all.filter(done).sort((a, b) => (b.finishedMs || 0) - (a.finishedMs || 0));
+    // Forget groups long scrolled out, so that a long-running page stays small (not at
+    // once: a late event of a group just forgotten would list it again).
+    for (const g of finished.slice(FINISHED_ROWS * 5)) forget(g.gid);
+    // Only the groups that may be shown are asked for: a page opened on a busy
+    // service replays a minute of the log, thousands of groups.
+    const candidates = [...inFlight.slice(0, INFLIGHT_ROWS), ...finished.slice(0, FINISHED_ROWS)];
+    const chosen = new Set(candidates);
+    for (const g of groups.values()) {
+      if (chosen.has(g) && g.dirty) {
+        g.dirty = false;
+        g.watched = true;
+        views.want(g.gid, behind(g));
+      } else if (!chosen.has(g) && g.watched) {
+        g.watched = false;
+        g.dirty = true;
+        views.drop(g.gid);
+      }
+    }
+    const shown = candidates.filter((g) => g.view);
     const body = S.$("groups");
     const wanted = shown.map((g) => {
       const tr = groupRow(g);
-      const ended = Math.max(g.ended.size, g.endedBefore);
-      const total = g.total === null ? 0 : g.total;
+      const v = g.view;
       const state = stateOf(g);
-      S.setProgress(tr.querySelector(".progress"), ended, total, g.finished ? "done" : state);
+      S.setProgress(tr.querySelector(".progress"), v.tasksCompleted, v.tasksTotal, v.grouptaskProcessed ? "done" : state);
       tr.querySelector(".progress").dataset.outcome = state;
-      S.text(tr.querySelector(".tasks"), g.total === null ? `${ended} / ?` : `${g.finished ? total : Math.min(ended, total)} / ${total}`);
-      S.text(tr.querySelector(".failed"), g.finished && g.failedTotal !== undefined ? g.failedTotal : g.failed.size);
-      S.text(tr.querySelector(".revoked"), g.finished && g.revokedTotal !== undefined ? g.revokedTotal : g.revoked.size);
+      S.text(tr.querySelector(".tasks"), `${Math.min(v.tasksCompleted, v.tasksTotal)} / ${v.tasksTotal}`);
+      S.text(tr.querySelector(".failed"), v.tasksFailed);
+      S.text(tr.querySelector(".revoked"), v.tasksRevoked);
       const cell = tr.querySelector(".state");
       S.text(cell, state);
       cell.dataset.state = state;
