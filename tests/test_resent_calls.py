@@ -455,6 +455,9 @@ def test_a_stall_longer_than_the_worker_timeout_fails_no_task(
             assert completed == Counter(tid for _, tids in submitted for tid in tids)
             for gid, _ in submitted:
                 assert set(await attempt_bytes(server, watcher, gid)) == {1}
+            # Attempts are runs that began: each task's one attempt is its one start.
+            starts = Counter(e.task_id for e in events if isinstance(e, TaskStarted))
+            assert starts == completed
             await projector_done(watcher)
             assert (await differences(watcher)).differences == []
 
