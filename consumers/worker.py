@@ -159,7 +159,8 @@ class Worker(Intake):
                     await asyncio.sleep(outage.failed(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drain(), self.settings.shutdown_grace)
-            if self.runs or self.backlog:  # runs the grace did not see end, or not begun
+            # Runs the grace did not see end, or tasks not begun.
+            if self.runs or self.backlog or self.alone:
                 await self._hand_back()
         finally:
             await self._stop_helpers(helpers)
