@@ -16,14 +16,16 @@ import msgspec
 
 from consumers.lane import Lane, runs_alone
 from consumers.projector import Projector
+from consumers.worker import Worker
 from sumbatch.config import Settings
 from sumbatch.model.events import TaskCompleted, TaskFailed
 from sumbatch.replay import differences
-from sumbatch.store import Store, open_store
+from sumbatch.store import HANDED_BACK_MS, Store, open_store
 from tests.support import (
     Processes,
     env_for,
     group_finished,
+    hang_forever,
     log_events,
     submit,
     wait_until,
@@ -122,5 +124,38 @@ def test_only_the_task_that_holds_the_lane_frees_it() -> None:
         lane.release(one, "1-0:5")
         await asyncio.wait_for(waiting, 5)
         assert not lane.busy
+
+    asyncio.run(scenario())
+
+
+def test_a_stopping_worker_hands_back_the_tasks_waiting_for_the_lane(
+    settings: Settings,
+) -> None:
+    """An entry on its third delivery: one task in the lane (a run that never ends),
+    three waiting for it. Told to stop, the worker hands the entry back (idle
+    ``HANDED_BACK_MS``: claimable at once), rather than leave it to age a claim
+    timeout on a worker that is gone."""
+    settings = msgspec.structs.replace(settings, claim_timeout=0.5, shutdown_grace=0.2)
+
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            await store.ensure_worker_group()
+            await submit(store, [(n, 1) for n in range(4)])
+            [(entry_id, _)] = await store.read_work("gone-1", 10, block_ms=100)
+            # Taken over once before: the worker's claim is its third delivery.
+            await store.redis.xclaim(store.keys.work, "workers", "gone-2", 0, [entry_id])
+            worker = Worker(settings, store, handler=hang_forever)
+            running = asyncio.create_task(worker.run())
+
+            async def in_the_lane() -> bool:
+                return len(worker.runs) == 1 and len(worker.alone) == 3
+
+            await wait_until(in_the_lane, within=30, what="one task in the lane, three waiting")
+            worker.should_exit = True
+            await asyncio.wait_for(running, 30)
+            [pending] = await store.pending_idle(0)
+            assert (pending.entry_id, pending.consumer) == (entry_id, worker.name)
+            assert pending.idle_ms >= HANDED_BACK_MS
+            assert pending.deliveries == 3
 
     asyncio.run(scenario())
