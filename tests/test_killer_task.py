@@ -131,10 +131,10 @@ def test_only_the_task_that_holds_the_lane_frees_it() -> None:
 def test_a_stopping_worker_hands_back_the_tasks_waiting_for_the_lane(
     settings: Settings,
 ) -> None:
-    """An entry on its third delivery: one task in the lane (a run that never ends),
-    three waiting for it. Told to stop, the worker hands the entry back (idle
-    ``HANDED_BACK_MS``: claimable at once), rather than leave it to age a claim
-    timeout on a worker that is gone."""
+    """An entry on its third delivery, its four tasks waiting for the lane, which
+    another worker of the process holds (a run that never ends): nothing of ours runs.
+    Told to stop, the worker hands the entry back (idle ``HANDED_BACK_MS``: claimable
+    at once), rather than leave it to age a claim timeout on a worker that is gone."""
     settings = msgspec.structs.replace(settings, claim_timeout=0.5, shutdown_grace=0.2)
 
     async def scenario() -> None:
@@ -145,12 +145,14 @@ def test_a_stopping_worker_hands_back_the_tasks_waiting_for_the_lane(
             # Taken over once before: the worker's claim is its third delivery.
             await store.redis.xclaim(store.keys.work, "workers", "gone-2", 0, [entry_id])
             worker = Worker(settings, store, handler=hang_forever)
+            worker.load.lane.take(object(), "another worker's task")
             running = asyncio.create_task(worker.run())
 
-            async def in_the_lane() -> bool:
-                return len(worker.runs) == 1 and len(worker.alone) == 3
+            async def waiting() -> bool:
+                return len(worker.alone) == 4
 
-            await wait_until(in_the_lane, within=30, what="one task in the lane, three waiting")
+            await wait_until(waiting, within=30, what="four tasks waiting for the lane")
+            assert len(worker.runs) == 0
             worker.should_exit = True
             await asyncio.wait_for(running, 30)
             [pending] = await store.pending_idle(0)
