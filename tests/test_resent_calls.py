@@ -334,10 +334,9 @@ def test_a_dead_lettering_whose_reply_is_lost_makes_one_copy(
             await store.ensure_worker_group()
             raw = redis.Redis.from_url(server.url, decode_responses=True)
             try:
-                entry_id = raw.xadd(store.keys.work, {"type": "Garbage", "x": "1"})
-                [(_, [(read_id, fields)])] = raw.xreadgroup(
-                    "workers", "a", {store.keys.work: ">"}, count=1
-                )
+                entry_id = str(raw.xadd(store.keys.work, {"type": "Garbage", "x": "1"}))
+                read: Any = raw.xreadgroup("workers", "a", {store.keys.work: ">"}, count=1)
+                [(_, [(read_id, fields)])] = read
                 assert read_id == entry_id
                 copied = await lost_reply(
                     proxy, lambda: store.dead_letter_entry(entry_id, fields, reason="bad")
@@ -345,7 +344,8 @@ def test_a_dead_lettering_whose_reply_is_lost_makes_one_copy(
                 # The resend found the entry acknowledged by the first run.
                 assert copied is False
                 assert not await store.dead_letter_entry(entry_id, fields, reason="bad")
-                [(_, copy)] = raw.xrange(store.keys.dead_letters)
+                copies: Any = raw.xrange(store.keys.dead_letters)
+                [(_, copy)] = copies
                 assert copy == {
                     "type": "UnreadableWorkEntry", "workEntryId": entry_id,
                     "reason": "bad", "x": "1",
