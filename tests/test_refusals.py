@@ -271,12 +271,13 @@ def test_a_hung_server_gets_a_503_within_about_the_redis_timeout(
     finally:
         os.kill(server.process.pid, signal.SIGCONT)
     print(f"\nhung server, seconds to a 503: {msgspec.json.encode(took).decode()}")
-    # One timeout per call, and at most a fresh connection's own before it: 3x leaves
-    # room for a loaded machine, and is far below the 10-20 s these took before. The
-    # POST resends its submit for SUBMIT_BUDGET, then says its outcome is unknown.
+    # Two timeouts per call (it is resent once), and at most a fresh connection's own
+    # before them: 4x leaves room for a loaded machine, and is far below the 10-20 s
+    # these took before. The POST resends its submit for SUBMIT_BUDGET, then says its
+    # outcome is unknown.
     post = took.pop("POST")
-    assert max(took.values()) < 3 * REDIS_TIMEOUT, took
-    assert post < SUBMIT_BUDGET + 3 * REDIS_TIMEOUT, post
+    assert max(took.values()) < 4 * REDIS_TIMEOUT, took
+    assert post < SUBMIT_BUDGET + 4 * REDIS_TIMEOUT, post
     assert client.get(f"/grouptasks/{gid}").status_code == 200
 
 

@@ -16,6 +16,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -90,9 +91,14 @@ def create_app(settings: Settings) -> Starlette:
             settings,
             socket_connect_timeout=REDIS_TIMEOUT,
             socket_timeout=REDIS_TIMEOUT + (FSYNC_TIMEOUT_MS / 1000 if settings.durable else 0),
-            # One retry for a pooled connection the server closed (it restarted); none
-            # for a timeout: a hung server gets its 503 after one REDIS_TIMEOUT.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            # One resend for a pooled connection the server closed (it restarted), and
+            # for a timeout: on a machine starved of CPU a healthy server's reply can
+            # come (or be read) past one REDIS_TIMEOUT; a hung server gets its 503
+            # after two. Every state-changing call of the API is safe to resend: the
+            # submit resends itself (``web/submit.py``), a cancel finds its first run.
+            retry=Retry(
+                NoBackoff(), 1, supported_errors=(RedisConnectionError, RedisTimeoutError)
+            ),
         )
         try:
             try:
