@@ -7,6 +7,7 @@ test takes all its helpers from one place."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -231,6 +232,17 @@ def entries(raw: redis.Redis, key: str) -> list[tuple[str, dict[str, str]]]:
     return cast(list[tuple[str, dict[str, str]]], raw.xrange(key))
 
 
+def work_entries(raw: redis.Redis, keys: Keys) -> list[dict[str, str]]:
+    """Every work entry written: those in the work stream, then those still queued to
+    be handed out (each group's queue in order)."""
+    written = [fields for _, fields in entries(raw, keys.work)]
+    for queue in sorted(cast(list[str], list(raw.scan_iter(match=keys.queue_prefix + "*")))):
+        for element in cast(list[str], raw.lrange(queue, 0, -1)):
+            flat = json.loads(element)
+            written.append(dict(zip(flat[::2], flat[1::2], strict=True)))
+    return written
+
+
 def events(raw: redis.Redis, settings: Settings, gid: str | None = None) -> list[AnyEvent]:
     """The log, or with ``gid`` that group's own log."""
     keys = Keys(settings.namespace)
@@ -244,10 +256,11 @@ def kinds(raw: redis.Redis, settings: Settings) -> Counter[str]:
 
 
 def appended(raw: redis.Redis, settings: Settings) -> tuple[int, int]:
-    """How many entries the log holds, and how many tasks the work stream's entries."""
+    """How many entries the log holds, and how many tasks the work entries (handed out
+    or queued)."""
     keys = Keys(settings.namespace)
     tasks = 0
-    for _, fields in entries(raw, keys.work):
+    for fields in work_entries(raw, keys):
         work = from_fields(fields)
         tasks += len(tasks_of(work)) if isinstance(work, TasksSubmitted) else 1
     return int(raw.xlen(keys.events)), tasks

@@ -28,7 +28,7 @@ from sumbatch.model.views import GroupView
 from sumbatch.model.wire import TaskIn
 from sumbatch.scripts.lib import lua_fields
 from sumbatch.store import open_store, task_key
-from tests.support import entries, submit, work
+from tests.support import entries, submit, work, work_entries
 
 
 def test_a_field_list_must_name_every_field_of_its_event() -> None:
@@ -53,7 +53,7 @@ def test_the_work_entries_submit_builds_are_what_events_py_writes(
             await store.submit(submission.event, group)
 
     asyncio.run(scenario())
-    written = [fields for _, fields in entries(raw, Keys(settings.namespace).work)]
+    written = work_entries(raw, Keys(settings.namespace))
     assert [list(f.items()) for f in written] == [
         list(to_fields(w).items()) for w in submission.work
     ]

@@ -252,7 +252,7 @@ def test_a_step_the_server_refuses_for_one_group_is_isolated_and_the_rest_go_thr
     raw.acl_setuser(
         user, enabled=True, passwords=["+pw"], commands=["+@all"], channels=["*"],
         keys=[keys.events, keys.work, keys.dead_letters, keys.stats, f"{keys.tag}:cache:*",
-              f"{keys.tag}:call:*",
+              f"{keys.tag}:call:*", f"{keys.tag}:fair:*",
               f"{keys.tag}:*:{allowed}"],
     )  # fmt: skip
     limited = msgspec.structs.replace(

@@ -36,6 +36,7 @@ from tests.support import (
     fresh_namespace,
     stalled,
     wait_until_sync,
+    work_entries,
 )
 
 BODY = body_of([(1, 2), (3, 4), (5, 6)])
@@ -65,8 +66,7 @@ class History:
             if fields["type"] == "GroupSubmitted":
                 groups[fields["groupTaskId"]] += 1
                 sizes[fields["groupTaskId"]] = int(fields["tasksTotal"])
-        work_entries: Any = admin.xrange(keys.work)
-        work: Counter[str] = Counter(f["groupTaskId"] for _, f in work_entries)
+        work: Counter[str] = Counter(f["groupTaskId"] for f in work_entries(admin, keys))
         acked = {gid for status, gid in self.answers if status == 200 and gid is not None}
         unknown = {gid for status, gid in self.answers if status == 503 and gid is not None}
         for gid in acked:

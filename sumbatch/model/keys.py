@@ -13,6 +13,9 @@ from typing import Final
 from redis.crc import key_slot
 
 WORKER_GROUP: Final = "workers"
+# The fairness key of a group submitted without one: every such group shares one turn
+# among the keys (``scripts/dispatch.py``).
+DEFAULT_FAIRNESS_KEY: Final = "-"
 
 
 class Keys:
@@ -43,6 +46,32 @@ class Keys:
     def work(self) -> str:
         """Work entries, read by the ``workers`` consumer group."""
         return f"{self.tag}:work"
+
+    @property
+    def fair_keys(self) -> str:
+        """The fairness keys with queued slices, in turn order (a list): the head's
+        next group hands out a slice, then goes to the back (``scripts/dispatch.py``)."""
+        return f"{self.tag}:fair:keys"
+
+    @property
+    def fair_groups_prefix(self) -> str:
+        """What ``fair_groups`` puts before a fairness key: the scripts name the rings
+        themselves."""
+        return f"{self.tag}:fair:groups:"
+
+    def fair_groups(self, fairness_key: str) -> str:
+        """One fairness key's groups with queued slices, in turn order (a list)."""
+        return self.fair_groups_prefix + fairness_key
+
+    @property
+    def queue_prefix(self) -> str:
+        """What ``queue`` puts before a group id: the scripts name queues themselves."""
+        return f"{self.tag}:queue:"
+
+    def queue(self, group_task_id: str) -> str:
+        """A group's slices not yet handed out (a list of work entries' fields, as
+        JSON arrays): moved one at a time, in turn with other groups, to ``work``."""
+        return self.queue_prefix + group_task_id
 
     @property
     def projector_position(self) -> str:

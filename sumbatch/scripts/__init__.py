@@ -35,6 +35,7 @@ May import ``model`` and ``config``: it holds script text, never a connection.
 """
 
 from sumbatch.scripts.claims import DEAD_LETTER, FORGET_CONSUMER, RENEW, TRIM_WORK
+from sumbatch.scripts.dispatch import TAKE
 from sumbatch.scripts.inspect import INSPECT
 from sumbatch.scripts.log import COMMIT, READ_SINCE
 from sumbatch.scripts.producer import CANCEL, SUBMIT
@@ -54,5 +55,6 @@ __all__ = [
     "RELEASE_ENDED",
     "RENEW",
     "SUBMIT",
+    "TAKE",
     "TRIM_WORK",
 ]

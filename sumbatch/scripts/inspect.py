@@ -8,8 +8,10 @@
 # in the script, so it counts up to a cap on either side of the position: exact when
 # the entries after it, or those up to it, are fewer than the cap, else the cap (a
 # lower bound). Keys of the wrong type read as absent.
-# KEYS: work, events, dead letters, rejected, stats, projector position.
-# ARGV: consumer group, lag cap.
+# The group's lag counts the slices still queued in turn (``dispatch.py``) as well as
+# those waiting in the stream: the queues of up to `cap` groups are counted.
+# KEYS: work, events, dead letters, rejected, stats, projector position, fair keys.
+# ARGV: consumer group, lag cap, groups rings' prefix, queues' prefix.
 # Returns {now ms, {work, events, dead, rejected lengths}, group, consumers, stats flat,
 # projector lag}: group {pending, lag} ({} when there is none; lag -1 when the server
 # cannot tell, as XINFO GROUPS says after an XDEL), consumers {name, pending, idle ms,
@@ -46,6 +48,24 @@ if key_type(KEYS[1]) == 'stream' then
     end
   end
 end
+-- Slices queued in turn, in up to `cap` groups' queues.
+local function queued(cap)
+  local n, groups = 0, 0
+  if key_type(KEYS[7]) ~= 'list' then return 0 end
+  for _, key in ipairs(redis.call('LRANGE', KEYS[7], 0, cap - 1)) do
+    local ring = ARGV[3] .. key
+    if key_type(ring) == 'list' then
+      for _, gid in ipairs(redis.call('LRANGE', ring, 0, cap - groups - 1)) do
+        local queue = ARGV[4] .. gid
+        if key_type(queue) == 'list' then n = n + redis.call('LLEN', queue) end
+        groups = groups + 1
+      end
+    end
+    if groups >= cap then break end
+  end
+  return n
+end
+if #group > 0 and group[2] >= 0 then group[2] = group[2] + queued(tonumber(ARGV[2])) end
 local stats = {}
 if key_type(KEYS[5]) == 'hash' then stats = redis.call('HGETALL', KEYS[5]) end
 -- Entries of the log from start to finish (XRANGE bounds), counted up to `cap`; -1

@@ -246,6 +246,7 @@ class StoreBase(OwnsClient):
         self._commit = redis.register_script(scripts.COMMIT)
         self._read_since = redis.register_script(scripts.READ_SINCE)
         self._trim_work = redis.register_script(scripts.TRIM_WORK)
+        self._take = redis.register_script(scripts.TAKE)
         self._next_attempt = redis.register_script(scripts.NEXT_ATTEMPT)
         self._forget_consumer = redis.register_script(scripts.FORGET_CONSUMER)
         self._dead_letter = redis.register_script(scripts.DEAD_LETTER)

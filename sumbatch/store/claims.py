@@ -38,6 +38,10 @@ class Pending(NamedTuple):
     delivered_ms: int
 
 
+def _pairs(flat: list[Any]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 class Claims(StoreBase):
     """Which worker holds which work entry, on the ``workers`` group's pending list."""
 
@@ -56,10 +60,29 @@ class Claims(StoreBase):
         return any(g["name"] == WORKER_GROUP for g in groups)
 
     async def read_work(self, consumer: str, count: int, block_ms: int) -> list[Entry]:
+        """Up to ``count`` work entries for this consumer, handed out in turn across the
+        groups with queued slices (``scripts/dispatch.py``); when none is queued, wait
+        up to ``block_ms`` for one on the work stream (a submit, or a reader that left
+        more queued, hands one out there to wake us), then take the rest of the count
+        in turn, so that a woken reader's batch is as large as any other."""
+        entries = await self._take_in_turn(consumer, count)
+        if entries:
+            return entries
         reply: Any = await self.redis.xreadgroup(
             WORKER_GROUP, consumer, {self.keys.work: ">"}, count=count, block=block_ms
         )
-        return cast(list[Entry], reply[0][1]) if reply else []
+        woken = cast(list[Entry], reply[0][1]) if reply else []
+        if woken and len(woken) < count:
+            woken += await self._take_in_turn(consumer, count - len(woken))
+        return woken
+
+    async def _take_in_turn(self, consumer: str, count: int) -> list[Entry]:
+        keys = self.keys
+        args: list[str | int] = [
+            WORKER_GROUP, consumer, count, keys.fair_groups_prefix, keys.queue_prefix
+        ]  # fmt: skip
+        taken: Any = await self._take(keys=[keys.work, keys.fair_keys], args=args)
+        return [(str(eid), _pairs(flat)) for eid, flat in taken or []]
 
     async def autoclaim(
         self, consumer: str, min_idle_ms: int, count: int = 500, max_pages: int = 20

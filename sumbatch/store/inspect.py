@@ -76,7 +76,7 @@ class PartitionState:
     dead_letters: int
     rejected: int  # log entries the projector set aside
     work_pending: int  # handed out, not yet acknowledged
-    work_lag: int | None  # not yet handed out; None: the server cannot tell
+    work_lag: int | None  # not yet handed out (queued, or in the stream); None: unknown
     consumers: tuple[Consumer, ...]
     projector_lag: int | None  # log entries the views do not include; None: unknown
     counters: Mapping[str, int]
@@ -121,8 +121,9 @@ class Inspector(StoreBase):
                 keys.rejected,
                 keys.stats,
                 keys.projector_position,
+                keys.fair_keys,
             ],
-            args=[WORKER_GROUP, LAG_CAP],
+            args=[WORKER_GROUP, LAG_CAP, keys.fair_groups_prefix, keys.queue_prefix],
         )
         stats = dict(zip(flat[::2], flat[1::2], strict=True))
         work, events, dead, rejected = (int(n) for n in lengths)

@@ -19,6 +19,7 @@ from redis.exceptions import (
 from sumbatch import scripts
 from sumbatch.model import chunks, ids
 from sumbatch.model.events import GroupCancelled, GroupSubmitted, to_flat
+from sumbatch.model.keys import DEFAULT_FAIRNESS_KEY
 from sumbatch.model.views import GroupView
 from sumbatch.outage import BUSY, REDIS_DOWN, refusal
 from sumbatch.store.base import DurableMode, StoreBase, _json
@@ -102,10 +103,13 @@ class Producer(StoreBase):
         group: GroupView,
         idempotency: tuple[str, str] | None = None,
         fsync_timeout_ms: int | None = None,
+        fairness_key: str = DEFAULT_FAIRNESS_KEY,
     ) -> Submitted:
-        """Append a group's GroupSubmitted and its work entries (TasksSubmitted, a slice
-        of its tasks each), and write its first view; or nothing. The script builds the
-        work entries from the event's columns: no entry is built or sent one by one.
+        """Append a group's GroupSubmitted, queue its work entries (TasksSubmitted, a
+        slice of its tasks each) to be handed out in turn with other groups (under
+        ``fairness_key``: ``scripts/dispatch.py``), and write its first view; or
+        nothing. The script builds the work entries from the event's columns: no entry
+        is built or sent one by one.
 
         ``idempotency`` is (key, record): when the key was used before, nothing is
         appended and the earlier record is returned instead. With
@@ -130,6 +134,9 @@ class Producer(StoreBase):
             self.keys.idempotency(idem_key),
             self.keys.group_view(gid),
             self.keys.stats,
+            self.keys.fair_keys,
+            self.keys.fair_groups(fairness_key),
+            self.keys.queue(gid),
         ]
         args: list[str | int | bytes] = [
             group.tasks_total,
@@ -139,6 +146,9 @@ class Producer(StoreBase):
             gid,
             event.params_a,
             event.params_b,
+            fairness_key,
+            self.keys.fair_groups_prefix,
+            self.keys.queue_prefix,
             *chunks.flat_fields(group),
         ]
         commands: list[tuple[Any, ...]] = [("EVAL", scripts.SUBMIT, len(keys), *keys, *args)]
@@ -260,7 +270,9 @@ class Producer(StoreBase):
             self.keys.cancellations,
         ]
         # Once per call: a resend of a cancel that ran answers as the first did.
-        reply: Any = await self._once(self._cancel, keys, [], args)
+        after = [self.keys.queue(group_task_id), self.keys.fair_keys]
+        args.append(self.keys.fair_groups_prefix)
+        reply: Any = await self._once(self._cancel, keys, after, args)
         code = int(reply)
         if code == -1:
             return CancelOutcome("unknown")

@@ -186,7 +186,7 @@ def _gauges(seen: Overview) -> Iterator[Metric]:
     lag = per_partition(
         "sumbatch_work_lag",
         "Work entries (each a slice of up to 32 of a group's tasks) not yet handed to a "
-        "worker (XINFO GROUPS lag).",
+        "worker: queued in turn, or waiting in the work stream (XINFO GROUPS lag).",
     )
     pending = per_partition(
         "sumbatch_work_pending", "Work entries handed out and not yet acknowledged."
