@@ -96,9 +96,7 @@ def create_app(settings: Settings) -> Starlette:
             # come (or be read) past one REDIS_TIMEOUT; a hung server gets its 503
             # after two. Every state-changing call of the API is safe to resend: the
             # submit resends itself (``web/submit.py``), a cancel finds its first run.
-            retry=Retry(
-                NoBackoff(), 1, supported_errors=(RedisConnectionError, RedisTimeoutError)
-            ),
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError, RedisTimeoutError)),
         )
         try:
             try:
