@@ -119,8 +119,8 @@ def test_only_the_task_that_holds_the_lane_frees_it() -> None:
         lane.release(one, "1-0:6")
         assert lane.busy
         waiting = asyncio.create_task(lane.wait(within=60))
-        await asyncio.sleep(0)
-        assert not waiting.done()
+        woken, _ = await asyncio.wait({waiting}, timeout=0.05)
+        assert not woken  # still held: the waiter is not let through
         lane.release(one, "1-0:5")
         await asyncio.wait_for(waiting, 5)
         assert not lane.busy
