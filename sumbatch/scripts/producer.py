@@ -12,8 +12,8 @@ from sumbatch.scripts.log import HSET_ARGS
 # fairness key's ring, handed out in turn with other groups (``dispatch.py``); when no
 # entry waits in the work stream, one is handed out at once, to wake a reader. The
 # ledger keeps the submission time (the server's clock, ms) for the group's time to
-# finished, and the group's fairness key; the partition's stats count the group, its
-# tasks and its queued slices, once: a retry of this call counts nothing more.
+# finished, and the group's fairness key; the partition's stats count the group and
+# its tasks, once: a retry of this call counts nothing more.
 # KEYS: events, work, ledger, group log, idempotency key, group view, stats, fair
 #       keys, the key's groups ring, the group's queue.
 # ARGV: tasksTotal, idempotency record ('' = no key), its ttl, events json, then the
@@ -125,7 +125,8 @@ if replayed then return replayed end
 local K = {ledger = KEYS[2], ended = KEYS[3], attempts = KEYS[4], log = KEYS[5]}
 local total = group_state(K)
 if total == 'gone' then return -1 end
-local ring = ARGV[6] .. (redis.call('HGET', KEYS[2], 'key') or '')
+-- Read only from a ledger that is a hash: any other type is refused below.
+local ring = ARGV[6] .. (total ~= 'bad' and redis.call('HGET', KEYS[2], 'key') or '')
 if total == 'bad' or not (is_or_none(KEYS[1], 'stream') and is_or_none(KEYS[8], 'list')
     and is_or_none(KEYS[9], 'list') and is_or_none(ring, 'list')) then
   return redis.error_reply('ERR this group has keys sumbatch did not write')
