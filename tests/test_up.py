@@ -131,7 +131,13 @@ def descendants(pid: int) -> set[int]:
     found: set[int] = set()
     todo = [pid]
     while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+        try:
+            # A process that exits meanwhile has no /proc entry left (its children,
+            # if any, are reparented and found no more from here).
+            tasks = list(Path(f"/proc/{todo.pop()}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
             try:
                 kids = {int(p) for p in (task / "children").read_text().split()}
             except OSError:
